@@ -1,0 +1,1 @@
+//! owned by the git-http helper

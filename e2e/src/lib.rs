@@ -1,0 +1,1 @@
+//! Whole-system tests: the seed scenario, run against real kas and agentk processes.
