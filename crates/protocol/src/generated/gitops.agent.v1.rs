@@ -389,7 +389,7 @@ pub mod reverse_tunnel_client {
     )]
     use tonic::codegen::*;
     use tonic::codegen::http::Uri;
-    /// Reverse calls: agentk opens `Connect` streams to kas, and each stream carries the bytes of one HTTP/2
+    /// Reverse calls: agentk opens `Open` streams to kas, and each stream carries the bytes of one HTTP/2
     /// connection on which kas is the client and agentk the server. kas then calls agentk's gRPC services (such as
     /// `AgentInfo`, later the Kubernetes API proxy) as ordinary gRPC, over the connection agentk dialled.
     #[derive(Debug, Clone)]
@@ -472,7 +472,7 @@ pub mod reverse_tunnel_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        pub async fn connect(
+        pub async fn open(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::TunnelFrame>,
         ) -> std::result::Result<
@@ -489,11 +489,11 @@ pub mod reverse_tunnel_client {
                 })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
-                "/gitops.agent.v1.ReverseTunnel/Connect",
+                "/gitops.agent.v1.ReverseTunnel/Open",
             );
             let mut req = request.into_streaming_request();
             req.extensions_mut()
-                .insert(GrpcMethod::new("gitops.agent.v1.ReverseTunnel", "Connect"));
+                .insert(GrpcMethod::new("gitops.agent.v1.ReverseTunnel", "Open"));
             self.inner.streaming(req, path, codec).await
         }
     }
@@ -511,18 +511,18 @@ pub mod reverse_tunnel_server {
     /// Generated trait containing gRPC methods that should be implemented for use with ReverseTunnelServer.
     #[async_trait]
     pub trait ReverseTunnel: std::marker::Send + std::marker::Sync + 'static {
-        /// Server streaming response type for the Connect method.
-        type ConnectStream: tonic::codegen::tokio_stream::Stream<
+        /// Server streaming response type for the Open method.
+        type OpenStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::TunnelFrame, tonic::Status>,
             >
             + std::marker::Send
             + 'static;
-        async fn connect(
+        async fn open(
             &self,
             request: tonic::Request<tonic::Streaming<super::TunnelFrame>>,
-        ) -> std::result::Result<tonic::Response<Self::ConnectStream>, tonic::Status>;
+        ) -> std::result::Result<tonic::Response<Self::OpenStream>, tonic::Status>;
     }
-    /// Reverse calls: agentk opens `Connect` streams to kas, and each stream carries the bytes of one HTTP/2
+    /// Reverse calls: agentk opens `Open` streams to kas, and each stream carries the bytes of one HTTP/2
     /// connection on which kas is the client and agentk the server. kas then calls agentk's gRPC services (such as
     /// `AgentInfo`, later the Kubernetes API proxy) as ordinary gRPC, over the connection agentk dialled.
     #[derive(Debug)]
@@ -601,15 +601,15 @@ pub mod reverse_tunnel_server {
         }
         fn call(&mut self, req: http::Request<B>) -> Self::Future {
             match req.uri().path() {
-                "/gitops.agent.v1.ReverseTunnel/Connect" => {
+                "/gitops.agent.v1.ReverseTunnel/Open" => {
                     #[allow(non_camel_case_types)]
-                    struct ConnectSvc<T: ReverseTunnel>(pub Arc<T>);
+                    struct OpenSvc<T: ReverseTunnel>(pub Arc<T>);
                     impl<
                         T: ReverseTunnel,
                     > tonic::server::StreamingService<super::TunnelFrame>
-                    for ConnectSvc<T> {
+                    for OpenSvc<T> {
                         type Response = super::TunnelFrame;
-                        type ResponseStream = T::ConnectStream;
+                        type ResponseStream = T::OpenStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -620,7 +620,7 @@ pub mod reverse_tunnel_server {
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as ReverseTunnel>::connect(&inner, request).await
+                                <T as ReverseTunnel>::open(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -631,7 +631,7 @@ pub mod reverse_tunnel_server {
                     let max_encoding_message_size = self.max_encoding_message_size;
                     let inner = self.inner.clone();
                     let fut = async move {
-                        let method = ConnectSvc(inner);
+                        let method = OpenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
