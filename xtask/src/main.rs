@@ -1,11 +1,26 @@
 //! Project automation: `cargo xtask <command>`. Everything that is not `cargo build` lives here, in Rust.
 
+mod cluster;
 mod codegen;
+mod kubernetes_gomod;
+mod process;
+#[path = "../../crates/test-support/src/state.rs"]
+mod state;
+mod test_cmd;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use cluster::BackendChoice;
+
 #[derive(Parser)]
-#[command(name = "xtask", about = "Project automation for the GitOps agent and server")]
+#[command(
+    name = "xtask",
+    about = "Project automation for the GitOps agent and server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,10 +33,86 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The test environment: a Kubernetes cluster and Gitea.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// The pinned tools the test environment runs (built from Go modules into a cache).
+    Tools {
+        #[command(subcommand)]
+        action: ToolsAction,
+    },
+    /// The project's tests: starts the test environment, runs `cargo test --workspace`, tears it down.
+    Test {
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+        /// Passed on to `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Build what is missing, start the cluster and Gitea, and print the exports for tests.
+    Up {
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Stop what `up` started.
+    Down {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show the tools cache and the running processes.
+    Status {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsAction {
+    /// Build every missing tool of the local backend.
+    Build,
+    /// Show which tools are built.
+    Status,
+    /// Regenerate tools/kubernetes/go.mod from the upstream go.mod of the pinned Kubernetes version.
+    GenKubernetes,
+}
+
+/// The repository root (xtask lives one level below it).
+pub fn repo_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.canonicalize().unwrap_or(root)
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
-        Command::Codegen { check } => codegen::run(check),
+        Command::Codegen { check } => codegen::run(check)?,
+        Command::Cluster { action } => match action {
+            ClusterAction::Up { backend, dir } => {
+                cluster::up_command(backend, &dir.unwrap_or_else(cluster::default_dir))?
+            }
+            ClusterAction::Down { dir } => {
+                cluster::down(&dir.unwrap_or_else(cluster::default_dir))?
+            }
+            ClusterAction::Status { dir } => {
+                cluster::status(&dir.unwrap_or_else(cluster::default_dir))?
+            }
+        },
+        Command::Tools { action } => match action {
+            ToolsAction::Build => tools::ensure_local_backend()?,
+            ToolsAction::Status => tools::print_status(),
+            ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
+        },
+        Command::Test {
+            backend,
+            cargo_args,
+        } => return test_cmd::run(backend, &cargo_args),
     }
+    Ok(ExitCode::SUCCESS)
 }

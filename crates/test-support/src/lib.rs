@@ -1,4 +1,9 @@
 //! Real infrastructure for tests: a Git smart-HTTP server, and (see the cluster harness) a Kubernetes
 //! control plane and Gitea.
 
+pub mod cluster;
+pub mod env;
 pub mod git_http;
+pub mod gitea;
+pub mod state;
+pub mod webhook;

@@ -1,0 +1,113 @@
+//! Starting the long-running infrastructure processes detached from xtask, and stopping them by pid.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// A started process, as recorded in the run directory so `down` can stop it later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Started {
+    pub name: String,
+    pub pid: u32,
+    pub log: String,
+}
+
+/// Starts `command` in its own process group (so a Ctrl-C meant for xtask or cargo does not reach it), with
+/// output to `<logs>/<name>.log`.
+pub fn spawn(name: &str, mut command: Command, logs: &Path) -> Result<Started> {
+    let log_path = logs.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let child = command
+        .spawn()
+        .with_context(|| format!("start {name} ({:?})", command.get_program()))?;
+    Ok(Started {
+        name: name.to_owned(),
+        pid: child.id(),
+        log: log_path.display().to_string(),
+    })
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    // /proc/<pid> of an exited child that nobody reaped stays as a zombie; read its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub fn stop(process: &Started, grace: Duration) {
+    if !is_alive(process.pid) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &process.pid.to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while is_alive(process.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if is_alive(process.pid) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &process.pid.to_string()])
+            .status();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `check` succeeds, failing early when `process` dies; the error names its log.
+pub fn wait_for(
+    process: &Started,
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return Ok(());
+        }
+        if !is_alive(process.pid) {
+            bail!(
+                "{} exited while waiting for {what}; last lines of {}:\n{}",
+                process.name,
+                process.log,
+                log_tail(&process.log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}; last lines of {}:\n{}",
+                process.log,
+                log_tail(&process.log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+pub fn log_tail(path: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

@@ -1,0 +1,129 @@
+//! `cargo xtask test`, the project's test command: builds missing tools, starts the cluster and Gitea, runs
+//! `cargo test --workspace --locked --no-fail-fast` against them, and tears them down again, also when the
+//! tests fail or the run is interrupted. Nothing is skipped: a missing prerequisite fails the run.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cluster::{self, BackendChoice};
+use crate::state::STATE_ENV_VAR;
+
+pub fn run(backend: BackendChoice, cargo_args: &[String]) -> Result<ExitCode> {
+    check_prerequisites()?;
+    let backend = backend.resolve();
+    // Its own run directory, so a `cluster up` environment of a developer is neither reused nor disturbed.
+    let dir = crate::repo_root()
+        .join("target")
+        .join(format!("test-env-run-{}", std::process::id()));
+    let runtime = tokio::runtime::Runtime::new()?;
+    let setup = Instant::now();
+    let result = match backend {
+        BackendChoice::Docker => runtime.block_on(async {
+            std::fs::create_dir_all(&dir)?;
+            let (env, _) = cluster::start_docker(&dir).await?;
+            eprintln!(
+                "==> test environment (docker) up in {:.1?}",
+                setup.elapsed()
+            );
+            let result = run_cargo_test(&dir, cargo_args).await;
+            env.stop().await;
+            result
+        }),
+        _ => {
+            eprintln!(
+                "==> starting the test environment (local backend) in {}",
+                dir.display()
+            );
+            let state = cluster::up_local(&dir)?;
+            eprintln!(
+                "==> test environment up in {:.1?}: kubernetes {} at {}, gitea {} at {}",
+                setup.elapsed(),
+                state.kubernetes.version,
+                state.kubernetes.server,
+                state.gitea.version,
+                state.gitea.url
+            );
+            let result = runtime.block_on(run_cargo_test(&dir, cargo_args));
+            let teardown = Instant::now();
+            let down = cluster::down(&dir);
+            eprintln!(
+                "==> test environment torn down in {:.1?}",
+                teardown.elapsed()
+            );
+            if result.is_ok() {
+                // Logs are kept only when something failed.
+                if matches!(result, Ok(true)) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            down.and(result)
+        }
+    };
+    match result {
+        Ok(true) => Ok(ExitCode::SUCCESS),
+        Ok(false) => {
+            eprintln!(
+                "==> tests failed; infrastructure logs are in {}/logs",
+                dir.display()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Runs the workspace's tests with the state file exported; true when they passed. A Ctrl-C stops the tests
+/// and still lets the caller tear the environment down.
+async fn run_cargo_test(dir: &Path, cargo_args: &[String]) -> Result<bool> {
+    let state = cluster::state_file(dir);
+    let mut command =
+        tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command
+        .args(["test", "--workspace", "--locked", "--no-fail-fast"])
+        .args(cargo_args)
+        .env(STATE_ENV_VAR, &state)
+        .current_dir(crate::repo_root())
+        .kill_on_drop(true);
+    eprintln!(
+        "==> cargo test --workspace --locked --no-fail-fast {} ({STATE_ENV_VAR}={})",
+        cargo_args.join(" "),
+        state.display()
+    );
+    let mut child = command.spawn().context("run cargo test")?;
+    tokio::select! {
+        status = child.wait() => Ok(status?.success()),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("==> interrupted; stopping the tests and tearing down");
+            let _ = child.kill().await;
+            Ok(false)
+        }
+    }
+}
+
+/// What the local backend needs from the machine besides the Go modules; said up front, by name.
+fn check_prerequisites() -> Result<()> {
+    for (program, why) in [
+        (
+            "go",
+            "builds the cluster tools and Gitea from their Go modules (install Go 1.26)",
+        ),
+        ("git", "Gitea and the tests push over HTTP with it"),
+        ("gcc", "Gitea's SQLite driver is cgo"),
+    ] {
+        let found = std::process::Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok()
+            || std::process::Command::new(program)
+                .arg("version")
+                .output()
+                .is_ok();
+        if !found {
+            anyhow::bail!("`{program}` is not installed or not on PATH; it {why}");
+        }
+    }
+    Ok(())
+}
