@@ -133,7 +133,7 @@ fn base_command(work: &Path, config: &Path) -> Command {
         .arg(format!("--work-path={}", work.display()))
         .arg(format!("--config={}", config.display()))
         // CI runs as root, which Gitea refuses unless told this; it only ever serves loopback here.
-        .env("I_AM_BEING_UNSAFE_RUNNING_AS_ROOT", "true")
+        .env("GITEA_I_AM_BEING_UNSAFE_RUNNING_AS_ROOT", "true")
         .env_remove("GITEA_WORK_DIR")
         .env_remove("GITEA_CUSTOM");
     command

@@ -134,7 +134,7 @@ fn start_apiserver(pki: &Pki, etcd_port: u16, port: u16, logs: &Path) -> Result<
         &format!("--client-ca-file={}", pki.ca_cert.display()),
         &format!(
             "--service-account-key-file={}",
-            pki.service_account_key.display()
+            pki.service_account_public_key.display()
         ),
         &format!(
             "--service-account-signing-key-file={}",

@@ -16,7 +16,10 @@ pub struct Pki {
     pub ca_cert: PathBuf,
     pub serving_cert: PathBuf,
     pub serving_key: PathBuf,
+    /// Signs service-account tokens (PKCS#8 private key).
     pub service_account_key: PathBuf,
+    /// Verifies them (the API server takes public keys only).
+    pub service_account_public_key: PathBuf,
     pub admin: ClientCert,
     pub controller_manager: ClientCert,
     pub scheduler: ClientCert,
@@ -84,14 +87,21 @@ pub fn generate(dir: &Path) -> Result<Pki> {
     let controller_manager = client("controller-manager", "system:kube-controller-manager", None)?;
     let scheduler = client("scheduler", "system:kube-scheduler", None)?;
 
+    let service_account = KeyPair::generate()?;
     let service_account_key = dir.join("service-account.key");
-    std::fs::write(&service_account_key, KeyPair::generate()?.serialize_pem())?;
+    std::fs::write(&service_account_key, service_account.serialize_pem())?;
+    let service_account_public_key = dir.join("service-account.pub");
+    std::fs::write(
+        &service_account_public_key,
+        service_account.public_key_pem(),
+    )?;
 
     Ok(Pki {
         ca_cert: ca_cert_path,
         serving_cert: serving.cert,
         serving_key: serving.key,
         service_account_key,
+        service_account_public_key,
         admin,
         controller_manager,
         scheduler,
