@@ -1,1 +1,173 @@
-//! placeholder
+//! kas, the Kubernetes agent server: authenticates agentk connections, reads each agent's configuration
+//! from Git and streams it down the agent's own connection, calls services on agents through reverse
+//! tunnels, and serves the admin API. `main.rs` only parses flags and calls [`start`].
+
+pub mod agent_config;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod connections;
+pub mod graphql;
+pub mod store;
+pub mod tokens;
+pub mod watch;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use gitops_config::{ServerConfig, server::AgentLimits};
+use gitops_git::{GitServerConfig, RepoCache};
+use gitops_tunnel::{
+    reverse::{ReverseTunnelService, TunnelRegistry},
+    server::{AgentListener, tls_acceptor},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    agent_config::AgentConfigurationService,
+    auth::{AgentTunnelAuthority, TokenAuthenticator},
+    connections::Connections,
+    store::Store,
+    watch::ProjectWatchers,
+};
+
+/// Why kas could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KasError {
+    #[error(transparent)]
+    Config(#[from] gitops_config::ConfigError),
+    #[error("opening the database: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("agent TLS: {0}")]
+    Tls(#[from] gitops_tunnel::Error),
+    #[error("reading {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Everything the modules share.
+#[derive(Debug)]
+pub struct KasState {
+    pub store: Store,
+    pub connections: Arc<Connections>,
+    pub tunnels: Arc<TunnelRegistry<u64>>,
+    pub watchers: ProjectWatchers,
+    pub admin_token: Option<String>,
+    pub limits: AgentLimits,
+}
+
+/// A started kas. Dropping it does not stop it; call [`RunningKas::shutdown`].
+#[derive(Debug)]
+pub struct RunningKas {
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub state: Arc<KasState>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl RunningKas {
+    /// Stops accepting, drops every connection, and waits for the listeners to finish.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when either listener stops (only on shutdown).
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Opens storage, binds both listeners and starts serving.
+pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
+    let store = Store::open(&config.data_dir)?;
+    let git = GitServerConfig {
+        base_url: config.git.base_url.clone(),
+        username: config.git.username.clone(),
+        password: config.read_git_password()?,
+    };
+    let repos = RepoCache::new(git, config.data_dir.join("git-cache"));
+    let state = Arc::new(KasState {
+        store: store.clone(),
+        connections: Arc::new(Connections::default()),
+        tunnels: Arc::new(TunnelRegistry::default()),
+        watchers: ProjectWatchers::new(repos, config.git.poll_period),
+        admin_token: config.read_admin_token()?,
+        limits: config.agent.clone(),
+    });
+
+    let tls = match &config.listen.agent_tls {
+        Some(files) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|source| KasError::File {
+                    path: p.display().to_string(),
+                    source,
+                })
+            };
+            Some(tls_acceptor(
+                &read(&files.cert_file)?,
+                &read(&files.key_file)?,
+            )?)
+        }
+        None => None,
+    };
+    let routes = tonic::service::Routes::new(AgentConfigurationService::server(state.clone()))
+        .add_service(ReverseTunnelService::new(
+            state.tunnels.clone(),
+            Arc::new(AgentTunnelAuthority {
+                connections: state.connections.clone(),
+            }),
+        ));
+    let agent_listener = AgentListener {
+        routes,
+        authenticator: TokenAuthenticator { store },
+        tls,
+        keepalive: config.listen.keepalive,
+    };
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| KasError::Listen { addr, source })
+    };
+    let agent_socket = bind(config.listen.agent).await?;
+    let api_socket = bind(config.listen.api).await?;
+    let agent_addr = agent_socket
+        .local_addr()
+        .map_err(|source| KasError::Listen {
+            addr: config.listen.agent,
+            source,
+        })?;
+    let api_addr = api_socket.local_addr().map_err(|source| KasError::Listen {
+        addr: config.listen.api,
+        source,
+    })?;
+
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(agent_listener.serve(agent_socket, stop.clone()));
+    let api = api::router(state.clone(), graphql::schema(state.clone()));
+    let api_stop = stop.clone();
+    tasks.spawn(async move {
+        let _ = axum::serve(api_socket, api)
+            .with_graceful_shutdown(api_stop.cancelled_owned())
+            .await;
+    });
+    info!(%agent_addr, %api_addr, tls = config.listen.agent_tls.is_some(), "kas is serving");
+    Ok(RunningKas {
+        agent_addr,
+        api_addr,
+        state,
+        stop,
+        tasks,
+    })
+}

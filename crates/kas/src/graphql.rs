@@ -1,0 +1,487 @@
+//! The admin API, in GraphQL, accepting GitLab's documents as the article writes them:
+//! `createClusterAgent`, `clusterAgentTokenCreate`, plus `clusterAgentTokenRevoke`, `clusterAgentDelete`
+//! and queries over agents, tokens (never secrets), connections and configuration status.
+//! User mistakes come back in `errors`; only broken requests are GraphQL errors.
+
+use std::{sync::Arc, time::Duration};
+
+use async_graphql::{Context, EmptySubscription, ID, InputObject, Object, Schema, SimpleObject};
+use gitops_protocol::{GetInfoRequest, agent_info_client::AgentInfoClient};
+
+use crate::{
+    KasState,
+    store::{AgentRecord, StoreError, TokenRecord},
+    tokens,
+};
+
+pub type KasSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+
+/// The id namespace in global ids: `gid://kas/Clusters::Agent/7`.
+const GID_PREFIX: &str = "gid://kas/";
+
+pub fn schema(state: Arc<KasState>) -> KasSchema {
+    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+        .data(state)
+        .limit_depth(12)
+        .limit_complexity(500)
+        .limit_recursive_depth(32)
+        .finish()
+}
+
+fn agent_gid(id: u64) -> ID {
+    ID(format!("{GID_PREFIX}Clusters::Agent/{id}"))
+}
+
+fn token_gid(id: u64) -> ID {
+    ID(format!("{GID_PREFIX}Clusters::AgentToken/{id}"))
+}
+
+/// Accepts `gid://<any>/Clusters::<kind>/N` (so GitLab-shaped ids work) or a bare `N`.
+fn parse_gid(id: &str, kind: &str) -> Result<u64, String> {
+    let number = match id.rsplit_once('/') {
+        Some((prefix, n))
+            if prefix.starts_with("gid://") && prefix.ends_with(&format!("/Clusters::{kind}")) =>
+        {
+            n
+        }
+        Some(_) => return Err(format!("{id:?} is not a Clusters::{kind} id")),
+        None => id,
+    };
+    number
+        .parse()
+        .map_err(|_| format!("{id:?} is not a Clusters::{kind} id"))
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn state<'a>(ctx: &Context<'a>) -> &'a Arc<KasState> {
+    ctx.data_unchecked::<Arc<KasState>>()
+}
+
+/// Agent names are DNS labels, as the directory `.gitlab/agents/<name>/` and Kubernetes objects need.
+pub fn validate_agent_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name {name:?} is invalid: it must be a DNS label (1-63 characters: lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+fn validate_project_path(path: &str) -> Result<(), String> {
+    let ok = !path.is_empty()
+        && path.len() <= 255
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "projectPath {path:?} is not a valid project path such as \"group/project\""
+        ))
+    }
+}
+
+pub struct ClusterAgent(AgentRecord);
+
+#[Object]
+impl ClusterAgent {
+    async fn id(&self) -> ID {
+        agent_gid(self.0.id)
+    }
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    async fn project_path(&self) -> &str {
+        &self.0.project_path
+    }
+    async fn created_at(&self) -> String {
+        rfc3339(self.0.created_at)
+    }
+    /// All tokens, active and revoked; secrets are never stored, so never shown.
+    async fn tokens(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ClusterAgentToken>> {
+        Ok(state(ctx)
+            .store
+            .tokens_of(self.0.id)?
+            .into_iter()
+            .map(ClusterAgentToken)
+            .collect())
+    }
+    /// Whether agentk holds a connection to this kas now.
+    async fn connected(&self, ctx: &Context<'_>) -> bool {
+        !state(ctx).connections.of_agent(self.0.id).is_empty()
+    }
+    async fn connections(&self, ctx: &Context<'_>) -> Vec<AgentConnection> {
+        state(ctx)
+            .connections
+            .of_agent(self.0.id)
+            .into_iter()
+            .map(|c| AgentConnection {
+                connected_at: rfc3339(c.connected_at),
+                agent_version: c.agent_version,
+                token_id: token_gid(c.token_id),
+                pod_namespace: c.pod_namespace,
+                pod_name: c.pod_name,
+            })
+            .collect()
+    }
+    /// The last configuration kas read from Git for this agent, and its error if it was invalid.
+    async fn config_status(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Option<AgentConfigStatus>> {
+        Ok(state(ctx)
+            .store
+            .config_status(self.0.id)?
+            .map(|s| AgentConfigStatus {
+                commit_id: s.commit_id,
+                error: s.error,
+                updated_at: rfc3339(s.updated_at),
+            }))
+    }
+    /// Asks the agent itself, through its reverse tunnel (null when it is not connected).
+    async fn live_info(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<AgentLiveInfo>> {
+        let Some(channel) = state(ctx)
+            .tunnels
+            .find(&self.0.id, Duration::from_secs(2))
+            .await
+        else {
+            return Ok(None);
+        };
+        let info = AgentInfoClient::new(channel)
+            .get_info(GetInfoRequest {})
+            .await?
+            .into_inner();
+        Ok(Some(AgentLiveInfo {
+            version: info.version,
+            config_commit_id: info.config_commit_id,
+            log_level: info.log_level,
+        }))
+    }
+}
+
+pub struct ClusterAgentToken(TokenRecord);
+
+#[Object]
+impl ClusterAgentToken {
+    async fn id(&self) -> ID {
+        token_gid(self.0.id)
+    }
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    async fn description(&self) -> &str {
+        &self.0.description
+    }
+    async fn created_at(&self) -> String {
+        rfc3339(self.0.created_at)
+    }
+    async fn revoked(&self) -> bool {
+        self.0.revoked_at.is_some()
+    }
+    async fn revoked_at(&self) -> Option<String> {
+        self.0.revoked_at.map(rfc3339)
+    }
+    async fn cluster_agent_id(&self) -> ID {
+        agent_gid(self.0.agent_id)
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct AgentConnection {
+    connected_at: String,
+    agent_version: String,
+    token_id: ID,
+    pod_namespace: String,
+    pod_name: String,
+}
+
+#[derive(SimpleObject)]
+pub struct AgentConfigStatus {
+    commit_id: Option<String>,
+    error: Option<String>,
+    updated_at: String,
+}
+
+#[derive(SimpleObject)]
+pub struct AgentLiveInfo {
+    version: String,
+    config_commit_id: String,
+    log_level: String,
+}
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// Every agent, or those of one project.
+    async fn cluster_agents(
+        &self,
+        ctx: &Context<'_>,
+        project_path: Option<String>,
+    ) -> async_graphql::Result<Vec<ClusterAgent>> {
+        let mut agents = state(ctx).store.agents()?;
+        if let Some(project) = project_path {
+            agents.retain(|a| a.project_path == project);
+        }
+        Ok(agents.into_iter().map(ClusterAgent).collect())
+    }
+
+    async fn cluster_agent(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<Option<ClusterAgent>> {
+        let id = parse_gid(&id, "Agent")?;
+        Ok(state(ctx).store.agent(id)?.map(ClusterAgent))
+    }
+}
+
+#[derive(InputObject)]
+pub struct CreateClusterAgentInput {
+    project_path: String,
+    name: String,
+}
+
+#[derive(SimpleObject)]
+pub struct CreateClusterAgentPayload {
+    cluster_agent: Option<ClusterAgent>,
+    errors: Vec<String>,
+}
+
+#[derive(InputObject)]
+pub struct ClusterAgentTokenCreateInput {
+    cluster_agent_id: ID,
+    name: String,
+    #[graphql(default)]
+    description: String,
+}
+
+#[derive(SimpleObject)]
+pub struct ClusterAgentTokenCreatePayload {
+    /// The token itself: shown here once, never again.
+    secret: Option<String>,
+    token: Option<ClusterAgentToken>,
+    errors: Vec<String>,
+}
+
+#[derive(InputObject)]
+pub struct ClusterAgentTokenRevokeInput {
+    id: ID,
+}
+
+#[derive(InputObject)]
+pub struct ClusterAgentDeleteInput {
+    id: ID,
+}
+
+#[derive(SimpleObject)]
+pub struct ErrorsPayload {
+    errors: Vec<String>,
+}
+
+fn errors(list: Vec<String>) -> ErrorsPayload {
+    ErrorsPayload { errors: list }
+}
+
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    async fn create_cluster_agent(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateClusterAgentInput,
+    ) -> async_graphql::Result<CreateClusterAgentPayload> {
+        let state = state(ctx);
+        let failed = |e: String| {
+            Ok(CreateClusterAgentPayload {
+                cluster_agent: None,
+                errors: vec![e],
+            })
+        };
+        if let Err(e) = validate_agent_name(&input.name)
+            .and_then(|()| validate_project_path(&input.project_path))
+        {
+            return failed(e);
+        }
+        match state.watchers.repos().exists(&input.project_path).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return failed(format!(
+                    "project {:?} does not exist on the Git server",
+                    input.project_path
+                ));
+            }
+            Err(e) => {
+                return failed(format!(
+                    "could not check project {:?}: {e}",
+                    input.project_path
+                ));
+            }
+        }
+        match state.store.create_agent(&input.project_path, &input.name) {
+            Ok(agent) => {
+                tracing::info!(agent_id = agent.id, project_id = %agent.project_path, name = %agent.name, "agent registered");
+                Ok(CreateClusterAgentPayload {
+                    cluster_agent: Some(ClusterAgent(agent)),
+                    errors: vec![],
+                })
+            }
+            Err(e @ StoreError::DuplicateAgent { .. }) => failed(e.to_string()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn cluster_agent_token_create(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentTokenCreateInput,
+    ) -> async_graphql::Result<ClusterAgentTokenCreatePayload> {
+        let state = state(ctx);
+        let failed = |e: String| {
+            Ok(ClusterAgentTokenCreatePayload {
+                secret: None,
+                token: None,
+                errors: vec![e],
+            })
+        };
+        let agent_id = match parse_gid(&input.cluster_agent_id, "Agent") {
+            Ok(id) => id,
+            Err(e) => return failed(e),
+        };
+        if input.name.trim().is_empty() || input.name.len() > 255 {
+            return failed("token name must be 1-255 characters".into());
+        }
+        if input.description.len() > 1024 {
+            return failed("token description must be at most 1024 characters".into());
+        }
+        let secret = tokens::generate();
+        let max = state.limits.max_active_tokens;
+        match state.store.create_token(
+            agent_id,
+            &input.name,
+            &input.description,
+            &tokens::hash(&secret),
+            max,
+        ) {
+            Ok(token) => {
+                tracing::info!(agent_id, token_id = token.id, "agent token created");
+                Ok(ClusterAgentTokenCreatePayload {
+                    secret: Some(secret),
+                    token: Some(ClusterAgentToken(token)),
+                    errors: vec![],
+                })
+            }
+            Err(e @ (StoreError::NoSuchAgent(_) | StoreError::TooManyTokens { .. })) => {
+                failed(e.to_string())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Revokes a token; connections using it close within a second.
+    async fn cluster_agent_token_revoke(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentTokenRevokeInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let id = match parse_gid(&input.id, "AgentToken") {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        match state.store.revoke_token(id)? {
+            Some(token) => {
+                state.connections.revoke(token.id);
+                tracing::info!(
+                    agent_id = token.agent_id,
+                    token_id = token.id,
+                    "agent token revoked"
+                );
+                Ok(errors(vec![]))
+            }
+            None => Ok(errors(vec![format!(
+                "token {} does not exist",
+                input.id.as_str()
+            )])),
+        }
+    }
+
+    /// Deletes an agent and its tokens, disconnecting it.
+    async fn cluster_agent_delete(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentDeleteInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let id = match parse_gid(&input.id, "Agent") {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        match state.store.delete_agent(id)? {
+            Some((agent, tokens)) => {
+                for token in tokens {
+                    state.connections.revoke(token.id);
+                }
+                tracing::info!(agent_id = agent.id, project_id = %agent.project_path, "agent deleted");
+                Ok(errors(vec![]))
+            }
+            None => Ok(errors(vec![format!(
+                "agent {} does not exist",
+                input.id.as_str()
+            )])),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_parse_in_any_namespace() {
+        assert_eq!(parse_gid("gid://kas/Clusters::Agent/7", "Agent"), Ok(7));
+        assert_eq!(
+            parse_gid("gid://gitlab/Clusters::Agent/43", "Agent"),
+            Ok(43)
+        );
+        assert_eq!(parse_gid("12", "AgentToken"), Ok(12));
+        assert!(parse_gid("gid://kas/Clusters::AgentToken/7", "Agent").is_err());
+        assert!(parse_gid("gid://kas/Clusters::Agent/x", "Agent").is_err());
+    }
+
+    #[test]
+    fn agent_names_are_dns_labels() {
+        assert!(validate_agent_name("gitops").is_ok());
+        assert!(validate_agent_name(&"a".repeat(63)).is_ok());
+        for bad in ["", "Gitops", "-a", "a-", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(validate_agent_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn project_paths_are_checked() {
+        assert!(validate_project_path("group/sub/project.x").is_ok());
+        for bad in ["", "/abs", "a//b", "a/../b", "a b"] {
+            assert!(validate_project_path(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! `kas`: run the server, or administer agents and tokens on a running one.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gitops_config::{ServerConfig, server::LogFormat};
+use kas::cli::AdminClient;
+
+#[derive(Parser)]
+#[command(
+    name = "kas",
+    version,
+    about = "Kubernetes agent server: pull-based GitOps for agentk"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        #[arg(long, env = "KAS_CONFIG", default_value = "kas.yaml")]
+        config: PathBuf,
+    },
+    /// Register, list and delete agents on a running kas.
+    Agent {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Create and revoke agent tokens on a running kas.
+    Token {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// kas's API address.
+    #[arg(long, env = "KAS_API_URL", default_value = "http://127.0.0.1:8080")]
+    api_url: String,
+    /// The admin credential (prefer the file or the environment; flags show up in `ps`).
+    #[arg(long, env = "KAS_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[arg(long, env = "KAS_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    Create {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    Delete {
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Prints the new token's secret once, on its own line.
+    Create {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // One TLS provider for the whole process, before anything can create a TLS config.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match Cli::parse().command {
+        Command::Serve { config } => serve(config).await,
+        Command::Agent { api, command } => {
+            let client = api.client()?;
+            let out = match command {
+                AgentCommand::Create { project, name } => {
+                    client.create_agent(&project, &name).await?
+                }
+                AgentCommand::List { project } => client.list_agents(project.as_deref()).await?,
+                AgentCommand::Delete { id } => client.delete_agent(&id).await?,
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Token { api, command } => {
+            let client = api.client()?;
+            match command {
+                TokenCommand::Create {
+                    agent,
+                    name,
+                    description,
+                } => {
+                    let out = client.create_token(&agent, &name, &description).await?;
+                    eprintln!(
+                        "token {} created; the secret below is shown only once",
+                        out["token"]["id"]
+                    );
+                    println!("{}", out["secret"].as_str().unwrap_or_default());
+                }
+                TokenCommand::Revoke { id } => {
+                    client.revoke_token(&id).await?;
+                    eprintln!("token {id} revoked");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+impl ApiArgs {
+    fn client(self) -> anyhow::Result<AdminClient> {
+        let token = match (self.admin_token, self.admin_token_file) {
+            (Some(token), _) => token,
+            (None, Some(file)) => std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => anyhow::bail!(
+                "an admin credential is required: --admin-token-file or KAS_ADMIN_TOKEN"
+            ),
+        };
+        Ok(AdminClient::new(&self.api_url, token))
+    }
+}
+
+async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&config_path)?;
+    let format = match config.logging.format {
+        LogFormat::Json => gitops_telemetry::Format::Json,
+        LogFormat::Text => gitops_telemetry::Format::Text,
+    };
+    gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
+    let running = kas::start(config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! kas's durable state in an embedded redb database (`<data_dir>/kas.redb`): agents, token hashes, and the
+//! last configuration status of each agent. No external service; everything survives a restart.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
+/// `"<project>\n<name>"` → agent id; enforces unique names per project.
+const AGENT_NAMES: TableDefinition<&str, u64> = TableDefinition::new("agent_names");
+const TOKENS: TableDefinition<u64, &[u8]> = TableDefinition::new("tokens");
+/// Hash of an active token → token id. Revoking removes the entry.
+const TOKEN_HASHES: TableDefinition<&str, u64> = TableDefinition::new("token_hashes");
+const CONFIG_STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("config_status");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] redb::Error),
+    #[error("corrupt record in {table}: {message}")]
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
+    #[error("an agent named {name:?} already exists in project {project}")]
+    DuplicateAgent { project: String, name: String },
+    #[error("agent {0} does not exist")]
+    NoSuchAgent(u64),
+    #[error("agent {agent_id} already has {limit} active tokens; revoke one first")]
+    TooManyTokens { agent_id: u64, limit: usize },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(impl From<$t> for StoreError {
+        fn from(e: $t) -> Self { Self::Database(e.into()) }
+    })*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: u64,
+    pub project_path: String,
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: u64,
+    pub agent_id: u64,
+    pub name: String,
+    pub description: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    /// SHA-256 of the secret; the secret itself is never stored.
+    pub token_hash: String,
+}
+
+/// The outcome of the last attempt to read an agent's configuration from Git.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub commit_id: Option<String>,
+    /// Set when the configuration at `commit_id` (or fetching it) failed; names the file and line.
+    pub error: Option<String>,
+    pub updated_at: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: std::sync::Arc<Database>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        message: e.to_string(),
+    })
+}
+
+fn name_key(project: &str, name: &str) -> String {
+    format!("{project}\n{name}")
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::Error::Io(e)))?;
+        let db = Database::create(data_dir.join("kas.redb"))?;
+        // Create every table up front so readers never see "table does not exist".
+        let txn = db.begin_write()?;
+        txn.open_table(COUNTERS)?;
+        txn.open_table(AGENTS)?;
+        txn.open_table(AGENT_NAMES)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(TOKEN_HASHES)?;
+        txn.open_table(CONFIG_STATUS)?;
+        txn.commit()?;
+        Ok(Self {
+            db: std::sync::Arc::new(db),
+        })
+    }
+
+    pub fn create_agent(&self, project_path: &str, name: &str) -> Result<AgentRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut names = txn.open_table(AGENT_NAMES)?;
+            let key = name_key(project_path, name);
+            if names.get(key.as_str())?.is_some() {
+                return Err(StoreError::DuplicateAgent {
+                    project: project_path.into(),
+                    name: name.into(),
+                });
+            }
+            let id = next_id(&txn, "agent")?;
+            let record = AgentRecord {
+                id,
+                project_path: project_path.into(),
+                name: name.into(),
+                created_at: now(),
+            };
+            names.insert(key.as_str(), id)?;
+            txn.open_table(AGENTS)?
+                .insert(id, encode(&record).as_slice())?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    pub fn agent(&self, id: u64) -> Result<Option<AgentRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AGENTS)?;
+        table
+            .get(id)?
+            .map(|v| decode("agents", v.value()))
+            .transpose()
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AGENTS)?;
+        table
+            .iter()?
+            .map(|entry| decode("agents", entry?.1.value()))
+            .collect()
+    }
+
+    /// Deletes the agent, its tokens and its status; returns what was deleted.
+    pub fn delete_agent(
+        &self,
+        id: u64,
+    ) -> Result<Option<(AgentRecord, Vec<TokenRecord>)>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let deleted = {
+            let mut agents = txn.open_table(AGENTS)?;
+            let Some(agent) = agents
+                .remove(id)?
+                .map(|v| decode::<AgentRecord>("agents", v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            txn.open_table(AGENT_NAMES)?
+                .remove(name_key(&agent.project_path, &agent.name).as_str())?;
+            txn.open_table(CONFIG_STATUS)?.remove(id)?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            let mut hashes = txn.open_table(TOKEN_HASHES)?;
+            let mine: Vec<TokenRecord> = tokens
+                .iter()?
+                .map(|entry| decode::<TokenRecord>("tokens", entry?.1.value()))
+                .filter(|t| t.as_ref().map_or(true, |t| t.agent_id == id))
+                .collect::<Result<_, _>>()?;
+            for token in &mine {
+                tokens.remove(token.id)?;
+                hashes.remove(token.token_hash.as_str())?;
+            }
+            (agent, mine)
+        };
+        txn.commit()?;
+        Ok(Some(deleted))
+    }
+
+    /// Stores a new token for `agent_id` unless it already has `max_active` active ones.
+    pub fn create_token(
+        &self,
+        agent_id: u64,
+        name: &str,
+        description: &str,
+        token_hash: &str,
+        max_active: usize,
+    ) -> Result<TokenRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            if txn.open_table(AGENTS)?.get(agent_id)?.is_none() {
+                return Err(StoreError::NoSuchAgent(agent_id));
+            }
+            let mut tokens = txn.open_table(TOKENS)?;
+            let mut active = 0;
+            for entry in tokens.iter()? {
+                let token: TokenRecord = decode("tokens", entry?.1.value())?;
+                if token.agent_id == agent_id && token.revoked_at.is_none() {
+                    active += 1;
+                }
+            }
+            if active >= max_active {
+                return Err(StoreError::TooManyTokens {
+                    agent_id,
+                    limit: max_active,
+                });
+            }
+            let id = next_id(&txn, "token")?;
+            let record = TokenRecord {
+                id,
+                agent_id,
+                name: name.into(),
+                description: description.into(),
+                created_at: now(),
+                revoked_at: None,
+                token_hash: token_hash.into(),
+            };
+            tokens.insert(id, encode(&record).as_slice())?;
+            txn.open_table(TOKEN_HASHES)?.insert(token_hash, id)?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    /// The active token with this hash, and its agent.
+    pub fn active_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<(TokenRecord, AgentRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let Some(id) = txn
+            .open_table(TOKEN_HASHES)?
+            .get(token_hash)?
+            .map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        let Some(token) = txn
+            .open_table(TOKENS)?
+            .get(id)?
+            .map(|v| decode::<TokenRecord>("tokens", v.value()))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let agent = txn
+            .open_table(AGENTS)?
+            .get(token.agent_id)?
+            .map(|v| decode("agents", v.value()))
+            .transpose()?;
+        Ok(agent.map(|agent| (token, agent)))
+    }
+
+    pub fn token(&self, id: u64) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        table
+            .get(id)?
+            .map(|v| decode("tokens", v.value()))
+            .transpose()
+    }
+
+    pub fn tokens_of(&self, agent_id: u64) -> Result<Vec<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let token: TokenRecord = decode("tokens", entry?.1.value())?;
+            if token.agent_id == agent_id {
+                out.push(token);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks the token revoked; returns it, or None if it does not exist. Revoking twice is harmless.
+    pub fn revoke_token(&self, id: u64) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let revoked = {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let Some(mut token) = tokens
+                .get(id)?
+                .map(|v| decode::<TokenRecord>("tokens", v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            if token.revoked_at.is_none() {
+                token.revoked_at = Some(now());
+                tokens.insert(id, encode(&token).as_slice())?;
+                txn.open_table(TOKEN_HASHES)?
+                    .remove(token.token_hash.as_str())?;
+            }
+            token
+        };
+        txn.commit()?;
+        Ok(Some(revoked))
+    }
+
+    pub fn set_config_status(
+        &self,
+        agent_id: u64,
+        status: &ConfigStatus,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            // Only for agents that still exist: a stream may outlive a deleted agent by a moment.
+            if txn.open_table(AGENTS)?.get(agent_id)?.is_none() {
+                return Ok(());
+            }
+            txn.open_table(CONFIG_STATUS)?
+                .insert(agent_id, encode(status).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn config_status(&self, agent_id: u64) -> Result<Option<ConfigStatus>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONFIG_STATUS)?;
+        table
+            .get(agent_id)?
+            .map(|v| decode("config_status", v.value()))
+            .transpose()
+    }
+}
+
+fn next_id(txn: &redb::WriteTransaction, kind: &str) -> Result<u64, StoreError> {
+    let mut counters = txn.open_table(COUNTERS)?;
+    let id = counters.get(kind)?.map_or(1, |v| v.value() + 1);
+    counters.insert(kind, id)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_and_tokens_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, token) = {
+            let store = Store::open(dir.path()).unwrap();
+            let agent = store.create_agent("group/config", "gitops").unwrap();
+            let token = store
+                .create_token(agent.id, "t", "demo", "hash-1", 2)
+                .unwrap();
+            (agent, token)
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.agent(agent.id).unwrap(), Some(agent.clone()));
+        assert_eq!(store.active_token("hash-1").unwrap(), Some((token, agent)));
+    }
+
+    #[test]
+    fn names_are_unique_per_project_and_ids_are_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.create_agent("g/p", "gitops").unwrap();
+        assert!(matches!(
+            store.create_agent("g/p", "gitops"),
+            Err(StoreError::DuplicateAgent { .. })
+        ));
+        let b = store.create_agent("g/other", "gitops").unwrap();
+        assert_ne!(a.id, b.id);
+        store.delete_agent(a.id).unwrap();
+        let c = store.create_agent("g/p", "gitops").unwrap();
+        assert!(c.id > b.id, "ids are never reused");
+    }
+
+    #[test]
+    fn at_most_two_active_tokens_and_revoking_frees_a_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let agent = store.create_agent("g/p", "a").unwrap();
+        let t1 = store.create_token(agent.id, "1", "", "h1", 2).unwrap();
+        store.create_token(agent.id, "2", "", "h2", 2).unwrap();
+        assert!(matches!(
+            store.create_token(agent.id, "3", "", "h3", 2),
+            Err(StoreError::TooManyTokens { .. })
+        ));
+        let revoked = store.revoke_token(t1.id).unwrap().unwrap();
+        assert!(revoked.revoked_at.is_some());
+        assert_eq!(
+            store.active_token("h1").unwrap(),
+            None,
+            "a revoked token no longer authenticates"
+        );
+        store.create_token(agent.id, "3", "", "h3", 2).unwrap();
+        assert_eq!(store.tokens_of(agent.id).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn deleting_an_agent_removes_its_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let agent = store.create_agent("g/p", "a").unwrap();
+        store.create_token(agent.id, "1", "", "h1", 2).unwrap();
+        let (_, tokens) = store.delete_agent(agent.id).unwrap().unwrap();
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(store.active_token("h1").unwrap(), None);
+        assert_eq!(store.delete_agent(agent.id).unwrap(), None);
+    }
+}
