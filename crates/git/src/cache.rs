@@ -1,0 +1,406 @@
+//! The shared cache of bare repositories, one per project, and the async API on top of it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OnceCell;
+
+use crate::Error;
+use crate::read::{self, FileListing, FileLookup};
+use crate::remote::{self, Endpoint, RemoteRef};
+use crate::server::{Credentials, GitRef, GitServerConfig, Limits, validate_project};
+
+/// Git access for kas with a local cache of fetched commits.
+///
+/// Cheap to clone; all clones share the same cache. Each project has exactly one bare repository under
+/// the cache directory (`<cache_dir>/<group>/<project>.git`), which survives restarts.
+#[derive(Clone)]
+pub struct RepoCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Credential-free.
+    base_url: String,
+    credentials: Option<Credentials>,
+    cache_dir: PathBuf,
+    limits: Limits,
+    projects: Mutex<HashMap<String, Arc<ProjectCache>>>,
+    /// An empty repository for talking to servers without touching (or creating) a project's cache:
+    /// gitoxide needs a repository to create a remote, even just to list refs.
+    probe: OnceCell<gix::ThreadSafeRepository>,
+}
+
+struct ProjectCache {
+    /// Held while fetching, so concurrent callers wait for one fetch instead of doing their own.
+    fetch_lock: tokio::sync::Mutex<()>,
+    repo: OnceCell<gix::ThreadSafeRepository>,
+}
+
+impl std::fmt::Debug for RepoCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoCache")
+            .field("base_url", &self.inner.base_url)
+            .field("cache_dir", &self.inner.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RepoCache {
+    /// A cache for projects on `server`, with repositories under `cache_dir` and default [`Limits`].
+    pub fn new(server: GitServerConfig, cache_dir: PathBuf) -> Self {
+        Self::with_limits(server, cache_dir, Limits::default())
+    }
+
+    pub fn with_limits(server: GitServerConfig, cache_dir: PathBuf, limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                base_url: server.sanitized_base_url(),
+                credentials: server.credentials(),
+                cache_dir,
+                limits,
+                projects: Mutex::new(HashMap::new()),
+                probe: OnceCell::new(),
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Asks the server which commit `reference` points at, without fetching any objects (only the ref
+    /// advertisement / `ls-refs` for that one ref). [`GitRef::DefaultBranch`] follows the server's `HEAD`.
+    /// [`GitRef::Commit`] is returned as is, without network access.
+    pub async fn resolve(&self, project: &str, reference: &GitRef) -> Result<String, Error> {
+        validate_project(project)?;
+        let Some(ref_name) = reference.remote_ref_name() else {
+            let GitRef::Commit(commit) = reference else {
+                unreachable!("only commits have no remote ref name")
+            };
+            return Ok(parse_commit(commit)?.to_string());
+        };
+        let probe = self.probe().await?;
+        let endpoint = self.endpoint(project);
+        let name = ref_name.clone();
+        let advertised = blocking(project, move || {
+            remote::ls_ref(&probe.to_thread_local(), &endpoint, &name)
+        })
+        .await?
+        .map_err(|err| Error::from_network(project, &err))?;
+        match advertised {
+            RemoteRef::Commit(commit) => {
+                tracing::debug!(project, %reference, %commit, "resolved");
+                Ok(commit.to_string())
+            }
+            RemoteRef::Unborn | RemoteRef::Missing => Err(Error::RefNotFound {
+                project: project.to_owned(),
+                reference: reference.to_string(),
+            }),
+        }
+    }
+
+    /// Makes sure `commit` (which `reference` pointed at) is in the local cache, fetching it (depth 1) only
+    /// if it's missing.
+    pub async fn ensure_commit(
+        &self,
+        project: &str,
+        reference: &GitRef,
+        commit: &str,
+    ) -> Result<(), Error> {
+        validate_project(project)?;
+        let commit = parse_commit(commit)?;
+        let cache = self.project(project);
+        let repo = self.project_repo(project, &cache).await?;
+        if has_commit(project, &repo, commit).await? {
+            return Ok(());
+        }
+        let _fetching = cache.fetch_lock.lock().await;
+        // Another caller may have fetched it while we waited.
+        if has_commit(project, &repo, commit).await? {
+            return Ok(());
+        }
+        let endpoint = self.endpoint(project);
+        let ref_name = reference.remote_ref_name();
+        let local_ref = local_ref_name(reference);
+        tracing::debug!(project, %reference, %commit, "fetching");
+        let fetch_repo = repo.clone();
+        blocking(project, move || {
+            // Nothing interrupts fetches: a cancelled caller's fetch still completes for the next caller.
+            let never_interrupt = AtomicBool::new(false);
+            remote::fetch_commit(
+                &fetch_repo.to_thread_local(),
+                &endpoint,
+                commit,
+                ref_name.as_deref(),
+                &local_ref,
+                &never_interrupt,
+            )
+        })
+        .await?
+        .map_err(|err| Error::from_network(project, &err))?;
+        if has_commit(project, &repo, commit).await? {
+            Ok(())
+        } else {
+            Err(Error::CommitNotFound {
+                project: project.to_owned(),
+                commit: commit.to_string(),
+            })
+        }
+    }
+
+    /// [`Self::resolve`] and [`Self::ensure_commit`] in one call; returns the commit.
+    pub async fn snapshot(&self, project: &str, reference: &GitRef) -> Result<String, Error> {
+        let commit = self.resolve(project, reference).await?;
+        self.ensure_commit(project, reference, &commit).await?;
+        Ok(commit)
+    }
+
+    /// Reads the file at `path` in `commit`. `Ok(None)` if there's no regular file at `path`;
+    /// [`Error::TooLarge`] if it's larger than `max_size` bytes (checked before loading it).
+    pub async fn read_file(
+        &self,
+        project: &str,
+        commit: &str,
+        path: &str,
+        max_size: u64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        validate_project(project)?;
+        let commit_id = parse_commit(commit)?;
+        let segments: Vec<String> = read::path_segments(path)?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let repo = self.cached_repo(project, commit).await?;
+        let lookup = blocking(project, move || {
+            let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+            read::read_file(&repo.to_thread_local(), commit_id, &segments, max_size)
+        })
+        .await?
+        .map_err(|err| Error::from_local(project, err))?;
+        match lookup {
+            None => Err(self.not_cached(project, commit)),
+            Some(FileLookup::Found(data)) => Ok(Some(data)),
+            Some(FileLookup::Missing) => Ok(None),
+            Some(FileLookup::TooLarge { size }) => Err(Error::TooLarge {
+                path: path.to_owned(),
+                size,
+                limit: max_size,
+            }),
+        }
+    }
+
+    /// All regular files (no symlinks or submodules) in the tree of `commit` as `(path, size)`, sorted by path.
+    pub async fn list_files(
+        &self,
+        project: &str,
+        commit: &str,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        validate_project(project)?;
+        let commit_id = parse_commit(commit)?;
+        let repo = self.cached_repo(project, commit).await?;
+        let max_files = self.inner.limits.max_files;
+        let listing = blocking(project, move || {
+            read::list_files(&repo.to_thread_local(), commit_id, max_files)
+        })
+        .await?
+        .map_err(|err| Error::from_local(project, err))?;
+        match listing {
+            None => Err(self.not_cached(project, commit)),
+            Some(FileListing::Files(files)) => Ok(files),
+            Some(FileListing::TooMany) => Err(Error::TooManyFiles {
+                project: project.to_owned(),
+                limit: max_files,
+            }),
+        }
+    }
+
+    /// Whether `project` exists on the server: `false` if the server says it doesn't (HTTP 404), an error if
+    /// access is denied or the server can't be reached.
+    pub async fn exists(&self, project: &str) -> Result<bool, Error> {
+        validate_project(project)?;
+        let probe = self.probe().await?;
+        let endpoint = self.endpoint(project);
+        let result = blocking(project, move || {
+            remote::ls_ref(&probe.to_thread_local(), &endpoint, "HEAD")
+        })
+        .await?;
+        match result.map_err(|err| Error::from_network(project, &err)) {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn endpoint(&self, project: &str) -> Endpoint {
+        Endpoint {
+            url: format!("{}/{project}.git", self.inner.base_url),
+            credentials: self.inner.credentials.clone(),
+        }
+    }
+
+    fn project(&self, project: &str) -> Arc<ProjectCache> {
+        let mut projects = self
+            .inner
+            .projects
+            .lock()
+            .expect("project map lock poisoned");
+        projects
+            .entry(project.to_owned())
+            .or_insert_with(|| {
+                Arc::new(ProjectCache {
+                    fetch_lock: tokio::sync::Mutex::new(()),
+                    repo: OnceCell::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn project_dir(&self, project: &str) -> PathBuf {
+        self.inner.cache_dir.join(format!("{project}.git"))
+    }
+
+    /// The project's cached repository, created if it doesn't exist yet.
+    async fn project_repo(
+        &self,
+        project: &str,
+        cache: &ProjectCache,
+    ) -> Result<gix::ThreadSafeRepository, Error> {
+        let dir = self.project_dir(project);
+        let repo = cache
+            .repo
+            .get_or_try_init(|| async {
+                blocking(project, move || open_or_init(&dir))
+                    .await?
+                    .map_err(|err| Error::from_local(project, err))
+            })
+            .await?;
+        Ok(repo.clone())
+    }
+
+    /// The project's cached repository for reading `commit`; a project that was never fetched has none.
+    async fn cached_repo(
+        &self,
+        project: &str,
+        commit: &str,
+    ) -> Result<gix::ThreadSafeRepository, Error> {
+        let cache = self.project(project);
+        if cache.repo.get().is_none() && !self.project_dir(project).exists() {
+            return Err(self.not_cached(project, commit));
+        }
+        self.project_repo(project, &cache).await
+    }
+
+    fn not_cached(&self, project: &str, commit: &str) -> Error {
+        Error::CommitNotCached {
+            project: project.to_owned(),
+            commit: commit.to_owned(),
+        }
+    }
+
+    async fn probe(&self) -> Result<gix::ThreadSafeRepository, Error> {
+        let dir = self.inner.cache_dir.join(".probe.git");
+        let repo = self
+            .inner
+            .probe
+            .get_or_try_init(|| async {
+                blocking("", move || open_or_init(&dir))
+                    .await?
+                    .map_err(|err| Error::from_local("", err))
+            })
+            .await?;
+        Ok(repo.clone())
+    }
+}
+
+/// Where a fetched commit is recorded locally, per followed ref, so the next fetch of the same ref can
+/// tell the server which objects we have.
+fn local_ref_name(reference: &GitRef) -> String {
+    match reference {
+        GitRef::DefaultBranch => "refs/kas/default-branch".to_owned(),
+        GitRef::Branch(branch) => format!("refs/kas/heads/{branch}"),
+        GitRef::Tag(tag) => format!("refs/kas/tags/{tag}"),
+        GitRef::Commit(_) => "refs/kas/commit".to_owned(),
+    }
+}
+
+fn parse_commit(commit: &str) -> Result<gix::ObjectId, Error> {
+    let invalid = || Error::InvalidCommit {
+        commit: commit.to_owned(),
+    };
+    // Abbreviated ids are ambiguous and can't be fetched; only full SHA-1 ids are accepted.
+    if commit.len() != 40 {
+        return Err(invalid());
+    }
+    gix::ObjectId::from_hex(commit.as_bytes()).map_err(|_| invalid())
+}
+
+async fn has_commit(
+    project: &str,
+    repo: &gix::ThreadSafeRepository,
+    commit: gix::ObjectId,
+) -> Result<bool, Error> {
+    let repo = repo.clone();
+    blocking(project, move || repo.to_thread_local().has_object(commit)).await
+}
+
+/// Opens the bare repository at `dir`, creating it if needed. Git configuration of the host (system,
+/// global, environment) is ignored so nothing but this crate controls how kas talks to servers.
+fn open_or_init(dir: &Path) -> gix::Result<gix::ThreadSafeRepository> {
+    if dir.exists() {
+        match gix::ThreadSafeRepository::open_opts(dir, gix::open::Options::isolated()) {
+            Ok(repo) => return Ok(repo),
+            Err(err) => {
+                // A cache can always be rebuilt from the server; a broken one (e.g. after a crash during
+                // creation) must not block the project forever.
+                tracing::warn!(dir = %dir.display(), error = %err, "recreating unusable Git cache");
+                std::fs::remove_dir_all(dir).map_err(gix::Error::from_error)?;
+            }
+        }
+    }
+    // Create next to the final location and rename, so a crash never leaves a half-initialized repository.
+    let parent = dir
+        .parent()
+        .expect("project directories are inside the cache directory");
+    std::fs::create_dir_all(parent).map_err(gix::Error::from_error)?;
+    let scratch = tempfile_dir(parent)?;
+    gix::ThreadSafeRepository::init_opts(
+        &scratch,
+        gix::create::Kind::Bare,
+        gix::create::Options::default(),
+        gix::open::Options::isolated(),
+    )?;
+    match std::fs::rename(&scratch, dir) {
+        Ok(()) => {}
+        // Lost a race against another process; theirs is as good as ours.
+        Err(_) if dir.exists() => {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        Err(err) => return Err(gix::Error::from_error(err)),
+    }
+    gix::ThreadSafeRepository::open_opts(dir, gix::open::Options::isolated())
+}
+
+fn tempfile_dir(parent: &Path) -> gix::Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let dir = parent.join(format!(".tmp-{}-{nanos}.git", std::process::id()));
+    Ok(dir)
+}
+
+/// Runs blocking gitoxide work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    project: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| Error::Aborted {
+            project: project.to_owned(),
+            message: err.to_string(),
+        })
+}

@@ -1,0 +1,264 @@
+//! What to talk to, what to fetch, and how much of it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::Error;
+
+/// Where the Git server is and how to authenticate with it.
+///
+/// Project `group/project` lives at `{base_url}/group/project.git`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GitServerConfig {
+    /// E.g. `https://gitlab.example.com`. Credentials embedded in it (`https://user:pw@host`) are removed
+    /// from the URL and used as `username`/`password` unless those are set.
+    pub base_url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+// Hand-written so the password can never be printed.
+impl fmt::Debug for GitServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitServerConfig")
+            .field("base_url", &strip_userinfo(&self.base_url).0)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Basic-auth credentials for the Git server.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Credentials {
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GitServerConfig {
+    /// The base URL without credentials and without a trailing slash.
+    pub(crate) fn sanitized_base_url(&self) -> String {
+        strip_userinfo(&self.base_url)
+            .0
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Explicit credentials win over ones embedded in the URL. A username without password (or the
+    /// reverse) is completed with an empty string, which is what token-only servers expect.
+    pub(crate) fn credentials(&self) -> Option<Credentials> {
+        let (_, url_user, url_password) = strip_userinfo(&self.base_url);
+        let username = self.username.clone().or(url_user);
+        let password = self.password.clone().or(url_password);
+        if username.is_none() && password.is_none() {
+            return None;
+        }
+        Some(Credentials {
+            username: username.unwrap_or_default(),
+            password: password.unwrap_or_default(),
+        })
+    }
+}
+
+/// Splits `scheme://user:password@host/...` into the URL without userinfo and the (percent-decoded)
+/// user and password.
+fn strip_userinfo(url: &str) -> (String, Option<String>, Option<String>) {
+    let Some(scheme_end) = url.find("://") else {
+        return (url.to_owned(), None, None);
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return (url.to_owned(), None, None);
+    };
+    let userinfo = &authority[..at];
+    let (user, password) = match userinfo.split_once(':') {
+        Some((user, password)) => (user, Some(password)),
+        None => (userinfo, None),
+    };
+    let stripped = format!(
+        "{}{}",
+        &url[..authority_start],
+        &url[authority_start + at + 1..]
+    );
+    let non_empty = |s: &str| (!s.is_empty()).then(|| percent_decode(s));
+    (stripped, non_empty(user), password.and_then(non_empty))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks that `project` is a plain `group/sub/project` path: it becomes part of both a URL and a
+/// directory in the cache, so nothing that could escape either is allowed.
+pub(crate) fn validate_project(project: &str) -> Result<(), Error> {
+    let valid_segment = |segment: &str| {
+        !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && !segment.starts_with('.')
+            && !segment.ends_with(".git")
+            && segment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if project.split('/').all(valid_segment) {
+        Ok(())
+    } else {
+        Err(Error::InvalidProject {
+            project: project.to_owned(),
+        })
+    }
+}
+
+/// A Git reference to follow.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum GitRef {
+    /// Whatever branch the server's `HEAD` points at.
+    DefaultBranch,
+    /// A branch name without `refs/heads/`, e.g. `main`.
+    Branch(String),
+    /// A tag name without `refs/tags/`, e.g. `v1.0`. Annotated tags resolve to the commit they point at.
+    Tag(String),
+    /// A full hex commit id; resolves to itself without asking the server.
+    Commit(String),
+}
+
+impl GitRef {
+    /// The full name of the remote ref to look up, or `None` for [`GitRef::Commit`].
+    pub(crate) fn remote_ref_name(&self) -> Option<String> {
+        match self {
+            GitRef::DefaultBranch => Some("HEAD".to_owned()),
+            GitRef::Branch(branch) => Some(format!("refs/heads/{branch}")),
+            GitRef::Tag(tag) => Some(format!("refs/tags/{tag}")),
+            GitRef::Commit(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for GitRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GitRef::DefaultBranch => f.write_str("default branch"),
+            GitRef::Branch(branch) => write!(f, "branch {branch:?}"),
+            GitRef::Tag(tag) => write!(f, "tag {tag:?}"),
+            GitRef::Commit(commit) => write!(f, "commit {commit}"),
+        }
+    }
+}
+
+/// Limits that protect kas from huge or slow repositories.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Default maximum size of a single file read from a repository, in bytes.
+    pub max_file_size: u64,
+    /// Maximum number of files [`crate::RepoCache::list_files`] returns before failing.
+    pub max_files: usize,
+    /// How long connecting to the Git server may take.
+    pub connect_timeout: Duration,
+    /// A transfer slower than `low_speed_limit` bytes/s for `low_speed_time` is aborted.
+    pub low_speed_limit: u32,
+    pub low_speed_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_size: 5 * 1024 * 1024,
+            max_files: 50_000,
+            connect_timeout: Duration::from_secs(10),
+            low_speed_limit: 1024,
+            low_speed_time: Duration::from_secs(60),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_credentials_from_base_url() {
+        let config = GitServerConfig {
+            base_url: "https://alice:p%40ss@git.example.com:8443/prefix/".to_owned(),
+            username: None,
+            password: None,
+        };
+        assert_eq!(
+            config.sanitized_base_url(),
+            "https://git.example.com:8443/prefix"
+        );
+        assert_eq!(
+            config.credentials(),
+            Some(Credentials {
+                username: "alice".to_owned(),
+                password: "p@ss".to_owned()
+            })
+        );
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("p%40ss") && !debug.contains("p@ss"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn explicit_credentials_win() {
+        let config = GitServerConfig {
+            base_url: "http://u:p@h".to_owned(),
+            username: Some("x".to_owned()),
+            password: Some("y".to_owned()),
+        };
+        let credentials = config.credentials().unwrap();
+        assert_eq!(
+            (credentials.username.as_str(), credentials.password.as_str()),
+            ("x", "y")
+        );
+        assert!(!format!("{credentials:?}").contains('y'));
+        let anonymous = GitServerConfig {
+            base_url: "http://h".to_owned(),
+            username: None,
+            password: None,
+        };
+        assert_eq!(anonymous.credentials(), None);
+    }
+
+    #[test]
+    fn validates_project_paths() {
+        for ok in ["group/project", "a/b/c", "g-1/p_2.x"] {
+            assert!(validate_project(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/g/p", "g/p/", "g/../p", "g/.p", "g/p.git", "g/p?x", "g//p", "g/p q",
+        ] {
+            assert!(validate_project(bad).is_err(), "{bad}");
+        }
+    }
+}
