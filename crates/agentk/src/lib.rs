@@ -1,1 +1,84 @@
-//! placeholder
+//! agentk, the in-cluster agent: dials kas (and only dials), receives its configuration from Git through
+//! kas, applies `observability.logging` at run time, and serves kas's reverse calls. Kept thin on purpose:
+//! logic lives in kas so agents rarely need upgrading. `main.rs` only parses flags and calls [`run`].
+
+pub mod config_watcher;
+pub mod generate;
+pub mod info;
+
+use std::sync::Arc;
+
+use gitops_protocol::{agent_info_server::AgentInfoServer, reverse_tunnel_client::ReverseTunnelClient};
+use gitops_telemetry::LogHandle;
+use gitops_tunnel::client::ClientConfig;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use config_watcher::AgentState;
+
+/// The version agentk reports to kas.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why agentk could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Transport(#[from] gitops_tunnel::Error),
+}
+
+/// What the agent needs besides the connection settings.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Where it runs, reported to kas (from the downward API).
+    pub pod_namespace: String,
+    pub pod_name: String,
+    /// How many reverse tunnels to keep open.
+    pub reverse_tunnels: usize,
+}
+
+/// A running agent, for embedding (tests, benchmarks) as well as for `main`.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub state: watch::Receiver<AgentState>,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl RunningAgent {
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when the agent stops.
+    pub async fn wait(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts the agent's modules.
+pub fn start(mut client: ClientConfig, options: AgentOptions, logs: Option<LogHandle>) -> Result<RunningAgent, AgentError> {
+    if client.agent_version.is_empty() {
+        client.agent_version = VERSION.to_owned();
+    }
+    let channel = client.channel()?;
+    let interceptor = client.interceptor()?;
+    let (state_tx, state_rx) = watch::channel(AgentState::default());
+    let state_tx = Arc::new(state_tx);
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    tasks.spawn(config_watcher::run(
+        tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
+        options.clone(),
+        state_tx,
+        logs,
+        stop.clone(),
+    ));
+
+    let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService { state: state_rx.clone() }));
+    let tunnel_client = ReverseTunnelClient::new(tonic::service::interceptor::InterceptedService::new(channel, interceptor));
+    tasks.spawn(gitops_tunnel::reverse::serve_tunnels(tunnel_client, routes, options.reverse_tunnels.max(1), stop.clone()));
+
+    Ok(RunningAgent { state: state_rx, stop, tasks })
+}

@@ -1,0 +1,135 @@
+//! `agentk`: connect to kas and keep the cluster in sync; or `agentk generate` the install manifests.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use gitops_tunnel::{KasAddress, client::ClientConfig};
+
+#[derive(Parser)]
+#[command(name = "agentk", version, about = "The in-cluster GitOps agent; it only ever dials out to kas")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// grpc://, grpcs://, ws:// or wss:// address of kas.
+    #[arg(long, env = "AGENTK_KAS_ADDRESS")]
+    kas_address: Option<String>,
+    /// File holding the agent token (else AGENTK_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for kas.
+    #[arg(long)]
+    ca_cert_file: Option<PathBuf>,
+    /// Verify kas's certificate for this name.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Extra header for every request, `Name: value`; repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// HTTP/2 keepalive interval; keep it under any load balancer's idle timeout.
+    #[arg(long, default_value = "20s", value_parser = humantime_duration)]
+    keepalive: Duration,
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// Starting level, until the configuration from Git sets one.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the install manifests; pipe them into `kubectl apply -f -`.
+    Generate {
+        #[arg(long)]
+        agent_token: String,
+        #[arg(long)]
+        kas_address: String,
+        #[arg(long, default_value = "stable")]
+        agent_version: String,
+        #[arg(long, default_value = "gitlab-kubernetes-agent")]
+        namespace: String,
+        #[arg(long, default_value = "agentk")]
+        image_repository: String,
+        /// Bind the article's `gitops-write-all` (write anywhere); otherwise write only in --namespace.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        cluster_write: bool,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // One TLS provider for the whole process, before anything can create a TLS config.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    if let Some(Command::Generate { agent_token, kas_address, agent_version, namespace, image_repository, cluster_write }) =
+        cli.command
+    {
+        KasAddress::parse(&kas_address)?;
+        print!(
+            "{}",
+            agentk::generate::manifests(&agentk::generate::InstallOptions {
+                namespace,
+                kas_address,
+                agent_token,
+                agent_version,
+                image_repository,
+                cluster_write,
+            })
+        );
+        return Ok(());
+    }
+    run(cli.run).await
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let format = match args.log_format {
+        LogFormat::Json => gitops_telemetry::Format::Json,
+        LogFormat::Text => gitops_telemetry::Format::Text,
+    };
+    let logs = gitops_telemetry::init(format, &args.log_level, "error")?;
+    let address = KasAddress::parse(args.kas_address.as_deref().context("--kas-address is required")?)?;
+    let token = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => std::env::var("AGENTK_TOKEN").context("no agent token: use --token-file or AGENTK_TOKEN")?,
+    };
+    let mut client = ClientConfig::new(address, token.trim().to_owned());
+    client.ca_file = args.ca_cert_file;
+    client.tls_server_name = args.tls_server_name;
+    client.keepalive = args.keepalive;
+    for header in &args.headers {
+        let (name, value) = header.split_once(':').with_context(|| format!("--header {header:?}: expected `Name: value`"))?;
+        client.extra_headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    client.proxy_from_env();
+    let options = agentk::AgentOptions {
+        pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
+        pod_name: std::env::var("POD_NAME").unwrap_or_default(),
+        reverse_tunnels: 2,
+    };
+    let mut agent = agentk::start(client, options, Some(logs))?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        _ = agent.wait() => {}
+    }
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
