@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use gitops_config::AgentConfig;
-use gitops_protocol::{AgentMeta, ConfigurationRequest, agent_configuration_client::AgentConfigurationClient};
+use gitops_protocol::{
+    AgentMeta, ConfigurationRequest, agent_configuration_client::AgentConfigurationClient,
+};
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::backoff::Backoff;
 use tokio::sync::watch;
@@ -69,7 +71,10 @@ pub async fn run<S>(
                 retry_in_ms = delay.as_millis() as u64,
                 "configuration stream failed"
             ),
-            Ok(()) => info!(retry_in_ms = delay.as_millis() as u64, "configuration stream closed by kas"),
+            Ok(()) => info!(
+                retry_in_ms = delay.as_millis() as u64,
+                "configuration stream closed by kas"
+            ),
         }
         tokio::select! {
             _ = stop.cancelled() => return,

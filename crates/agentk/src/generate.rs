@@ -233,7 +233,10 @@ mod tests {
         ] {
             assert!(yaml.contains(needle), "missing {needle:?}");
         }
-        assert!(yaml.contains(r#"token: "kasagent_abc\"quoted""#), "the token is quoted safely");
+        assert!(
+            yaml.contains(r#"token: "kasagent_abc\"quoted""#),
+            "the token is quoted safely"
+        );
         assert_eq!(yaml.matches("\n---\n").count() + 1, 10, "ten objects");
     }
 

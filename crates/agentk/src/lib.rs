@@ -8,7 +8,9 @@ pub mod info;
 
 use std::sync::Arc;
 
-use gitops_protocol::{agent_info_server::AgentInfoServer, reverse_tunnel_client::ReverseTunnelClient};
+use gitops_protocol::{
+    agent_info_server::AgentInfoServer, reverse_tunnel_client::ReverseTunnelClient,
+};
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::client::ClientConfig;
 use tokio::sync::watch;
@@ -57,7 +59,11 @@ impl RunningAgent {
 }
 
 /// Starts the agent's modules.
-pub fn start(mut client: ClientConfig, options: AgentOptions, logs: Option<LogHandle>) -> Result<RunningAgent, AgentError> {
+pub fn start(
+    mut client: ClientConfig,
+    options: AgentOptions,
+    logs: Option<LogHandle>,
+) -> Result<RunningAgent, AgentError> {
     if client.agent_version.is_empty() {
         client.agent_version = VERSION.to_owned();
     }
@@ -76,9 +82,22 @@ pub fn start(mut client: ClientConfig, options: AgentOptions, logs: Option<LogHa
         stop.clone(),
     ));
 
-    let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService { state: state_rx.clone() }));
-    let tunnel_client = ReverseTunnelClient::new(tonic::service::interceptor::InterceptedService::new(channel, interceptor));
-    tasks.spawn(gitops_tunnel::reverse::serve_tunnels(tunnel_client, routes, options.reverse_tunnels.max(1), stop.clone()));
+    let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService {
+        state: state_rx.clone(),
+    }));
+    let tunnel_client = ReverseTunnelClient::new(
+        tonic::service::interceptor::InterceptedService::new(channel, interceptor),
+    );
+    tasks.spawn(gitops_tunnel::reverse::serve_tunnels(
+        tunnel_client,
+        routes,
+        options.reverse_tunnels.max(1),
+        stop.clone(),
+    ));
 
-    Ok(RunningAgent { state: state_rx, stop, tasks })
+    Ok(RunningAgent {
+        state: state_rx,
+        stop,
+        tasks,
+    })
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gitops_tunnel::{KasAddress, client::ClientConfig};
 
 #[derive(Parser)]
-#[command(name = "agentk", version, about = "The in-cluster GitOps agent; it only ever dials out to kas")]
+#[command(
+    name = "agentk",
+    version,
+    about = "The in-cluster GitOps agent; it only ever dials out to kas"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -77,8 +81,14 @@ async fn main() -> anyhow::Result<()> {
     // One TLS provider for the whole process, before anything can create a TLS config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    if let Some(Command::Generate { agent_token, kas_address, agent_version, namespace, image_repository, cluster_write }) =
-        cli.command
+    if let Some(Command::Generate {
+        agent_token,
+        kas_address,
+        agent_version,
+        namespace,
+        image_repository,
+        cluster_write,
+    }) = cli.command
     {
         KasAddress::parse(&kas_address)?;
         print!(
@@ -103,18 +113,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         LogFormat::Text => gitops_telemetry::Format::Text,
     };
     let logs = gitops_telemetry::init(format, &args.log_level, "error")?;
-    let address = KasAddress::parse(args.kas_address.as_deref().context("--kas-address is required")?)?;
+    let address = KasAddress::parse(
+        args.kas_address
+            .as_deref()
+            .context("--kas-address is required")?,
+    )?;
     let token = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        None => std::env::var("AGENTK_TOKEN").context("no agent token: use --token-file or AGENTK_TOKEN")?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => std::env::var("AGENTK_TOKEN")
+            .context("no agent token: use --token-file or AGENTK_TOKEN")?,
     };
     let mut client = ClientConfig::new(address, token.trim().to_owned());
     client.ca_file = args.ca_cert_file;
     client.tls_server_name = args.tls_server_name;
     client.keepalive = args.keepalive;
     for header in &args.headers {
-        let (name, value) = header.split_once(':').with_context(|| format!("--header {header:?}: expected `Name: value`"))?;
-        client.extra_headers.push((name.trim().to_owned(), value.trim().to_owned()));
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("--header {header:?}: expected `Name: value`"))?;
+        client
+            .extra_headers
+            .push((name.trim().to_owned(), value.trim().to_owned()));
     }
     client.proxy_from_env();
     let options = agentk::AgentOptions {
