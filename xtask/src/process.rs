@@ -4,6 +4,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -17,16 +18,26 @@ pub struct Started {
     pub log: String,
 }
 
-/// Starts `command` in its own process group (so a Ctrl-C meant for xtask or cargo does not reach it), with
-/// output to `<logs>/<name>.log`.
+/// `cluster up` leaves the environment running after xtask exits, so it puts each process in a process group
+/// of its own: a later Ctrl-C or hang-up in that terminal does not reach them. `cargo xtask test` leaves them
+/// in its group, so a Ctrl-C while it sets up stops them together with xtask.
+static DETACH: AtomicBool = AtomicBool::new(false);
+
+pub fn detach_started_processes() {
+    DETACH.store(true, Ordering::Relaxed);
+}
+
+/// Starts `command` with output to `<logs>/<name>.log`.
 pub fn spawn(name: &str, mut command: Command, logs: &Path) -> Result<Started> {
     let log_path = logs.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)?;
     command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
+        .stderr(log);
+    if DETACH.load(Ordering::Relaxed) {
+        command.process_group(0);
+    }
     let child = command
         .spawn()
         .with_context(|| format!("start {name} ({:?})", command.get_program()))?;

@@ -53,11 +53,9 @@ pub fn run(backend: BackendChoice, cargo_args: &[String]) -> Result<ExitCode> {
                 "==> test environment torn down in {:.1?}",
                 teardown.elapsed()
             );
-            if result.is_ok() {
-                // Logs are kept only when something failed.
-                if matches!(result, Ok(true)) {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
+            // The run directory (with the logs) is kept only when something failed.
+            if down.is_ok() && matches!(result, Ok(true)) {
+                let _ = std::fs::remove_dir_all(&dir);
             }
             down.and(result)
         }

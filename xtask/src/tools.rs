@@ -290,7 +290,7 @@ impl Tool {
             writeln!(log, "{line}")?;
             // `go build -v` names each package as it compiles it: a live count is the progress bar.
             compiled += 1;
-            if compiled % 100 == 0 {
+            if compiled.is_multiple_of(100) {
                 eprintln!(
                     "    {} {}: {compiled} packages compiled, {:.0?} (last: {line})",
                     self.name,

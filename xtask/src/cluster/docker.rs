@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use testcontainers::core::{ExecCommand, WaitFor};
+use testcontainers::core::{CmdWaitFor, ExecCommand, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -36,13 +36,37 @@ pub struct DockerEnv {
 
 pub async fn start(dir: &Path) -> Result<(DockerEnv, ClusterState, GiteaState)> {
     KIND.ensure()?;
-    let kind_cluster = format!("gitops-test-{}", std::process::id());
+    let mut env = DockerEnv {
+        kind_cluster: format!("gitops-test-{}", std::process::id()),
+        gitea: None,
+    };
+    // On any failure, remove what was made so far: kind may leave a half-made cluster behind.
+    let cluster = match start_kind(dir, &env.kind_cluster) {
+        Ok(cluster) => cluster,
+        Err(err) => {
+            env.stop().await;
+            return Err(err);
+        }
+    };
+    match start_gitea().await {
+        Ok((container, gitea)) => {
+            env.gitea = Some(container);
+            Ok((env, cluster, gitea))
+        }
+        Err(err) => {
+            env.stop().await;
+            Err(err)
+        }
+    }
+}
+
+fn start_kind(dir: &Path, name: &str) -> Result<ClusterState> {
     let kubeconfig = dir.join("kubeconfig");
     run(Command::new(KIND.bin("kind")).args([
         "create",
         "cluster",
         "--name",
-        &kind_cluster,
+        name,
         "--image",
         KIND_NODE_IMAGE,
         "--wait",
@@ -50,10 +74,6 @@ pub async fn start(dir: &Path) -> Result<(DockerEnv, ClusterState, GiteaState)> 
         "--kubeconfig",
         &kubeconfig.display().to_string(),
     ]))?;
-    let mut env = DockerEnv {
-        kind_cluster: kind_cluster.clone(),
-        gitea: None,
-    };
     // kind writes the server URL into the kubeconfig; read it back rather than need a kubectl here.
     let server = std::fs::read_to_string(&kubeconfig)?
         .lines()
@@ -63,38 +83,41 @@ pub async fn start(dir: &Path) -> Result<(DockerEnv, ClusterState, GiteaState)> 
                 .map(|url| url.trim().to_owned())
         })
         .context("kind's kubeconfig names no server")?;
-    let cluster = ClusterState {
+    Ok(ClusterState {
         kubeconfig,
         server,
         version: KUBERNETES_VERSION.to_owned(),
-        nodes: vec![format!("{kind_cluster}-control-plane")],
-    };
+        nodes: vec![format!("{name}-control-plane")],
+    })
+}
 
+/// The container is removed when the returned handle is dropped (testcontainers does that).
+async fn start_gitea() -> Result<(ContainerAsync<GenericImage>, GiteaState)> {
     // Host networking: webhook receivers in the tests listen on the host's 127.0.0.1, which a container on a
     // bridge network cannot reach.
     let port = crate::process::free_port()?;
     let password = random_token();
-    let container = GenericImage::new(
-        "gitea/gitea",
-        &format!("{}-rootless", GITEA_VERSION.trim_start_matches('v')),
-    )
-    .with_wait_for(WaitFor::seconds(2))
-    .with_network("host")
-    .with_env_var("GITEA__server__HTTP_ADDR", "127.0.0.1")
-    .with_env_var("GITEA__server__HTTP_PORT", port.to_string())
-    .with_env_var(
-        "GITEA__server__ROOT_URL",
-        format!("http://127.0.0.1:{port}/"),
-    )
-    .with_env_var("GITEA__server__DISABLE_SSH", "true")
-    .with_env_var("GITEA__database__DB_TYPE", "sqlite3")
-    .with_env_var("GITEA__security__INSTALL_LOCK", "true")
-    .with_env_var("GITEA__webhook__ALLOWED_HOST_LIST", "loopback")
-    .with_env_var("GITEA__repository__DEFAULT_BRANCH", "main")
-    .start()
-    .await
-    .context("start the Gitea container")?;
-    let healthy = wait_http_ok(port, Duration::from_secs(90)).await;
+    let tag = format!("{}-rootless", GITEA_VERSION.trim_start_matches('v'));
+    let container = GenericImage::new("gitea/gitea", tag.as_str())
+        .with_wait_for(WaitFor::seconds(2))
+        .with_network("host")
+        .with_env_var("GITEA__server__HTTP_ADDR", "127.0.0.1")
+        .with_env_var("GITEA__server__HTTP_PORT", port.to_string())
+        .with_env_var(
+            "GITEA__server__ROOT_URL",
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .with_env_var("GITEA__server__DISABLE_SSH", "true")
+        .with_env_var("GITEA__database__DB_TYPE", "sqlite3")
+        .with_env_var("GITEA__security__INSTALL_LOCK", "true")
+        .with_env_var("GITEA__webhook__ALLOWED_HOST_LIST", "loopback")
+        .with_env_var("GITEA__repository__DEFAULT_BRANCH", "main")
+        .start()
+        .await
+        .context("start the Gitea container")?;
+    if !wait_http_ok(port, Duration::from_secs(90)).await {
+        bail!("the Gitea container did not answer /api/healthz on port {port}");
+    }
     let create_admin = ExecCommand::new([
         "gitea",
         "admin",
@@ -108,22 +131,20 @@ pub async fn start(dir: &Path) -> Result<(DockerEnv, ClusterState, GiteaState)> 
         "--email",
         "gitops-admin@example.invalid",
         "--must-change-password=false",
-    ]);
-    let exit = async { container.exec(create_admin).await?.exit_code().await }.await;
-    env.gitea = Some(container);
-    if !healthy {
-        bail!("the Gitea container did not answer /api/healthz on port {port}");
-    }
-    if exit.context("create the Gitea admin user")? != Some(0) {
-        bail!("`gitea admin user create` in the container failed");
-    }
+    ])
+    // Waits for the command to finish and fails unless it exits 0.
+    .with_cmd_ready_condition(CmdWaitFor::exit_code(0));
+    container
+        .exec(create_admin)
+        .await
+        .context("create the Gitea admin user in the container")?;
     let gitea = GiteaState {
         url: format!("http://127.0.0.1:{port}"),
         admin_user: ADMIN_USER.to_owned(),
         admin_password: password,
         version: GITEA_VERSION.to_owned(),
     };
-    Ok((env, cluster, gitea))
+    Ok((container, gitea))
 }
 
 impl DockerEnv {

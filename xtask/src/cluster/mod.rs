@@ -164,6 +164,7 @@ pub fn up_command(backend: BackendChoice, dir: &Path) -> Result<()> {
         BackendChoice::Docker => up_docker_foreground(dir),
         _ => {
             let started = std::time::Instant::now();
+            process::detach_started_processes();
             let state = up_local(dir)?;
             eprintln!("test environment up in {:.1?}", started.elapsed());
             eprintln!(
