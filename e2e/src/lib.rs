@@ -191,3 +191,116 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TCP proxy that drops connections with no traffic for `idle`, like cloud load balancers do.
+/// Returns its address and a counter of accepted connections.
+pub async fn idle_dropping_proxy(
+    target: std::net::SocketAddr,
+    idle: Duration,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let epoch = tokio::time::Instant::now();
+        while let Ok((client, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+            let (cr, cw) = client.into_split();
+            let (ur, uw) = upstream.into_split();
+            let pipe = |last: Arc<AtomicU64>| {
+                move |mut r: tokio::net::tcp::OwnedReadHalf,
+                      mut w: tokio::net::tcp::OwnedWriteHalf| async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = r.read(&mut buf).await {
+                        if n == 0 || w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        last.store(epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    }
+                }
+            };
+            let up = tokio::spawn(pipe(last.clone())(cr, uw));
+            let down = tokio::spawn(pipe(last.clone())(ur, cw));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if up.is_finished() || down.is_finished() {
+                        break;
+                    }
+                    let quiet = epoch.elapsed().as_millis() as u64 - last.load(Ordering::SeqCst);
+                    if quiet > idle.as_millis() as u64 {
+                        break;
+                    }
+                }
+                up.abort();
+                down.abort();
+            });
+        }
+    });
+    Ok((addr, accepted))
+}
+
+/// An HTTP CONNECT proxy (what `HTTPS_PROXY` points at). Returns its address and a counter of tunnels.
+pub async fn connect_proxy() -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let counter = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(client);
+                let mut line = String::new();
+                reader.read_line(&mut line).await.ok()?;
+                let target = line
+                    .strip_prefix("CONNECT ")?
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).await.ok()?;
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                }
+                let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
+                let mut client = reader.into_inner();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .ok()?;
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .ok()?;
+                Some(())
+            });
+        }
+    });
+    Ok((addr, tunnels))
+}

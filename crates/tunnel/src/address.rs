@@ -48,14 +48,23 @@ pub struct KasAddress {
 
 impl KasAddress {
     pub fn parse(address: &str) -> Result<Self, Error> {
-        let invalid = |reason: &str| Error::InvalidAddress { address: address.to_owned(), reason: reason.to_owned() };
-        let (scheme, rest) = address.split_once("://").ok_or_else(|| invalid("expected scheme://host"))?;
+        let invalid = |reason: &str| Error::InvalidAddress {
+            address: address.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = address
+            .split_once("://")
+            .ok_or_else(|| invalid("expected scheme://host"))?;
         let scheme = match scheme {
             "grpc" => Scheme::Grpc,
             "grpcs" => Scheme::Grpcs,
             "ws" => Scheme::Ws,
             "wss" => Scheme::Wss,
-            other => return Err(invalid(&format!("unknown scheme {other:?}; use grpc, grpcs, ws or wss"))),
+            other => {
+                return Err(invalid(&format!(
+                    "unknown scheme {other:?}; use grpc, grpcs, ws or wss"
+                )));
+            }
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -72,13 +81,21 @@ impl KasAddress {
             scheme,
             host: host.to_owned(),
             port: port.unwrap_or(scheme.default_port()),
-            path: if path.is_empty() || path == "/" { WEBSOCKET_PATH.to_owned() } else { path.to_owned() },
+            path: if path.is_empty() || path == "/" {
+                WEBSOCKET_PATH.to_owned()
+            } else {
+                path.to_owned()
+            },
         })
     }
 
     /// `host:port`, with brackets for IPv6.
     pub fn authority(&self) -> String {
-        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -114,19 +131,34 @@ mod tests {
     #[test]
     fn parses_each_scheme() {
         let a = KasAddress::parse("grpc://127.0.0.1:8150").unwrap();
-        assert_eq!((a.scheme, a.host.as_str(), a.port), (Scheme::Grpc, "127.0.0.1", 8150));
+        assert_eq!(
+            (a.scheme, a.host.as_str(), a.port),
+            (Scheme::Grpc, "127.0.0.1", 8150)
+        );
         let a = KasAddress::parse("grpcs://kas.example").unwrap();
         assert_eq!((a.scheme, a.port), (Scheme::Grpcs, 443));
         let a = KasAddress::parse("wss://kas.example").unwrap();
-        assert_eq!((a.scheme, a.port, a.path.as_str()), (Scheme::Wss, 443, "/agentk"));
+        assert_eq!(
+            (a.scheme, a.port, a.path.as_str()),
+            (Scheme::Wss, 443, "/agentk")
+        );
         let a = KasAddress::parse("ws://[::1]:9000/-/kubernetes-agent/").unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.path.as_str()), ("::1", 9000, "/-/kubernetes-agent/"));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.path.as_str()),
+            ("::1", 9000, "/-/kubernetes-agent/")
+        );
         assert_eq!(a.to_string(), "ws://[::1]:9000/-/kubernetes-agent/");
     }
 
     #[test]
     fn rejects_bad_addresses() {
-        for bad in ["kas.example", "http://kas", "grpc://:80", "grpc://kas:notaport", "grpc://kas/path"] {
+        for bad in [
+            "kas.example",
+            "http://kas",
+            "grpc://:80",
+            "grpc://kas:notaport",
+            "grpc://kas/path",
+        ] {
             let err = KasAddress::parse(bad).unwrap_err();
             assert!(err.to_string().contains(bad), "{err}");
         }

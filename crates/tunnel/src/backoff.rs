@@ -14,7 +14,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, current: initial }
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
     }
 
     /// The next delay: uniformly random in [current/2, current], after which `current` doubles up to `max`.
@@ -49,7 +53,10 @@ mod tests {
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
         assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(1000)));
-        assert!(delays[7] >= Duration::from_millis(500), "capped, never below half the cap");
+        assert!(
+            delays[7] >= Duration::from_millis(500),
+            "capped, never below half the cap"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

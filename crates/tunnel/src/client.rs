@@ -29,7 +29,7 @@ use tonic::{
 use crate::{Error, KasAddress, Scheme, WEBSOCKET_SUBPROTOCOL, io::MessageIo};
 
 /// How agentk reaches kas.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     pub address: KasAddress,
     /// The agent token; sent as `authorization: Bearer ...` on every call and in the WebSocket handshake.
@@ -47,6 +47,28 @@ pub struct ClientConfig {
     pub proxy: Option<String>,
     /// Sent as `x-agentk-version`.
     pub agent_version: String,
+}
+
+// Hand-written so the token never reaches a log line.
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("address", &self.address.to_string())
+            .field("token", &"<redacted>")
+            .field("ca_file", &self.ca_file)
+            .field("tls_server_name", &self.tls_server_name)
+            .field(
+                "extra_headers",
+                &self
+                    .extra_headers
+                    .iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>(),
+            )
+            .field("keepalive", &self.keepalive)
+            .field("proxy", &self.proxy.as_deref().map(redact))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {
@@ -69,28 +91,47 @@ impl ClientConfig {
         if !self.address.scheme.is_websocket() {
             return;
         }
-        let var = |name: &str| std::env::var(name).or_else(|_| std::env::var(name.to_lowercase())).ok();
+        let var = |name: &str| {
+            std::env::var(name)
+                .or_else(|_| std::env::var(name.to_lowercase()))
+                .ok()
+        };
         let proxy = var("HTTPS_PROXY").filter(|p| !p.is_empty());
         let no_proxy = var("NO_PROXY").unwrap_or_default();
         let host = &self.address.host;
         let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
-            entry == "*" || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{}", entry.trim_start_matches('.')))))
+            entry == "*"
+                || (!entry.is_empty()
+                    && (host == entry
+                        || host.ends_with(&format!(".{}", entry.trim_start_matches('.')))))
         });
         self.proxy = if excluded { None } else { proxy };
     }
 
     /// Everything fallible about the configuration, checked once before the first dial.
     pub fn prepare(&self) -> Result<Connector, Error> {
-        let tls = if self.address.scheme.is_tls() { Some(self.tls_connector()?) } else { None };
-        let server_name = self.tls_server_name.clone().unwrap_or_else(|| self.address.host.clone());
+        let tls = if self.address.scheme.is_tls() {
+            Some(self.tls_connector()?)
+        } else {
+            None
+        };
+        let server_name = self
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| self.address.host.clone());
         let server_name = ServerName::try_from(server_name.clone())
             .map_err(|e| Error::Tls(format!("invalid TLS server name {server_name:?}: {e}")))?;
         let mut headers = HeaderMap::new();
         for (name, value) in self.all_headers() {
-            let name_h = HeaderName::try_from(name.as_str())
-                .map_err(|e| Error::InvalidHeader { name: name.clone(), reason: e.to_string() })?;
-            let value_h = HeaderValue::try_from(value.as_str())
-                .map_err(|e| Error::InvalidHeader { name: name.clone(), reason: e.to_string() })?;
+            let name_h = HeaderName::try_from(name.as_str()).map_err(|e| Error::InvalidHeader {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+            let value_h =
+                HeaderValue::try_from(value.as_str()).map_err(|e| Error::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
             headers.insert(name_h, value_h);
         }
         Ok(Connector(Arc::new(ConnectorInner {
@@ -106,7 +147,10 @@ impl ClientConfig {
     fn all_headers(&self) -> Vec<(String, String)> {
         let mut headers = vec![("authorization".to_owned(), format!("Bearer {}", self.token))];
         if !self.agent_version.is_empty() {
-            headers.push((gitops_protocol::AGENT_VERSION_HEADER.to_owned(), self.agent_version.clone()));
+            headers.push((
+                gitops_protocol::AGENT_VERSION_HEADER.to_owned(),
+                self.agent_version.clone(),
+            ));
         }
         headers.extend(self.extra_headers.iter().cloned());
         headers
@@ -116,28 +160,47 @@ impl ClientConfig {
     pub fn interceptor(&self) -> Result<HeaderInterceptor, Error> {
         let mut headers = Vec::new();
         for (name, value) in self.all_headers() {
-            let key = MetadataKey::from_bytes(name.to_lowercase().as_bytes())
-                .map_err(|e| Error::InvalidHeader { name: name.clone(), reason: e.to_string() })?;
-            let value = AsciiMetadataValue::try_from(value.as_str())
-                .map_err(|e| Error::InvalidHeader { name: name.clone(), reason: e.to_string() })?;
+            let key = MetadataKey::from_bytes(name.to_lowercase().as_bytes()).map_err(|e| {
+                Error::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let value =
+                AsciiMetadataValue::try_from(value.as_str()).map_err(|e| Error::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
             headers.push((key, value));
         }
         Ok(HeaderInterceptor(Arc::new(headers)))
     }
 
     fn tls_connector(&self) -> Result<TlsConnector, Error> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
         if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path).map_err(|source| Error::File { path: path.display().to_string(), source })?;
+            let pem = std::fs::read(path).map_err(|source| Error::File {
+                path: path.display().to_string(),
+                source,
+            })?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
             }
         }
-        let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         // gRPC needs HTTP/2 end to end; a WebSocket handshake is HTTP/1.1.
-        config.alpn_protocols =
-            if self.address.scheme.is_websocket() { vec![b"http/1.1".to_vec()] } else { vec![b"h2".to_vec()] };
+        config.alpn_protocols = if self.address.scheme.is_websocket() {
+            vec![b"http/1.1".to_vec()]
+        } else {
+            vec![b"h2".to_vec()]
+        };
         Ok(TlsConnector::from(Arc::new(config)))
     }
 
@@ -167,7 +230,10 @@ impl std::fmt::Debug for HeaderInterceptor {
 }
 
 impl Interceptor for HeaderInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         for (key, value) in self.0.iter() {
             request.metadata_mut().insert(key.clone(), value.clone());
         }
@@ -227,34 +293,57 @@ impl ConnectorInner {
             Some(proxy) => connect_via_proxy(proxy, &self.address.authority()).await?,
             None => TcpStream::connect(self.address.authority())
                 .await
-                .map_err(|source| Error::Connect { address: address.clone(), source })?,
+                .map_err(|source| Error::Connect {
+                    address: address.clone(),
+                    source,
+                })?,
         };
         tcp.set_nodelay(true).ok();
         let stream: BoxIo = match &self.tls {
-            Some(tls) => Box::new(
-                tls.connect(self.server_name.clone(), tcp)
-                    .await
-                    .map_err(|source| Error::Connect { address: address.clone(), source })?,
-            ),
+            Some(tls) => Box::new(tls.connect(self.server_name.clone(), tcp).await.map_err(
+                |source| Error::Connect {
+                    address: address.clone(),
+                    source,
+                },
+            )?),
             None => Box::new(tcp),
         };
         if !self.address.scheme.is_websocket() {
             return Ok(stream);
         }
-        let scheme = if self.address.scheme == Scheme::Wss { "wss" } else { "ws" };
-        let url = format!("{scheme}://{}{}", self.address.authority(), self.address.path);
-        let mut request = url
-            .into_client_request()
-            .map_err(|e| Error::WebSocket { address: address.clone(), reason: e.to_string() })?;
+        let scheme = if self.address.scheme == Scheme::Wss {
+            "wss"
+        } else {
+            "ws"
+        };
+        let url = format!(
+            "{scheme}://{}{}",
+            self.address.authority(),
+            self.address.path
+        );
+        let mut request = url.into_client_request().map_err(|e| Error::WebSocket {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
         request.headers_mut().extend(self.handshake_headers.clone());
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", HeaderValue::from_static(WEBSOCKET_SUBPROTOCOL));
-        let (ws, response) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(WebSocketConfig::default()))
-                .await
-                .map_err(|e| Error::WebSocket { address: address.clone(), reason: e.to_string() })?;
-        let agreed = response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(WEBSOCKET_SUBPROTOCOL),
+        );
+        let (ws, response) = tokio_tungstenite::client_async_with_config(
+            request,
+            stream,
+            Some(WebSocketConfig::default()),
+        )
+        .await
+        .map_err(|e| Error::WebSocket {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+        let agreed = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok());
         if agreed != Some(WEBSOCKET_SUBPROTOCOL) {
             return Err(Error::WebSocket {
                 address,
@@ -267,14 +356,25 @@ impl ConnectorInner {
 
 /// An HTTP CONNECT tunnel through `proxy` (`http://host:port`, optionally `user:pass@`).
 async fn connect_via_proxy(proxy: &str, target: &str) -> Result<TcpStream, Error> {
-    let proxy_err = |reason: String| Error::Proxy { proxy: redact(proxy), reason };
-    let uri: Uri = proxy.parse().map_err(|e| proxy_err(format!("not a URL: {e}")))?;
+    let proxy_err = |reason: String| Error::Proxy {
+        proxy: redact(proxy),
+        reason,
+    };
+    let uri: Uri = proxy
+        .parse()
+        .map_err(|e| proxy_err(format!("not a URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(proxy_err("only http:// proxies are supported".into()));
     }
     let authority = uri.authority().ok_or_else(|| proxy_err("no host".into()))?;
-    let host_port = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
-    let mut tcp = TcpStream::connect(&host_port).await.map_err(|e| proxy_err(e.to_string()))?;
+    let host_port = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let mut tcp = TcpStream::connect(&host_port)
+        .await
+        .map_err(|e| proxy_err(e.to_string()))?;
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
         use base64::Engine;
@@ -282,22 +382,32 @@ async fn connect_via_proxy(proxy: &str, target: &str) -> Result<TcpStream, Error
         request.push_str(&format!("Proxy-Authorization: Basic {encoded}\r\n"));
     }
     request.push_str("\r\n");
-    tcp.write_all(request.as_bytes()).await.map_err(|e| proxy_err(e.to_string()))?;
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| proxy_err(e.to_string()))?;
     let mut reader = BufReader::new(&mut tcp);
     let mut status = String::new();
-    reader.read_line(&mut status).await.map_err(|e| proxy_err(e.to_string()))?;
+    reader
+        .read_line(&mut status)
+        .await
+        .map_err(|e| proxy_err(e.to_string()))?;
     if !(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")) {
         return Err(proxy_err(format!("CONNECT refused: {}", status.trim())));
     }
     loop {
         let mut line = String::new();
-        let n = reader.read_line(&mut line).await.map_err(|e| proxy_err(e.to_string()))?;
+        let n = reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| proxy_err(e.to_string()))?;
         if n == 0 || line == "\r\n" || line == "\n" {
             break;
         }
     }
     if !reader.buffer().is_empty() {
-        return Err(proxy_err("proxy sent data before the tunnel was established".into()));
+        return Err(proxy_err(
+            "proxy sent data before the tunnel was established".into(),
+        ));
     }
     Ok(tcp)
 }
@@ -316,13 +426,20 @@ mod tests {
 
     #[test]
     fn proxy_passwords_are_redacted() {
-        assert_eq!(redact("http://user:secret@proxy:3128"), "http://***@proxy:3128");
+        assert_eq!(
+            redact("http://user:secret@proxy:3128"),
+            "http://***@proxy:3128"
+        );
         assert_eq!(redact("http://proxy:3128"), "http://proxy:3128");
     }
 
     #[test]
     fn interceptor_debug_hides_the_token() {
-        let config = ClientConfig::new(KasAddress::parse("grpc://kas:8150").unwrap(), "kasagent_secret".into());
+        let config = ClientConfig::new(
+            KasAddress::parse("grpc://kas:8150").unwrap(),
+            "kasagent_secret".into(),
+        );
         assert!(!format!("{:?}", config.interceptor().unwrap()).contains("secret"));
+        assert!(!format!("{config:?}").contains("secret"));
     }
 }

@@ -27,7 +27,11 @@ impl MessageIo {
         incoming: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
         outgoing: impl Sink<Bytes, Error = io::Error> + Send + 'static,
     ) -> Self {
-        Self { incoming: Box::pin(incoming), outgoing: Box::pin(outgoing), pending: Bytes::new() }
+        Self {
+            incoming: Box::pin(incoming),
+            outgoing: Box::pin(outgoing),
+            pending: Bytes::new(),
+        }
     }
 
     /// Binary WebSocket messages both ways. Pings are answered by tungstenite; a close ends the stream.
@@ -49,13 +53,19 @@ impl MessageIo {
                     Err(e) => Some(Err(io::Error::other(e))),
                 })
             });
-        let outgoing = sink.sink_map_err(io::Error::other).with(|data: Bytes| std::future::ready(Ok(Message::Binary(data))));
+        let outgoing = sink
+            .sink_map_err(io::Error::other)
+            .with(|data: Bytes| std::future::ready(Ok(Message::Binary(data))));
         Self::new(incoming, outgoing)
     }
 }
 
 impl AsyncRead for MessageIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         while self.pending.is_empty() {
             match ready!(self.incoming.as_mut().poll_next(cx)) {
                 Some(Ok(data)) => self.pending = data,
@@ -71,9 +81,15 @@ impl AsyncRead for MessageIo {
 }
 
 impl AsyncWrite for MessageIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         ready!(self.outgoing.as_mut().poll_ready(cx))?;
-        self.outgoing.as_mut().start_send(Bytes::copy_from_slice(buf))?;
+        self.outgoing
+            .as_mut()
+            .start_send(Bytes::copy_from_slice(buf))?;
         Poll::Ready(Ok(buf.len()))
     }
 

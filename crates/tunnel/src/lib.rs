@@ -30,11 +30,17 @@ pub enum Error {
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("reading {path}: {source}")]
-    File { path: String, source: std::io::Error },
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid header {name:?}: {reason}")]
     InvalidHeader { name: String, reason: String },
     #[error("connecting to {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("proxy {proxy}: {reason}")]
     Proxy { proxy: String, reason: String },
     #[error("WebSocket handshake with {address}: {reason}")]

@@ -63,8 +63,17 @@ impl tower::Service<Request<Body>> for TunnelChannel {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // HTTP/2 needs :scheme and :authority; generated clients only set the path.
         if req.uri().scheme().is_none() {
-            let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            *req.uri_mut() = Uri::builder().scheme("http").authority("agentk").path_and_query(path).build().expect("valid uri");
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            *req.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority("agentk")
+                .path_and_query(path)
+                .build()
+                .expect("valid uri");
         }
         let fut = self.sender.send_request(req);
         Box::pin(fut)
@@ -86,7 +95,11 @@ impl<K> std::fmt::Debug for TunnelRegistry<K> {
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Default for TunnelRegistry<K> {
     fn default() -> Self {
-        Self { tunnels: Mutex::default(), next_id: AtomicU64::new(1), changed: Notify::new() }
+        Self {
+            tunnels: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            changed: Notify::new(),
+        }
     }
 }
 
@@ -112,19 +125,30 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> TunnelRegistry<K> {
         // Spread calls: take the first ready one and rotate it to the back.
         let index = list.iter().position(|(_, s)| s.is_ready())?;
         let entry = list.remove(index);
-        let channel = TunnelChannel { sender: entry.1.clone() };
+        let channel = TunnelChannel {
+            sender: entry.1.clone(),
+        };
         list.push(entry);
         Some(channel)
     }
 
     /// How many tunnels `key`'s agent has open now.
     pub fn count(&self, key: &K) -> usize {
-        self.tunnels.lock().expect("registry lock").get(key).map_or(0, |l| l.iter().filter(|(_, s)| !s.is_closed()).count())
+        self.tunnels
+            .lock()
+            .expect("registry lock")
+            .get(key)
+            .map_or(0, |l| l.iter().filter(|(_, s)| !s.is_closed()).count())
     }
 
     fn add(&self, key: K, sender: SendRequest<Body>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tunnels.lock().expect("registry lock").entry(key).or_default().push((id, sender));
+        self.tunnels
+            .lock()
+            .expect("registry lock")
+            .entry(key)
+            .or_default()
+            .push((id, sender));
         self.changed.notify_waiters();
         id
     }
@@ -152,19 +176,29 @@ pub struct ReverseTunnelService<K, T> {
     authority: Arc<T>,
 }
 
-impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>> ReverseTunnelService<K, T> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>>
+    ReverseTunnelService<K, T>
+{
     pub fn new(registry: Arc<TunnelRegistry<K>>, authority: Arc<T>) -> ReverseTunnelServer<Self> {
-        ReverseTunnelServer::new(Self { registry, authority })
+        ReverseTunnelServer::new(Self {
+            registry,
+            authority,
+        })
     }
 }
 
 type FrameResult = Result<TunnelFrame, Status>;
 
 #[tonic::async_trait]
-impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>> ReverseTunnel for ReverseTunnelService<K, T> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>> ReverseTunnel
+    for ReverseTunnelService<K, T>
+{
     type OpenStream = ReceiverStream<FrameResult>;
 
-    async fn open(&self, request: tonic::Request<Streaming<TunnelFrame>>) -> Result<tonic::Response<Self::OpenStream>, Status> {
+    async fn open(
+        &self,
+        request: tonic::Request<Streaming<TunnelFrame>>,
+    ) -> Result<tonic::Response<Self::OpenStream>, Status> {
         let (key, cancel) = self.authority.admit(request.extensions())?;
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel::<FrameResult>(16);
@@ -172,7 +206,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>> Revers
         let registry = self.registry.clone();
         tokio::spawn(async move {
             let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-            builder.timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30));
             let (sender, connection) = match builder.handshake::<_, Body>(TokioIo::new(io)).await {
                 Ok(pair) => pair,
                 Err(e) => return debug!(error = %e, "reverse tunnel handshake failed"),
@@ -191,24 +227,36 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>> Revers
 }
 
 /// A byte stream over a tunnel's incoming frames and an outgoing frame channel.
-fn frame_io<E>(incoming: Streaming<TunnelFrame>, outgoing: mpsc::Sender<Result<TunnelFrame, E>>) -> MessageIo
+fn frame_io<E>(
+    incoming: Streaming<TunnelFrame>,
+    outgoing: mpsc::Sender<Result<TunnelFrame, E>>,
+) -> MessageIo
 where
     E: Send + 'static,
 {
     let incoming = incoming.map(|frame| frame.map(|f| f.data.into()).map_err(io::Error::other));
     let outgoing = PollSender::new(outgoing)
         .sink_map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
-        .with(|data: Bytes| std::future::ready(Ok::<_, io::Error>(Ok(TunnelFrame { data: data.to_vec() }))));
+        .with(|data: Bytes| {
+            std::future::ready(Ok::<_, io::Error>(Ok(TunnelFrame {
+                data: data.to_vec(),
+            })))
+        });
     MessageIo::new(incoming, outgoing)
 }
 
 /// agentk's side: keeps `count` tunnels open to kas, serving `routes` on each, until `shutdown`.
-pub async fn serve_tunnels<S>(client: ReverseTunnelClient<S>, routes: Routes, count: usize, shutdown: CancellationToken)
-where
+pub async fn serve_tunnels<S>(
+    client: ReverseTunnelClient<S>,
+    routes: Routes,
+    count: usize,
+    shutdown: CancellationToken,
+) where
     S: tonic::client::GrpcService<Body> + Clone + Send + 'static,
     S::Future: Send,
     S::ResponseBody: hyper::body::Body<Data = Bytes> + Send + 'static,
-    <S::ResponseBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    <S::ResponseBody as hyper::body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {
@@ -238,19 +286,28 @@ where
     while tasks.join_next().await.is_some() {}
 }
 
-async fn serve_one_tunnel<S>(mut client: ReverseTunnelClient<S>, routes: Routes) -> Result<(), Status>
+async fn serve_one_tunnel<S>(
+    mut client: ReverseTunnelClient<S>,
+    routes: Routes,
+) -> Result<(), Status>
 where
     S: tonic::client::GrpcService<Body> + Send + 'static,
     S::Future: Send,
     S::ResponseBody: hyper::body::Body<Data = Bytes> + Send + 'static,
-    <S::ResponseBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    <S::ResponseBody as hyper::body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let (tx, rx) = mpsc::channel::<TunnelFrame>(16);
     let incoming = client.open(ReceiverStream::new(rx)).await?.into_inner();
     let outgoing = PollSender::new(tx)
         .sink_map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
-        .with(|data: Bytes| std::future::ready(Ok::<_, io::Error>(TunnelFrame { data: data.to_vec() })));
-    let incoming = incoming.map(|frame| frame.map(|f| Bytes::from(f.data)).map_err(io::Error::other));
+        .with(|data: Bytes| {
+            std::future::ready(Ok::<_, io::Error>(TunnelFrame {
+                data: data.to_vec(),
+            }))
+        });
+    let incoming =
+        incoming.map(|frame| frame.map(|f| Bytes::from(f.data)).map_err(io::Error::other));
     let io = MessageIo::new(incoming, outgoing);
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());

@@ -39,7 +39,10 @@ pub enum AuthError {
 /// kas's token check. The identity it returns is put into each request's extensions for the services.
 pub trait Authenticator: Clone + Send + Sync + 'static {
     type Identity: Clone + Send + Sync + 'static;
-    fn authenticate(&self, token: &str) -> impl Future<Output = Result<Self::Identity, AuthError>> + Send;
+    fn authenticate(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<Self::Identity, AuthError>> + Send;
 }
 
 /// The caller's address, in each request's extensions.
@@ -97,23 +100,32 @@ impl<A: Authenticator> AgentListener<A> {
 
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let io: Box<dyn crate::client::Io> = match &self.tls {
-            Some(tls) => match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
-                Ok(Ok(tls)) => Box::new(tls),
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
-            },
+            Some(tls) => {
+                match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                }
+            }
             None => Box::new(stream),
         };
         let this = self.clone();
         let service = hyper::service::service_fn(move |req| this.clone().route(req, peer));
-        if let Err(e) = self.builder().serve_connection_with_upgrades(TokioIo::new(io), service).await {
+        if let Err(e) = self
+            .builder()
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .await
+        {
             debug!(%peer, error = %e, "agent connection ended");
         }
     }
 
     fn builder(&self) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -122,7 +134,11 @@ impl<A: Authenticator> AgentListener<A> {
         builder
     }
 
-    async fn route(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+    async fn route(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
         if req.version() == Version::HTTP_2 {
             return Ok(self.grpc(req, peer).await);
         }
@@ -130,7 +146,10 @@ impl<A: Authenticator> AgentListener<A> {
             return Ok(self.upgrade_websocket(req, peer).await);
         }
         debug!(%peer, method = %req.method(), path = req.uri().path(), "refused a plain HTTP/1 request on the agent port");
-        Ok(plain(StatusCode::BAD_REQUEST, "this port speaks gRPC over HTTP/2, or gRPC inside a WebSocket\n"))
+        Ok(plain(
+            StatusCode::BAD_REQUEST,
+            "this port speaks gRPC over HTTP/2, or gRPC inside a WebSocket\n",
+        ))
     }
 
     /// Authenticates one gRPC call and passes it to the services.
@@ -152,7 +171,11 @@ impl<A: Authenticator> AgentListener<A> {
         }
     }
 
-    async fn check(&self, headers: &http::HeaderMap, peer: SocketAddr) -> Result<A::Identity, tonic::Status> {
+    async fn check(
+        &self,
+        headers: &http::HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<A::Identity, tonic::Status> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -179,7 +202,11 @@ impl<A: Authenticator> AgentListener<A> {
         })
     }
 
-    async fn upgrade_websocket(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn upgrade_websocket(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let offers_ours = req
             .headers()
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -189,9 +216,16 @@ impl<A: Authenticator> AgentListener<A> {
             .any(|p| p.trim() == WEBSOCKET_SUBPROTOCOL);
         if !offers_ours {
             debug!(%peer, "refused a WebSocket without the agent subprotocol");
-            return plain(StatusCode::BAD_REQUEST, &format!("WebSocket subprotocol {WEBSOCKET_SUBPROTOCOL} required\n"));
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("WebSocket subprotocol {WEBSOCKET_SUBPROTOCOL} required\n"),
+            );
         }
-        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+        let Some(key) = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(|k| derive_accept_key(k.as_bytes()))
+        else {
             return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
         };
         // Refuse before upgrading, so a bad token costs kas no tunnel.
@@ -204,15 +238,20 @@ impl<A: Authenticator> AgentListener<A> {
                 Ok(upgraded) => upgraded,
                 Err(e) => return debug!(%peer, error = %e, "WebSocket upgrade failed"),
             };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             let io = MessageIo::websocket(ws);
             let this = self.clone();
-            let service = TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
-                let this = this.clone();
-                async move { Ok::<_, Infallible>(this.grpc(req, peer).await) }
-            }));
+            let service =
+                TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.grpc(req, peer).await) }
+                }));
             let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            http2.timer(TokioTimer::new()).keep_alive_interval(Some(self.keepalive)).keep_alive_timeout(Duration::from_secs(20));
+            http2
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(self.keepalive))
+                .keep_alive_timeout(Duration::from_secs(20));
             if let Err(e) = http2.serve_connection(TokioIo::new(io), service).await {
                 debug!(%peer, error = %e, "WebSocket agent connection ended");
             }
@@ -237,13 +276,17 @@ fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
             .flat_map(|v| v.split(','))
             .any(|v| v.trim().eq_ignore_ascii_case(value))
     };
-    req.method() == http::Method::GET && has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+    req.method() == http::Method::GET
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Body::new(http_body_util::Full::new(bytes::Bytes::from(text.to_owned()))))
+        .body(Body::new(http_body_util::Full::new(bytes::Bytes::from(
+            text.to_owned(),
+        ))))
         .expect("static response")
 }
