@@ -1,6 +1,8 @@
 //! Whole-system tests: kas and agentk run in-process on loopback, over real gRPC and WebSocket connections,
 //! against a real Git server over smart HTTP. [`Harness`] starts them; the tests are in `tests/`.
 
+pub mod process;
+
 use std::{path::PathBuf, time::Duration};
 
 use agentk::{AgentOptions, AgentState, RunningAgent};

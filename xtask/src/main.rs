@@ -4,6 +4,7 @@ mod cluster;
 mod codegen;
 mod kubernetes_gomod;
 mod process;
+mod scenarios;
 #[path = "../../crates/test-support/src/state.rs"]
 mod state;
 mod test_cmd;
@@ -43,6 +44,13 @@ enum Command {
         #[command(subcommand)]
         action: ToolsAction,
     },
+    /// The seed's scenario, locally: kas, a Git server, agent registration, agentk connecting.
+    E2e,
+    /// Benchmarks; each prints its figures last.
+    Bench {
+        #[command(subcommand)]
+        which: BenchWhich,
+    },
     /// The project's tests: starts the test environment, runs `cargo test --workspace`, tears it down.
     Test {
         #[arg(long, value_enum, default_value = "auto")]
@@ -50,6 +58,15 @@ enum Command {
         /// Passed on to `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhich {
+    /// Memory of kas and agentk, idle and with many agents connected over real sockets.
+    Agents {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
     },
 }
 
@@ -109,6 +126,10 @@ fn main() -> anyhow::Result<ExitCode> {
             ToolsAction::Status => tools::print_status(),
             ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
         },
+        Command::E2e => return scenarios::seed(),
+        Command::Bench {
+            which: BenchWhich::Agents { agents },
+        } => return scenarios::bench_agents(agents),
         Command::Test {
             backend,
             cargo_args,

@@ -15,6 +15,7 @@ use gitops_telemetry::LogHandle;
 use gitops_tunnel::client::ClientConfig;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use config_watcher::AgentState;
 
@@ -74,13 +75,22 @@ pub fn start(
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
-    tasks.spawn(config_watcher::run(
-        tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
-        options.clone(),
-        state_tx,
-        logs,
-        stop.clone(),
-    ));
+    tasks.spawn(
+        config_watcher::run(
+            tonic::service::interceptor::InterceptedService::new(
+                channel.clone(),
+                interceptor.clone(),
+            ),
+            options.clone(),
+            state_tx,
+            logs,
+            stop.clone(),
+        )
+        .instrument(tracing::info_span!(
+            "config",
+            mod_name = "agent_configuration"
+        )),
+    );
 
     let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService {
         state: state_rx.clone(),

@@ -1,0 +1,153 @@
+//! kas and agentk as real processes, for the seed scenario and the benchmarks.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use kas::cli::AdminClient;
+use test_support::git_http::GitHttpServer;
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Killed {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A binary built into the same target directory as the running one.
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("binary directory")?.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p kas -p agentk` (same profile)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+/// A kas process serving `git`'s repositories, with its admin client.
+pub struct KasProcess {
+    pub process: Killed,
+    pub admin: AdminClient,
+    pub agent_port: u16,
+    pub api_port: u16,
+    pub admin_token: String,
+}
+
+impl KasProcess {
+    /// Starts kas with its data in `dir`; `quiet` discards its logs.
+    pub async fn start(
+        git: &GitHttpServer,
+        dir: &Path,
+        log_level: &str,
+        quiet: bool,
+    ) -> anyhow::Result<Self> {
+        let admin_token = "local-admin-token".to_owned();
+        std::fs::write(dir.join("admin-token"), &admin_token)?;
+        std::fs::write(dir.join("git-password"), git.credentials().1)?;
+        let (agent_port, api_port) = (free_port()?, free_port()?);
+        let config = dir.join("kas.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\ndata_dir: {0}/data\nadmin_token_file: {0}/admin-token\ngit:\n  base_url: {1}\n  username: {2}\n  password_file: {0}/git-password\n  poll_period: 2s\nlogging:\n  level: {log_level}\n",
+                dir.display(),
+                git.base_url(),
+                git.credentials().0
+            ),
+        )?;
+        let mut command = Command::new(sibling_binary("kas")?);
+        command.args(["serve", "--config"]).arg(&config);
+        if quiet {
+            command.stderr(Stdio::null());
+        }
+        let process = Killed(command.spawn().context("starting kas")?);
+        let admin = AdminClient::new(&format!("http://127.0.0.1:{api_port}"), admin_token.clone());
+        let started = Instant::now();
+        while admin.list_agents(None).await.is_err() {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("kas did not start within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self {
+            process,
+            admin,
+            agent_port,
+            api_port,
+            admin_token,
+        })
+    }
+
+    /// Starts an agentk process connecting with `token` over `scheme`.
+    pub fn agentk(&self, scheme: &str, token: &str, quiet: bool) -> anyhow::Result<Killed> {
+        let mut command = Command::new(sibling_binary("agentk")?);
+        command
+            .arg(format!(
+                "--kas-address={scheme}://127.0.0.1:{}",
+                self.agent_port
+            ))
+            .env("AGENTK_TOKEN", token);
+        if quiet {
+            command.stderr(Stdio::null());
+        }
+        Ok(Killed(command.spawn().context("starting agentk")?))
+    }
+
+    /// How many agents GraphQL shows as connected.
+    pub async fn connected(&self) -> anyhow::Result<usize> {
+        let agents = self.admin.list_agents(None).await?;
+        Ok(agents
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|a| a["connected"] == true).count()))
+    }
+
+    /// Waits until at least `n` agents are connected; returns how long it took.
+    pub async fn wait_connected(&self, n: usize, within: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let connected = self.connected().await?;
+            if connected >= n {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!("only {connected} of {n} agents connected within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
