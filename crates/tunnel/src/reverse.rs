@@ -269,6 +269,8 @@ pub async fn serve_tunnels<S>(
                     _ = shutdown.cancelled() => return,
                     result = serve_one_tunnel(client.clone(), routes.clone()) => match result {
                         Ok(()) => debug!("reverse tunnel closed"),
+                        // The configuration stream already logs refused tokens once per attempt.
+                        Err(status) if status.code() == tonic::Code::Unauthenticated => debug!(message = status.message(), "reverse tunnel refused"),
                         Err(status) => info!(code = ?status.code(), message = status.message(), "reverse tunnel refused"),
                     },
                 }
