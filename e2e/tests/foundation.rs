@@ -435,3 +435,49 @@ async fn garbage_on_the_agent_port_does_not_disturb_connected_agents() -> anyhow
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_git_outage_is_reported_on_the_agent_and_clears_when_git_is_back() -> anyhow::Result<()> {
+    let h = Harness::start(false).await?;
+    let commit = h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some(SEED_CONFIG))],
+        "configure",
+    )?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let agent = h.agent(h.client_config("grpc", &secret))?;
+    wait_for_state(&agent, Duration::from_secs(20), "configured", |s| {
+        s.commit_id == commit
+    })
+    .await?;
+
+    let repo = h.git.repo_dir(CONFIG_PROJECT);
+    let hidden = repo.with_extension("hidden");
+    std::fs::rename(&repo, &hidden)?;
+    eventually(
+        Duration::from_secs(10),
+        "the outage on the agent",
+        || async {
+            let view = h.agent_view(&agent_id).await?;
+            Ok(view["configStatus"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(CONFIG_PROJECT)))
+        },
+    )
+    .await?;
+    assert_eq!(
+        agent.state.borrow().commit_id,
+        commit,
+        "the agent keeps running its configuration"
+    );
+
+    std::fs::rename(&hidden, &repo)?;
+    eventually(Duration::from_secs(10), "the error cleared", || async {
+        let view = h.agent_view(&agent_id).await?;
+        Ok(view["configStatus"]["error"].is_null()
+            && view["configStatus"]["commitId"] == commit.as_str())
+    })
+    .await?;
+    agent.shutdown().await;
+    Ok(())
+}

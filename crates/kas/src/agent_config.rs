@@ -93,17 +93,23 @@ async fn stream_configuration(
     let watcher = state.watchers.watch(&identity.project_path);
     let mut project = watcher.subscribe();
     let mut last_error = None;
+    let mut project_failed = false;
+    // The configuration error of the commit last sent, if it was invalid.
+    let mut sent_error: Option<String> = None;
     loop {
         let current = project.borrow_and_update().clone();
         match current {
             ProjectState::Pending => {}
             ProjectState::Failed(error) => {
                 if last_error.as_ref() != Some(&error) {
-                    record_status(state, identity.agent_id, None, Some(error.clone()));
+                    let commit = Some(last_sent.clone()).filter(|c| !c.is_empty());
+                    record_status(state, identity.agent_id, commit, Some(error.clone()));
                     last_error = Some(error);
                 }
+                project_failed = true;
             }
             ProjectState::Commit(commit) if commit != last_sent => {
+                project_failed = false;
                 let response = read_configuration(state, identity, &commit).await;
                 match &response.error[..] {
                     "" => {
@@ -122,12 +128,20 @@ async fn stream_configuration(
                         last_error = Some(error.to_owned());
                     }
                 }
+                sent_error = Some(response.error.clone()).filter(|e| !e.is_empty());
                 if tx.send(Ok(response)).await.is_err() {
                     return;
                 }
                 last_sent = commit;
             }
-            ProjectState::Commit(_) => {}
+            ProjectState::Commit(commit) => {
+                // Git is reachable again at the commit the agent already has: clear a fetch error.
+                if project_failed {
+                    record_status(state, identity.agent_id, Some(commit), sent_error.clone());
+                    last_error = sent_error.clone();
+                    project_failed = false;
+                }
+            }
         }
         tokio::select! {
             changed = project.changed() => if changed.is_err() { return },
