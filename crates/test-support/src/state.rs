@@ -42,6 +42,5 @@ pub struct GiteaState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolPaths {
     pub kubectl: PathBuf,
-    /// Present when helm was built (it is with the local backend).
-    pub helm: Option<PathBuf>,
+    pub helm: PathBuf,
 }

@@ -222,3 +222,24 @@ async fn rbac_denies_a_service_account_what_no_role_grants() {
     );
     ns.delete().await.expect("delete namespace");
 }
+
+#[tokio::test]
+async fn helm_from_the_tools_cache_reaches_the_cluster() {
+    let env = test_support::env::test_env();
+    let ns = TestNamespace::create("smoke-helm")
+        .await
+        .expect("namespace");
+    let output = tokio::process::Command::new(&env.tools.helm)
+        .arg(format!(
+            "--kubeconfig={}",
+            env.kubernetes.kubeconfig.display()
+        ))
+        .args(["list", "--namespace", &ns.name, "--output", "json"])
+        .output()
+        .await
+        .expect("run helm");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "helm list failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "[]");
+    ns.delete().await.expect("delete namespace");
+}

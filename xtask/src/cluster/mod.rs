@@ -115,7 +115,7 @@ fn start_local(dir: &Path, started: &mut Vec<Started>) -> Result<TestEnvState> {
         gitea,
         tools: ToolPaths {
             kubectl: KUBERNETES.bin("kubectl"),
-            helm: Some(HELM.bin("helm")),
+            helm: HELM.bin("helm"),
         },
     })
 }
@@ -205,6 +205,9 @@ fn up_docker_foreground(dir: &Path) -> Result<()> {
 
 /// Starts the Docker backend and writes its state file.
 pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState)> {
+    // Tests get helm and kubectl from the tools cache with either backend; building the Kubernetes tools
+    // for kubectl alone would cost minutes, so a cached one is used when there, else the one on PATH.
+    HELM.ensure()?;
     let (env, kubernetes, gitea) = docker::start(dir).await?;
     let kubectl = if KUBERNETES.is_built() {
         KUBERNETES.bin("kubectl")
@@ -217,7 +220,7 @@ pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState
         gitea,
         tools: ToolPaths {
             kubectl,
-            helm: HELM.is_built().then(|| HELM.bin("helm")),
+            helm: HELM.bin("helm"),
         },
     };
     write_json(&state_file(dir), &state)?;
