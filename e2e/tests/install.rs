@@ -1,0 +1,172 @@
+//! Installing the halves against the real kube-apiserver: the seed's step 3 (`agentk generate | kubectl
+//! apply -f -`) and the Helm charts, whose kas configuration must be one kas accepts.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, ensure};
+use gitops_config::ServerConfig;
+use test_support::{cluster::TestNamespace, env::test_env};
+
+fn run(mut command: Command, stdin: Option<&str>) -> anyhow::Result<String> {
+    command
+        .env("KUBECONFIG", &test_env().kubernetes.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let mut command = Command::new(&test_env().tools.helm);
+    command
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts"));
+    run(command, None)
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let mut command = Command::new(&test_env().tools.kubectl);
+    command.args(args);
+    run(command, stdin)
+}
+
+#[tokio::test]
+async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("install").await?;
+    let manifests = agentk::generate::manifests(&agentk::generate::InstallOptions {
+        namespace: ns.name.clone(),
+        kas_address: "wss://kas.example".into(),
+        agent_token: "kasagent_test".into(),
+        agent_version: "stable".into(),
+        image_repository: "agentk".into(),
+        cluster_write: false,
+    });
+    let applied = kubectl(&["apply", "-f", "-"], Some(&manifests))?;
+    for object in [
+        "serviceaccount/gitlab-agent",
+        "secret/gitlab-agent-token",
+        "clusterrole.rbac.authorization.k8s.io/gitops-read-all",
+        "rolebinding.rbac.authorization.k8s.io/gitops-write-own-namespace",
+        "deployment.apps/gitlab-agent",
+    ] {
+        assert!(
+            applied.contains(&format!("{object} created")),
+            "{object} missing from:\n{applied}"
+        );
+    }
+    // With cluster-wide write the article's gitops-write-all validates too (server-side dry run, so this test
+    // leaves no cluster-wide write grant behind).
+    let seed_like = agentk::generate::manifests(&agentk::generate::InstallOptions {
+        namespace: ns.name.clone(),
+        kas_address: "wss://kas.example".into(),
+        agent_token: "kasagent_test".into(),
+        agent_version: "stable".into(),
+        image_repository: "agentk".into(),
+        cluster_write: true,
+    });
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&seed_like))?;
+    assert!(
+        dry.contains(
+            "clusterrole.rbac.authorization.k8s.io/gitops-write-all created (server dry run)"
+        ),
+        "{dry}"
+    );
+    kubectl(
+        &[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "gitops-read-all",
+            "gitlab-agent-alert-reader",
+            "--ignore-not-found",
+        ],
+        None,
+    )?;
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("charts").await?;
+    let configmap = helm(&[
+        "template",
+        "r",
+        "kas",
+        "--set",
+        "adminToken=x",
+        "--set",
+        "git.baseUrl=https://git.example",
+        "--show-only",
+        "templates/configmap.yaml",
+    ])?;
+    let object: serde_json::Value = serde_saphyr::from_str(&configmap)?;
+    let kas_yaml = object["data"]["kas.yaml"]
+        .as_str()
+        .context("kas.yaml in the ConfigMap")?;
+    let config = ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?;
+    assert_eq!(config.git.base_url, "https://git.example");
+    assert_eq!(config.listen.agent.port(), 8150);
+
+    let kas = helm(&[
+        "template",
+        "r",
+        "kas",
+        "--namespace",
+        &ns.name,
+        "--set",
+        "adminToken=x",
+    ])?;
+    let agentk = helm(&[
+        "template",
+        "r",
+        "agentk",
+        "--namespace",
+        &ns.name,
+        "--set",
+        "token=t,kasAddress=wss://kas.example",
+    ])?;
+    for (chart, rendered) in [("kas", &kas), ("agentk", &agentk)] {
+        let out = kubectl(
+            &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+            Some(rendered),
+        )
+        .with_context(|| format!("chart {chart}"))?;
+        assert!(
+            out.contains("deployment.apps/r-") && out.contains("(server dry run)"),
+            "{chart}: {out}"
+        );
+    }
+    // Required values are enforced.
+    assert!(
+        helm(&["template", "r", "agentk"])
+            .unwrap_err()
+            .to_string()
+            .contains("token (or existingTokenSecret) is required")
+    );
+    ns.delete().await?;
+    Ok(())
+}
