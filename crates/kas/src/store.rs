@@ -11,6 +11,8 @@ const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
 /// `"<project>\n<name>"` → agent id; enforces unique names per project.
 const AGENT_NAMES: TableDefinition<&str, u64> = TableDefinition::new("agent_names");
 const TOKENS: TableDefinition<u64, &[u8]> = TableDefinition::new("tokens");
+/// `(agent id, token id)`: an agent's tokens by range scan instead of a full table scan.
+const AGENT_TOKENS: TableDefinition<(u64, u64), ()> = TableDefinition::new("agent_tokens");
 /// Hash of an active token → token id. Revoking removes the entry.
 const TOKEN_HASHES: TableDefinition<&str, u64> = TableDefinition::new("token_hashes");
 const CONFIG_STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("config_status");
@@ -118,6 +120,7 @@ impl Store {
         txn.open_table(AGENTS)?;
         txn.open_table(AGENT_NAMES)?;
         txn.open_table(TOKENS)?;
+        txn.open_table(AGENT_TOKENS)?;
         txn.open_table(TOKEN_HASHES)?;
         txn.open_table(CONFIG_STATUS)?;
         txn.commit()?;
@@ -191,14 +194,22 @@ impl Store {
             txn.open_table(CONFIG_STATUS)?.remove(id)?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut hashes = txn.open_table(TOKEN_HASHES)?;
-            let mine: Vec<TokenRecord> = tokens
-                .iter()?
-                .map(|entry| decode::<TokenRecord>("tokens", entry?.1.value()))
-                .filter(|t| t.as_ref().map_or(true, |t| t.agent_id == id))
+            let mut index = txn.open_table(AGENT_TOKENS)?;
+            let ids: Vec<u64> = index
+                .range((id, 0)..=(id, u64::MAX))?
+                .map(|entry| entry.map(|(k, _)| k.value().1))
                 .collect::<Result<_, _>>()?;
-            for token in &mine {
-                tokens.remove(token.id)?;
-                hashes.remove(token.token_hash.as_str())?;
+            let mut mine = Vec::new();
+            for token_id in ids {
+                index.remove((id, token_id))?;
+                if let Some(token) = tokens
+                    .remove(token_id)?
+                    .map(|v| decode::<TokenRecord>("tokens", v.value()))
+                    .transpose()?
+                {
+                    hashes.remove(token.token_hash.as_str())?;
+                    mine.push(token);
+                }
             }
             (agent, mine)
         };
@@ -221,11 +232,17 @@ impl Store {
                 return Err(StoreError::NoSuchAgent(agent_id));
             }
             let mut tokens = txn.open_table(TOKENS)?;
+            let mut index = txn.open_table(AGENT_TOKENS)?;
             let mut active = 0;
-            for entry in tokens.iter()? {
-                let token: TokenRecord = decode("tokens", entry?.1.value())?;
-                if token.agent_id == agent_id && token.revoked_at.is_none() {
-                    active += 1;
+            for entry in index.range((agent_id, 0)..=(agent_id, u64::MAX))? {
+                let token_id = entry?.0.value().1;
+                if let Some(v) = tokens.get(token_id)? {
+                    if decode::<TokenRecord>("tokens", v.value())?
+                        .revoked_at
+                        .is_none()
+                    {
+                        active += 1;
+                    }
                 }
             }
             if active >= max_active {
@@ -245,6 +262,7 @@ impl Store {
                 token_hash: token_hash.into(),
             };
             tokens.insert(id, encode(&record).as_slice())?;
+            index.insert((agent_id, id), ())?;
             txn.open_table(TOKEN_HASHES)?.insert(token_hash, id)?;
             record
         };
@@ -292,12 +310,12 @@ impl Store {
 
     pub fn tokens_of(&self, agent_id: u64) -> Result<Vec<TokenRecord>, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(TOKENS)?;
+        let index = txn.open_table(AGENT_TOKENS)?;
+        let tokens = txn.open_table(TOKENS)?;
         let mut out = Vec::new();
-        for entry in table.iter()? {
-            let token: TokenRecord = decode("tokens", entry?.1.value())?;
-            if token.agent_id == agent_id {
-                out.push(token);
+        for entry in index.range((agent_id, 0)..=(agent_id, u64::MAX))? {
+            if let Some(v) = tokens.get(entry?.0.value().1)? {
+                out.push(decode("tokens", v.value())?);
             }
         }
         Ok(out)
