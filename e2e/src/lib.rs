@@ -33,6 +33,10 @@ pub struct Harness {
 impl Harness {
     pub async fn start(tls: bool) -> anyhow::Result<Self> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // `E2E_LOG=debug cargo test -p e2e ...` shows kas's and agentk's logs.
+        if let Ok(level) = std::env::var("E2E_LOG") {
+            let _ = gitops_telemetry::init(gitops_telemetry::Format::Text, &level, "warn");
+        }
         let git = GitHttpServer::start().await?;
         // Private: kas must use its Git credentials.
         git.create_repo(CONFIG_PROJECT, true)?;

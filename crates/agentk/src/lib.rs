@@ -4,6 +4,7 @@
 
 pub mod config_watcher;
 pub mod generate;
+pub mod gitops;
 pub mod info;
 
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct AgentOptions {
 #[derive(Debug)]
 pub struct RunningAgent {
     pub state: watch::Receiver<AgentState>,
+    /// Manifests received per manifest project.
+    pub gitops: watch::Receiver<gitops::GitopsState>,
     stop: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -92,21 +95,33 @@ pub fn start(
         )),
     );
 
+    let (gitops_tx, gitops_rx) = watch::channel(gitops::GitopsState::default());
+    tasks.spawn(gitops::run(
+        tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
+        state_rx.clone(),
+        Arc::new(gitops_tx),
+        stop.clone(),
+    ));
+
     let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService {
         state: state_rx.clone(),
     }));
     let tunnel_client = ReverseTunnelClient::new(
         tonic::service::interceptor::InterceptedService::new(channel, interceptor),
     );
-    tasks.spawn(gitops_tunnel::reverse::serve_tunnels(
-        tunnel_client,
-        routes,
-        options.reverse_tunnels.max(1),
-        stop.clone(),
-    ));
+    tasks.spawn(
+        gitops_tunnel::reverse::serve_tunnels(
+            tunnel_client,
+            routes,
+            options.reverse_tunnels.max(1),
+            stop.clone(),
+        )
+        .instrument(tracing::info_span!("tunnel", mod_name = "reverse_tunnel")),
+    );
 
     Ok(RunningAgent {
         state: state_rx,
+        gitops: gitops_rx,
         stop,
         tasks,
     })

@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub git: GitServerConfig,
     #[serde(default)]
     pub agent: AgentLimits,
+    /// What one manifest project may deliver to an agent.
+    #[serde(default)]
+    pub manifests: ManifestLimits,
     #[serde(default)]
     pub logging: ServerLogging,
 }
@@ -89,6 +92,31 @@ impl Default for AgentLimits {
         Self {
             max_config_size: crate::agent::DEFAULT_MAX_CONFIG_SIZE,
             max_active_tokens: 2,
+        }
+    }
+}
+
+/// How much of a repository one manifest project may deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManifestLimits {
+    /// Largest single manifest file. Default 1 MiB.
+    pub max_file_size: u64,
+    /// All matched files together. Default 50 MiB.
+    pub max_total_size: u64,
+    /// Matched files. Default 5000.
+    pub max_files: usize,
+    /// `paths[]` entries per manifest project. Default 20.
+    pub max_paths: usize,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        Self {
+            max_file_size: 1024 * 1024,
+            max_total_size: 50 * 1024 * 1024,
+            max_files: 5000,
+            max_paths: 20,
         }
     }
 }

@@ -131,10 +131,36 @@ impl AdminClient {
         .await
     }
 
+    pub async fn grant_project(
+        &self,
+        agent_id: &str,
+        project_path: &str,
+    ) -> Result<Value, CliError> {
+        self.mutate(
+            "clusterAgentGrantProject",
+            "mutation($a: ID!, $p: String!) { clusterAgentGrantProject(input: {clusterAgentId: $a, projectPath: $p}) { errors } }",
+            json!({ "a": agent_id, "p": project_path }),
+        )
+        .await
+    }
+
+    pub async fn revoke_project(
+        &self,
+        agent_id: &str,
+        project_path: &str,
+    ) -> Result<Value, CliError> {
+        self.mutate(
+            "clusterAgentRevokeProject",
+            "mutation($a: ID!, $p: String!) { clusterAgentRevokeProject(input: {clusterAgentId: $a, projectPath: $p}) { errors } }",
+            json!({ "a": agent_id, "p": project_path }),
+        )
+        .await
+    }
+
     pub async fn list_agents(&self, project_path: Option<&str>) -> Result<Value, CliError> {
         let data = self
             .execute(
-                "query($p: String) { clusterAgents(projectPath: $p) { id name projectPath createdAt connected connections { connectedAt agentVersion } configStatus { commitId error updatedAt } tokens { id name description createdAt revoked } } }",
+                "query($p: String) { clusterAgents(projectPath: $p) { id name projectPath createdAt connected connections { connectedAt agentVersion } configStatus { commitId error updatedAt } grantedProjects manifestProjects { projectId commitSeen commitSent error updatedAt } tokens { id name description createdAt revoked } } }",
                 json!({ "p": project_path }),
             )
             .await?;

@@ -156,6 +156,28 @@ impl ClusterAgent {
                 updated_at: rfc3339(s.updated_at),
             }))
     }
+    /// Projects outside its owner that an admin let this agent read.
+    async fn granted_projects(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<String>> {
+        Ok(state(ctx).store.granted_projects(self.0.id)?)
+    }
+    /// Per manifest project: the newest commit kas saw, the last one sent, and why delivery failed, if it did.
+    async fn manifest_projects(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Vec<ManifestProjectStatus>> {
+        Ok(state(ctx)
+            .store
+            .manifest_statuses(self.0.id)?
+            .into_iter()
+            .map(|(project, s)| ManifestProjectStatus {
+                project_id: project,
+                commit_seen: s.commit_seen,
+                commit_sent: s.commit_sent,
+                error: s.error,
+                updated_at: rfc3339(s.updated_at),
+            })
+            .collect())
+    }
     /// Asks the agent itself, through its reverse tunnel (null when it is not connected).
     async fn live_info(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<AgentLiveInfo>> {
         let Some(channel) = state(ctx)
@@ -216,6 +238,15 @@ pub struct AgentConnection {
 #[derive(SimpleObject)]
 pub struct AgentConfigStatus {
     commit_id: Option<String>,
+    error: Option<String>,
+    updated_at: String,
+}
+
+#[derive(SimpleObject)]
+pub struct ManifestProjectStatus {
+    project_id: String,
+    commit_seen: Option<String>,
+    commit_sent: Option<String>,
     error: Option<String>,
     updated_at: String,
 }
@@ -290,6 +321,12 @@ pub struct ClusterAgentTokenRevokeInput {
 #[derive(InputObject)]
 pub struct ClusterAgentDeleteInput {
     id: ID,
+}
+
+#[derive(InputObject)]
+pub struct ClusterAgentProjectInput {
+    cluster_agent_id: ID,
+    project_path: String,
 }
 
 #[derive(SimpleObject)]
@@ -422,6 +459,49 @@ impl MutationRoot {
                 "token {} does not exist",
                 input.id.as_str()
             )])),
+        }
+    }
+
+    /// Lets the agent read a project of another owner (for manifests).
+    async fn cluster_agent_grant_project(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentProjectInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let agent_id = match parse_gid(&input.cluster_agent_id, "Agent")
+            .and_then(|id| validate_project_path(&input.project_path).map(|()| id))
+        {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        match state.store.grant_project(agent_id, &input.project_path) {
+            Ok(()) => {
+                tracing::info!(agent_id, project_id = %input.project_path, "project granted to agent");
+                Ok(errors(vec![]))
+            }
+            Err(e @ StoreError::NoSuchAgent(_)) => Ok(errors(vec![e.to_string()])),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn cluster_agent_revoke_project(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentProjectInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let agent_id = match parse_gid(&input.cluster_agent_id, "Agent") {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        if state.store.revoke_project(agent_id, &input.project_path)? {
+            Ok(errors(vec![]))
+        } else {
+            Ok(errors(vec![format!(
+                "project {:?} was not granted to this agent",
+                input.project_path
+            )]))
         }
     }
 

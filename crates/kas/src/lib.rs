@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod connections;
 pub mod graphql;
+pub mod manifests;
 pub mod store;
 pub mod tokens;
 pub mod watch;
@@ -62,6 +63,7 @@ pub struct KasState {
     pub watchers: ProjectWatchers,
     pub admin_token: Option<String>,
     pub limits: AgentLimits,
+    pub manifest_limits: manifests::ManifestLimits,
 }
 
 /// A started kas. Dropping it does not stop it; call [`RunningKas::shutdown`].
@@ -103,6 +105,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
         admin_token: config.read_admin_token()?,
         limits: config.agent.clone(),
+        manifest_limits: config.manifests.clone(),
     });
 
     let tls = match &config.listen.agent_tls {
@@ -121,6 +124,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         None => None,
     };
     let routes = tonic::service::Routes::new(AgentConfigurationService::server(state.clone()))
+        .add_service(manifests::service::ManifestDeliveryService::server(state.clone()))
         .add_service(ReverseTunnelService::new(
             state.tunnels.clone(),
             Arc::new(AgentTunnelAuthority {

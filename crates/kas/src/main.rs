@@ -69,6 +69,20 @@ enum AgentCommand {
         /// `gid://kas/Clusters::Agent/N` or `N`.
         id: String,
     },
+    /// Let the agent read a project of another owner.
+    Grant {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        project: String,
+    },
+    /// Take a grant back.
+    RevokeGrant {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        project: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
                 }
                 AgentCommand::List { project } => client.list_agents(project.as_deref()).await?,
                 AgentCommand::Delete { id } => client.delete_agent(&id).await?,
+                AgentCommand::Grant { agent, project } => {
+                    client.grant_project(&agent, &project).await?
+                }
+                AgentCommand::RevokeGrant { agent, project } => {
+                    client.revoke_project(&agent, &project).await?
+                }
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())

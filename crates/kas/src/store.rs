@@ -16,6 +16,11 @@ const AGENT_TOKENS: TableDefinition<(u64, u64), ()> = TableDefinition::new("agen
 /// Hash of an active token → token id. Revoking removes the entry.
 const TOKEN_HASHES: TableDefinition<&str, u64> = TableDefinition::new("token_hashes");
 const CONFIG_STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("config_status");
+/// `(agent id, project)`: projects an admin granted the agent beyond its own owner's.
+const GRANTS: TableDefinition<(u64, &str), ()> = TableDefinition::new("grants");
+/// `(agent id, manifest project)` → [`ManifestStatus`].
+const MANIFEST_STATUS: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("manifest_status");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,6 +71,18 @@ pub struct TokenRecord {
     pub revoked_at: Option<i64>,
     /// SHA-256 of the secret; the secret itself is never stored.
     pub token_hash: String,
+}
+
+/// What kas last did for one (agent, manifest project).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestStatus {
+    /// The newest commit kas saw for the project's ref.
+    pub commit_seen: Option<String>,
+    /// The commit of the last complete snapshot sent to the agent.
+    pub commit_sent: Option<String>,
+    /// Why the last snapshot could not be sent (permission, limits, Git), naming the project.
+    pub error: Option<String>,
+    pub updated_at: i64,
 }
 
 /// The outcome of the last attempt to read an agent's configuration from Git.
@@ -123,6 +140,8 @@ impl Store {
         txn.open_table(AGENT_TOKENS)?;
         txn.open_table(TOKEN_HASHES)?;
         txn.open_table(CONFIG_STATUS)?;
+        txn.open_table(GRANTS)?;
+        txn.open_table(MANIFEST_STATUS)?;
         txn.commit()?;
         Ok(Self {
             db: std::sync::Arc::new(db),
@@ -192,6 +211,8 @@ impl Store {
             txn.open_table(AGENT_NAMES)?
                 .remove(name_key(&agent.project_path, &agent.name).as_str())?;
             txn.open_table(CONFIG_STATUS)?.remove(id)?;
+            remove_agent_rows(&mut txn.open_table(GRANTS)?, id)?;
+            remove_agent_rows(&mut txn.open_table(MANIFEST_STATUS)?, id)?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut hashes = txn.open_table(TOKEN_HASHES)?;
             let mut index = txn.open_table(AGENT_TOKENS)?;
@@ -363,6 +384,89 @@ impl Store {
         Ok(())
     }
 
+    /// Lets `agent_id` read `project` although it belongs to another owner.
+    pub fn grant_project(&self, agent_id: u64, project: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(AGENTS)?.get(agent_id)?.is_none() {
+                return Err(StoreError::NoSuchAgent(agent_id));
+            }
+            txn.open_table(GRANTS)?.insert((agent_id, project), ())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Returns whether there was such a grant.
+    pub fn revoke_project(&self, agent_id: u64, project: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = txn
+            .open_table(GRANTS)?
+            .remove((agent_id, project))?
+            .is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    pub fn granted_projects(&self, agent_id: u64) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(GRANTS)?;
+        let mut out = Vec::new();
+        for entry in table.range((agent_id, "")..)? {
+            let (key, _) = entry?;
+            let (agent, project) = key.value();
+            if agent != agent_id {
+                break;
+            }
+            out.push(project.to_owned());
+        }
+        Ok(out)
+    }
+
+    pub fn is_granted(&self, agent_id: u64, project: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(GRANTS)?.get((agent_id, project))?.is_some())
+    }
+
+    pub fn set_manifest_status(
+        &self,
+        agent_id: u64,
+        project: &str,
+        status: &ManifestStatus,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(AGENTS)?.get(agent_id)?.is_none() {
+                return Ok(());
+            }
+            txn.open_table(MANIFEST_STATUS)?
+                .insert((agent_id, project), encode(status).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn manifest_statuses(
+        &self,
+        agent_id: u64,
+    ) -> Result<Vec<(String, ManifestStatus)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MANIFEST_STATUS)?;
+        let mut out = Vec::new();
+        for entry in table.range((agent_id, "")..)? {
+            let (key, value) = entry?;
+            let (agent, project) = key.value();
+            if agent != agent_id {
+                break;
+            }
+            out.push((
+                project.to_owned(),
+                decode("manifest_status", value.value())?,
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn config_status(&self, agent_id: u64) -> Result<Option<ConfigStatus>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CONFIG_STATUS)?;
@@ -371,6 +475,26 @@ impl Store {
             .map(|v| decode("config_status", v.value()))
             .transpose()
     }
+}
+
+/// Deletes every `(agent_id, _)` row of a table keyed by agent and project.
+fn remove_agent_rows<V: redb::Value + 'static>(
+    table: &mut redb::Table<(u64, &'static str), V>,
+    agent_id: u64,
+) -> Result<(), StoreError> {
+    let mut keys = Vec::new();
+    for entry in table.range((agent_id, "")..)? {
+        let (key, _) = entry?;
+        let (agent, project) = key.value();
+        if agent != agent_id {
+            break;
+        }
+        keys.push(project.to_owned());
+    }
+    for project in keys {
+        table.remove((agent_id, project.as_str()))?;
+    }
+    Ok(())
 }
 
 fn next_id(txn: &redb::WriteTransaction, kind: &str) -> Result<u64, StoreError> {
@@ -436,6 +560,45 @@ mod tests {
         );
         store.create_token(agent.id, "3", "", "h3", 2).unwrap();
         assert_eq!(store.tokens_of(agent.id).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn grants_and_manifest_statuses_belong_to_their_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.create_agent("g/p", "a").unwrap();
+        let b = store.create_agent("g/p", "b").unwrap();
+        store.grant_project(a.id, "other/x").unwrap();
+        store.grant_project(a.id, "other/y").unwrap();
+        store.grant_project(b.id, "other/z").unwrap();
+        assert_eq!(
+            store.granted_projects(a.id).unwrap(),
+            vec!["other/x", "other/y"]
+        );
+        assert!(
+            store.is_granted(b.id, "other/z").unwrap()
+                && !store.is_granted(b.id, "other/x").unwrap()
+        );
+        assert!(matches!(
+            store.grant_project(99, "x/y"),
+            Err(StoreError::NoSuchAgent(99))
+        ));
+        let status = ManifestStatus {
+            commit_seen: Some("c".into()),
+            commit_sent: None,
+            error: Some("e".into()),
+            updated_at: 1,
+        };
+        store.set_manifest_status(a.id, "g/m", &status).unwrap();
+        assert_eq!(
+            store.manifest_statuses(a.id).unwrap(),
+            vec![("g/m".to_owned(), status)]
+        );
+        assert!(store.revoke_project(a.id, "other/x").unwrap());
+        store.delete_agent(a.id).unwrap();
+        assert!(store.granted_projects(a.id).unwrap().is_empty());
+        assert!(store.manifest_statuses(a.id).unwrap().is_empty());
+        assert_eq!(store.granted_projects(b.id).unwrap(), vec!["other/z"]);
     }
 
     #[test]

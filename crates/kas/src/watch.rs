@@ -54,7 +54,7 @@ impl Drop for ProjectWatcher {
 pub struct ProjectWatchers {
     repos: RepoCache,
     poll_period: Duration,
-    watchers: Mutex<HashMap<String, Weak<ProjectWatcher>>>,
+    watchers: Mutex<HashMap<(String, GitRef), Weak<ProjectWatcher>>>,
 }
 
 impl ProjectWatchers {
@@ -70,11 +70,17 @@ impl ProjectWatchers {
         &self.repos
     }
 
-    /// The project's watcher, started if nobody watches it yet. Only the default branch for now: that is
-    /// where agent configuration lives.
+    /// The watcher of the project's default branch (where agent configuration lives).
     pub fn watch(&self, project: &str) -> Arc<ProjectWatcher> {
+        self.watch_ref(project, GitRef::DefaultBranch)
+    }
+
+    /// The watcher of `reference` in `project`, started if nobody watches it yet. One per (project, ref),
+    /// shared by every agent: one ref check and at most one fetch per poll, however many agents watch.
+    pub fn watch_ref(&self, project: &str, reference: GitRef) -> Arc<ProjectWatcher> {
         let mut watchers = self.watchers.lock().expect("watchers lock");
-        if let Some(existing) = watchers.get(project).and_then(Weak::upgrade) {
+        let key = (project.to_owned(), reference);
+        if let Some(existing) = watchers.get(&key).and_then(Weak::upgrade) {
             return existing;
         }
         let (tx, rx) = watch::channel(ProjectState::Pending);
@@ -86,39 +92,42 @@ impl ProjectWatchers {
         });
         tokio::spawn(poll(
             self.repos.clone(),
-            project.to_owned(),
+            key.clone(),
             self.poll_period,
             tx,
             watcher.poke.clone(),
             watcher.stop.clone(),
         ));
         watchers.retain(|_, w| w.strong_count() > 0);
-        watchers.insert(project.to_owned(), Arc::downgrade(&watcher));
+        watchers.insert(key, Arc::downgrade(&watcher));
         watcher
     }
 
-    /// Checks `project` at once if anyone watches it (a push webhook arrived).
-    pub fn poke(&self, project: &str) -> bool {
-        let watcher = self
+    /// Checks every watched ref of `project` at once (a push webhook arrived). Returns how many were poked.
+    pub fn poke(&self, project: &str) -> usize {
+        let watchers: Vec<_> = self
             .watchers
             .lock()
             .expect("watchers lock")
-            .get(project)
-            .and_then(Weak::upgrade);
-        watcher.map(|w| w.poke()).is_some()
+            .iter()
+            .filter(|((p, _), _)| p == project)
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
+        watchers.iter().for_each(|w| w.poke());
+        watchers.len()
     }
 }
 
 async fn poll(
     repos: RepoCache,
-    project: String,
+    (project, reference): (String, GitRef),
     period: Duration,
     state: watch::Sender<ProjectState>,
     poke: Arc<Notify>,
     stop: CancellationToken,
 ) {
     loop {
-        let next = match repos.snapshot(&project, &GitRef::DefaultBranch).await {
+        let next = match repos.snapshot(&project, &reference).await {
             Ok(commit) => ProjectState::Commit(commit),
             Err(e) => ProjectState::Failed(e.to_string()),
         };
@@ -134,6 +143,12 @@ async fn poll(
             *current = next;
             true
         });
+        // A pinned commit never changes: once it is in the cache there is nothing left to poll.
+        if matches!(reference, GitRef::Commit(_))
+            && matches!(*state.borrow(), ProjectState::Commit(_))
+        {
+            return stop.cancelled().await;
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}

@@ -57,6 +57,94 @@ pub struct GetInfoResponse {
     #[prost(int64, tag = "4")]
     pub agent_id: i64,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ObjectsToSynchronizeRequest {
+    /// The manifest project's path, e.g. "group/manifests".
+    #[prost(string, tag = "1")]
+    pub project_id: ::prost::alloc::string::String,
+    /// The commit of the last complete snapshot agentk received; empty on first start.
+    #[prost(string, tag = "2")]
+    pub commit_id: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "6")]
+    pub paths: ::prost::alloc::vec::Vec<PathSelector>,
+    /// Which commit to follow; the default branch when unset.
+    #[prost(oneof = "objects_to_synchronize_request::Ref", tags = "3, 4, 5")]
+    pub r#ref: ::core::option::Option<objects_to_synchronize_request::Ref>,
+}
+/// Nested message and enum types in `ObjectsToSynchronizeRequest`.
+pub mod objects_to_synchronize_request {
+    /// Which commit to follow; the default branch when unset.
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Ref {
+        #[prost(string, tag = "3")]
+        Branch(::prost::alloc::string::String),
+        #[prost(string, tag = "4")]
+        Tag(::prost::alloc::string::String),
+        #[prost(string, tag = "5")]
+        Commit(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PathSelector {
+    #[prost(oneof = "path_selector::Selector", tags = "1, 2")]
+    pub selector: ::core::option::Option<path_selector::Selector>,
+}
+/// Nested message and enum types in `PathSelector`.
+pub mod path_selector {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Selector {
+        /// GitLab's glob semantics: a leading "/" is ignored, "\*\*" crosses directories, "{a,b}" sets; files under
+        /// directories whose name starts with "." are skipped.
+        #[prost(string, tag = "1")]
+        Glob(::prost::alloc::string::String),
+        #[prost(string, tag = "2")]
+        File(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ObjectsToSynchronizeResponse {
+    #[prost(oneof = "objects_to_synchronize_response::Message", tags = "1, 2, 3, 4")]
+    pub message: ::core::option::Option<objects_to_synchronize_response::Message>,
+}
+/// Nested message and enum types in `ObjectsToSynchronizeResponse`.
+pub mod objects_to_synchronize_response {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Message {
+        #[prost(message, tag = "1")]
+        Header(super::SnapshotHeader),
+        #[prost(message, tag = "2")]
+        File(super::ManifestFile),
+        #[prost(message, tag = "3")]
+        Trailer(super::SnapshotTrailer),
+        /// The snapshot could not be made (permission, limits, Git errors); the message names the project and cause.
+        /// agentk keeps what it has applied and prunes nothing.
+        #[prost(message, tag = "4")]
+        Error(super::SnapshotError),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotHeader {
+    #[prost(string, tag = "1")]
+    pub commit_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub project_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ManifestFile {
+    #[prost(string, tag = "1")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotTrailer {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotError {
+    #[prost(string, tag = "1")]
+    pub commit_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+}
 /// Generated client implementations.
 pub mod agent_configuration_client {
     #![allow(
@@ -980,6 +1068,335 @@ pub mod agent_info_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "gitops.agent.v1.AgentInfo";
     impl<T> tonic::server::NamedService for AgentInfoServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod manifest_delivery_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Served by kas, called by agentk: the manifests of one `gitops.manifest_projects[]` entry, as files.
+    #[derive(Debug, Clone)]
+    pub struct ManifestDeliveryClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl ManifestDeliveryClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> ManifestDeliveryClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> ManifestDeliveryClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            ManifestDeliveryClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// One snapshot now (unless the agent already has this commit), then one per new commit. Each snapshot is a
+        /// header, the matching files, and a trailer; agentk acts only on complete snapshots. A pinned commit is sent
+        /// once.
+        pub async fn get_objects_to_synchronize(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ObjectsToSynchronizeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::ObjectsToSynchronizeResponse>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gitops.agent.v1.ManifestDelivery/GetObjectsToSynchronize",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "gitops.agent.v1.ManifestDelivery",
+                        "GetObjectsToSynchronize",
+                    ),
+                );
+            self.inner.server_streaming(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod manifest_delivery_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with ManifestDeliveryServer.
+    #[async_trait]
+    pub trait ManifestDelivery: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the GetObjectsToSynchronize method.
+        type GetObjectsToSynchronizeStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::ObjectsToSynchronizeResponse,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// One snapshot now (unless the agent already has this commit), then one per new commit. Each snapshot is a
+        /// header, the matching files, and a trailer; agentk acts only on complete snapshots. A pinned commit is sent
+        /// once.
+        async fn get_objects_to_synchronize(
+            &self,
+            request: tonic::Request<super::ObjectsToSynchronizeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::GetObjectsToSynchronizeStream>,
+            tonic::Status,
+        >;
+    }
+    /// Served by kas, called by agentk: the manifests of one `gitops.manifest_projects[]` entry, as files.
+    #[derive(Debug)]
+    pub struct ManifestDeliveryServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> ManifestDeliveryServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for ManifestDeliveryServer<T>
+    where
+        T: ManifestDelivery,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/gitops.agent.v1.ManifestDelivery/GetObjectsToSynchronize" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetObjectsToSynchronizeSvc<T: ManifestDelivery>(pub Arc<T>);
+                    impl<
+                        T: ManifestDelivery,
+                    > tonic::server::ServerStreamingService<
+                        super::ObjectsToSynchronizeRequest,
+                    > for GetObjectsToSynchronizeSvc<T> {
+                        type Response = super::ObjectsToSynchronizeResponse;
+                        type ResponseStream = T::GetObjectsToSynchronizeStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ObjectsToSynchronizeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ManifestDelivery>::get_objects_to_synchronize(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetObjectsToSynchronizeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for ManifestDeliveryServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "gitops.agent.v1.ManifestDelivery";
+    impl<T> tonic::server::NamedService for ManifestDeliveryServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
