@@ -25,6 +25,9 @@ pub struct ServerConfig {
     /// What one manifest project may deliver to an agent.
     #[serde(default)]
     pub manifests: ManifestLimits,
+    /// Push webhooks from the Git server make kas re-check a repository at once.
+    #[serde(default)]
+    pub webhooks: WebhookConfig,
     #[serde(default)]
     pub logging: ServerLogging,
 }
@@ -121,6 +124,15 @@ impl Default for ManifestLimits {
     }
 }
 
+/// `POST /api/webhooks/{gitea,github,gitlab}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// File holding the shared secret: the HMAC key for Gitea and GitHub signatures, the token GitLab sends.
+    /// Without it the webhook endpoints refuse every request.
+    pub secret_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerLogging {
@@ -180,6 +192,11 @@ impl ServerConfig {
     /// The admin credential, if configured. Read at start so a missing file is a start-up error.
     pub fn read_admin_token(&self) -> Result<Option<String>, ConfigError> {
         read_secret(self.admin_token_file.as_deref())
+    }
+
+    /// The webhook secret, if configured.
+    pub fn read_webhook_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(self.webhooks.secret_file.as_deref())
     }
 
     /// The Git password, if configured.

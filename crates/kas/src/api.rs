@@ -7,16 +7,23 @@ use async_graphql::http::GraphiQLSource;
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 
-use crate::{KasState, auth::is_admin, graphql::KasSchema};
+use crate::{
+    KasState,
+    auth::is_admin,
+    graphql::KasSchema,
+    webhooks::{self, Forge},
+};
 
 /// Largest GraphQL document accepted; an admin API needs nothing near this.
 pub const MAX_GRAPHQL_BODY: usize = 64 * 1024;
+/// Largest push payload accepted (pushes list their commits).
+pub const MAX_WEBHOOK_BODY: usize = 5 * 1024 * 1024;
 
 #[derive(Clone)]
 struct ApiState {
@@ -33,6 +40,10 @@ pub fn router(kas: Arc<KasState>, schema: KasSchema) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_GRAPHQL_BODY)),
         )
         .route("/-/graphql-explorer", get(explorer))
+        .route(
+            "/api/webhooks/{forge}",
+            post(webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(ApiState { kas, schema })
 }
@@ -73,6 +84,44 @@ async fn graphql(State(api): State<ApiState>, headers: HeaderMap, body: Bytes) -
         serde_json::to_string(&response).expect("GraphQL responses serialize"),
     )
         .into_response()
+}
+
+async fn webhook(
+    State(api): State<ApiState>,
+    Path(forge): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(forge) = Forge::from_path(&forge) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "unknown forge: use /api/webhooks/gitea, /github or /gitlab",
+        );
+    };
+    if let Err(e) = webhooks::verify(forge, api.kas.webhook_secret.as_deref(), &headers, &body) {
+        tracing::warn!(?forge, error = %e, "refused a webhook");
+        return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
+    }
+    // Other events (pings, issues...) are acknowledged and ignored.
+    let is_push = ["x-gitea-event", "x-github-event", "x-gitlab-event"]
+        .iter()
+        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .any(|event| event == "push" || event == "Push Hook" || event == "Tag Push Hook");
+    if !is_push {
+        return (StatusCode::ACCEPTED, "ignored: not a push event\n").into_response();
+    }
+    match webhooks::pushed_project(forge, &body) {
+        Ok(project) => {
+            let watchers = api.kas.watchers.poke(&project);
+            tracing::info!(?forge, project_id = %project, watchers, "push webhook: re-checking the project");
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "project": project, "watchers": watchers })),
+            )
+                .into_response()
+        }
+        Err(e) => json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {

@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod store;
 pub mod tokens;
 pub mod watch;
+pub mod webhooks;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -62,6 +63,7 @@ pub struct KasState {
     pub tunnels: Arc<TunnelRegistry<u64>>,
     pub watchers: ProjectWatchers,
     pub admin_token: Option<String>,
+    pub webhook_secret: Option<String>,
     pub limits: AgentLimits,
     pub manifest_limits: manifests::ManifestLimits,
 }
@@ -104,6 +106,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         tunnels: Arc::new(TunnelRegistry::default()),
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
         admin_token: config.read_admin_token()?,
+        webhook_secret: config.read_webhook_secret()?,
         limits: config.agent.clone(),
         manifest_limits: config.manifests.clone(),
     });
@@ -124,7 +127,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         None => None,
     };
     let routes = tonic::service::Routes::new(AgentConfigurationService::server(state.clone()))
-        .add_service(manifests::service::ManifestDeliveryService::server(state.clone()))
+        .add_service(manifests::service::ManifestDeliveryService::server(
+            state.clone(),
+        ))
         .add_service(ReverseTunnelService::new(
             state.tunnels.clone(),
             Arc::new(AgentTunnelAuthority {

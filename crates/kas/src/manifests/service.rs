@@ -12,10 +12,11 @@ use gitops_protocol::{
     objects_to_synchronize_response::Message,
     path_selector::Selector,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{PathSelector, access::authorize, select::select};
 use crate::{
@@ -142,22 +143,33 @@ async fn stream_snapshots(
     let watcher = state.watchers.watch_ref(project, reference);
     let mut updates = watcher.subscribe();
     let mut last_error: Option<String> = None;
+    // Digest of the files last sent: a push that changed nothing this agent selects does not wake it.
+    let mut last_digest: Option<[u8; 32]> = None;
     loop {
         let current = updates.borrow_and_update().clone();
         let outcome = match current {
             ProjectState::Pending => None,
             ProjectState::Failed(error) => Some((None, Err(error))),
-            ProjectState::Commit(commit) if commit != last_sent => Some((
-                Some(commit.clone()),
-                send_snapshot(state, project, &commit, &selectors, &tx).await,
-            )),
+            ProjectState::Commit(commit) if commit != last_sent => {
+                let sent =
+                    send_snapshot(state, project, &commit, &selectors, &mut last_digest, &tx).await;
+                Some((Some(commit.clone()), sent))
+            }
             ProjectState::Commit(_) => None,
         };
         match outcome {
-            Some((commit, Ok(files))) => {
+            Some((commit, Ok(Delivery::Sent(files)))) => {
                 let commit = commit.unwrap_or_default();
                 info!(commit_id = %commit, files, "sent manifests");
                 record(state, agent, project, Some(&commit), Some(&commit), None);
+                last_sent = commit;
+                last_error = None;
+            }
+            Some((commit, Ok(Delivery::Unchanged))) => {
+                let commit = commit.unwrap_or_default();
+                debug!(commit_id = %commit, "the new commit changes none of this agent's files; not sent");
+                let sent = Some(last_sent.as_str()).filter(|c| !c.is_empty());
+                record(state, agent, project, Some(&commit), sent, None);
                 last_sent = commit;
                 last_error = None;
             }
@@ -200,15 +212,24 @@ async fn stream_snapshots(
     }
 }
 
-/// Sends header, files and trailer for `commit`; returns how many files, or why nothing was sent (in which
-/// case no header went out either, so the agent never sees half a snapshot).
+/// What happened to a new commit.
+enum Delivery {
+    /// A snapshot with this many files went out.
+    Sent(usize),
+    /// The selected files are byte for byte what the agent already has.
+    Unchanged,
+}
+
+/// Sends header, files and trailer for `commit`, unless they equal what was sent last (`last_digest`);
+/// on error nothing was sent (no header either), so the agent never sees half a snapshot.
 async fn send_snapshot(
     state: &KasState,
     project: &str,
     commit: &str,
     selectors: &[PathSelector],
+    last_digest: &mut Option<[u8; 32]>,
     tx: &Sender,
-) -> Result<usize, String> {
+) -> Result<Delivery, String> {
     let repos = state.watchers.repos();
     let limits = &state.manifest_limits;
     let listing = repos
@@ -236,6 +257,17 @@ async fn send_snapshot(
             Err(e) => return Err(e.to_string()),
         }
     }
+    let mut hasher = Sha256::new();
+    for file in &files {
+        hasher.update((file.path.len() as u64).to_le_bytes());
+        hasher.update(file.path.as_bytes());
+        hasher.update((file.data.len() as u64).to_le_bytes());
+        hasher.update(&file.data);
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    if *last_digest == Some(digest) {
+        return Ok(Delivery::Unchanged);
+    }
     let count = files.len();
     let header = Message::Header(SnapshotHeader {
         commit_id: commit.to_owned(),
@@ -249,5 +281,6 @@ async fn send_snapshot(
             return Err("agent went away".into());
         }
     }
-    Ok(count)
+    *last_digest = Some(digest);
+    Ok(Delivery::Sent(count))
 }
