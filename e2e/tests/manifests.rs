@@ -312,3 +312,78 @@ async fn a_limit_breach_is_reported_and_the_last_snapshot_is_kept() -> anyhow::R
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn sync_reports_are_kept_per_project_and_shown_with_their_objects() -> anyhow::Result<()> {
+    use gitops_protocol::{ObjectStatus, SyncReport, gitops_status_client::GitopsStatusClient};
+
+    let mut h = Harness::start(false).await?;
+    h.git.create_repo("group/manifests", true)?;
+    let commit = h.git.commit_files(
+        "group/manifests",
+        &[("cm.yaml", Some("kind: ConfigMap\n"))],
+        "manifests",
+    )?;
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(
+            CONFIG_FILE,
+            Some(&config(
+                "  - id: group/manifests\n    paths:\n    - glob: '*.yaml'\n",
+            )),
+        )],
+        "config",
+    )?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let agent = h.agent(h.client_config("grpc", &secret))?;
+    wait_gitops(&agent, "the snapshot", |s| {
+        commit_of(s, "group/manifests").is_some()
+    })
+    .await?;
+
+    // What agentk sends after applying (the engine's job); here sent directly over an agent connection.
+    let client_config = h.client_config("grpc", &secret);
+    let channel = client_config.channel()?;
+    let mut client = GitopsStatusClient::with_interceptor(channel, client_config.interceptor()?);
+    let report = SyncReport {
+        project_id: "group/manifests".into(),
+        commit_seen: commit.clone(),
+        commit_applied: commit.clone(),
+        finished_at_unix: 1_700_000_000,
+        outcome: "synced".into(),
+        message: "1 object applied".into(),
+        objects: vec![ObjectStatus {
+            resource_key: "/ConfigMap/default/cm".into(),
+            source: "cm.yaml#0".into(),
+            result: "created".into(),
+            health: "Current".into(),
+            message: String::new(),
+        }],
+    };
+    client.report_sync(report.clone()).await?;
+    let refused = client
+        .report_sync(SyncReport {
+            project_id: "other/secret".into(),
+            ..report
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ projectId lastSync {{ commitApplied outcome objects {{ resourceKey source result health }} }} }} }} }}"#
+    );
+    let check = |view: serde_json::Value| {
+        let sync = view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"].clone();
+        assert_eq!(sync["commitApplied"], commit.as_str(), "{view}");
+        assert_eq!(sync["outcome"], "synced");
+        assert_eq!(sync["objects"][0]["resourceKey"], "/ConfigMap/default/cm");
+        assert_eq!(sync["objects"][0]["health"], "Current");
+    };
+    check(h.graphql(&query).await?);
+    agent.shutdown().await;
+    // Kept across a restart.
+    h.restart_kas().await?;
+    check(h.graphql(&query).await?);
+    Ok(())
+}

@@ -165,18 +165,37 @@ impl ClusterAgent {
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<Vec<ManifestProjectStatus>> {
-        Ok(state(ctx)
-            .store
-            .manifest_statuses(self.0.id)?
-            .into_iter()
-            .map(|(project, s)| ManifestProjectStatus {
+        let store = &state(ctx).store;
+        let mut out = Vec::new();
+        for (project, s) in store.manifest_statuses(self.0.id)? {
+            let last_sync = store.sync_record(self.0.id, &project)?.map(|r| SyncStatus {
+                commit_seen: r.commit_seen,
+                commit_applied: r.commit_applied,
+                finished_at: rfc3339(r.finished_at),
+                outcome: r.outcome,
+                message: r.message,
+                objects: r
+                    .objects
+                    .into_iter()
+                    .map(|o| SyncedObject {
+                        resource_key: o.resource_key,
+                        source: o.source,
+                        result: o.result,
+                        health: o.health,
+                        message: o.message,
+                    })
+                    .collect(),
+            });
+            out.push(ManifestProjectStatus {
                 project_id: project,
                 commit_seen: s.commit_seen,
                 commit_sent: s.commit_sent,
                 error: s.error,
                 updated_at: rfc3339(s.updated_at),
-            })
-            .collect())
+                last_sync,
+            });
+        }
+        Ok(out)
     }
     /// Asks the agent itself, through its reverse tunnel (null when it is not connected).
     async fn live_info(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<AgentLiveInfo>> {
@@ -249,6 +268,27 @@ pub struct ManifestProjectStatus {
     commit_sent: Option<String>,
     error: Option<String>,
     updated_at: String,
+    /// What agentk last reported applying from this project.
+    last_sync: Option<SyncStatus>,
+}
+
+#[derive(SimpleObject)]
+pub struct SyncStatus {
+    commit_seen: String,
+    commit_applied: String,
+    finished_at: String,
+    outcome: String,
+    message: String,
+    objects: Vec<SyncedObject>,
+}
+
+#[derive(SimpleObject)]
+pub struct SyncedObject {
+    resource_key: String,
+    source: String,
+    result: String,
+    health: String,
+    message: String,
 }
 
 #[derive(SimpleObject)]

@@ -127,6 +127,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         None => None,
     };
     let routes = tonic::service::Routes::new(AgentConfigurationService::server(state.clone()))
+        .add_service(manifests::report::GitopsStatusService::server(
+            state.clone(),
+        ))
         .add_service(manifests::service::ManifestDeliveryService::server(
             state.clone(),
         ))

@@ -19,6 +19,8 @@ const CONFIG_STATUS: TableDefinition<u64, &[u8]> = TableDefinition::new("config_
 /// `(agent id, project)`: projects an admin granted the agent beyond its own owner's.
 const GRANTS: TableDefinition<(u64, &str), ()> = TableDefinition::new("grants");
 /// `(agent id, manifest project)` → [`ManifestStatus`].
+/// `(agent id, manifest project)` → [`SyncRecord`]: what agentk last reported applying.
+const SYNC_STATUS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("sync_status");
 const MANIFEST_STATUS: TableDefinition<(u64, &str), &[u8]> =
     TableDefinition::new("manifest_status");
 
@@ -85,6 +87,26 @@ pub struct ManifestStatus {
     pub updated_at: i64,
 }
 
+/// The last sync agentk reported for one manifest project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    pub commit_seen: String,
+    pub commit_applied: String,
+    pub finished_at: i64,
+    pub outcome: String,
+    pub message: String,
+    pub objects: Vec<ObjectRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub resource_key: String,
+    pub source: String,
+    pub result: String,
+    pub health: String,
+    pub message: String,
+}
+
 /// The outcome of the last attempt to read an agent's configuration from Git.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigStatus {
@@ -142,6 +164,7 @@ impl Store {
         txn.open_table(CONFIG_STATUS)?;
         txn.open_table(GRANTS)?;
         txn.open_table(MANIFEST_STATUS)?;
+        txn.open_table(SYNC_STATUS)?;
         txn.commit()?;
         Ok(Self {
             db: std::sync::Arc::new(db),
@@ -213,6 +236,7 @@ impl Store {
             txn.open_table(CONFIG_STATUS)?.remove(id)?;
             remove_agent_rows(&mut txn.open_table(GRANTS)?, id)?;
             remove_agent_rows(&mut txn.open_table(MANIFEST_STATUS)?, id)?;
+            remove_agent_rows(&mut txn.open_table(SYNC_STATUS)?, id)?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut hashes = txn.open_table(TOKEN_HASHES)?;
             let mut index = txn.open_table(AGENT_TOKENS)?;
@@ -444,6 +468,37 @@ impl Store {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    pub fn set_sync_record(
+        &self,
+        agent_id: u64,
+        project: &str,
+        record: &SyncRecord,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            if txn.open_table(AGENTS)?.get(agent_id)?.is_none() {
+                return Ok(());
+            }
+            txn.open_table(SYNC_STATUS)?
+                .insert((agent_id, project), encode(record).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn sync_record(
+        &self,
+        agent_id: u64,
+        project: &str,
+    ) -> Result<Option<SyncRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SYNC_STATUS)?;
+        table
+            .get((agent_id, project))?
+            .map(|v| decode("sync_status", v.value()))
+            .transpose()
     }
 
     pub fn manifest_statuses(

@@ -2,6 +2,7 @@
 //! commit its `ref` names, streamed to agentk as complete snapshots whenever that commit changes.
 
 pub mod access;
+pub mod report;
 pub mod select;
 pub mod service;
 
