@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::{info, warn};
 
-use crate::{AgentOptions, VERSION};
+use crate::{AgentOptions, KasChannel, VERSION};
 
 /// The configuration the agent runs with.
 #[derive(Debug, Clone, Default)]
@@ -30,18 +30,13 @@ pub struct AgentState {
     pub connected: bool,
 }
 
-pub async fn run<S>(
-    service: S,
+pub async fn run(
+    service: KasChannel,
     options: AgentOptions,
     state: Arc<watch::Sender<AgentState>>,
     logs: Option<LogHandle>,
     stop: CancellationToken,
-) where
-    S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    S::Future: Send,
-    S::ResponseBody: tonic::transport::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::transport::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     while !stop.is_cancelled() {
         let mut client = AgentConfigurationClient::new(service.clone());
@@ -83,18 +78,13 @@ pub async fn run<S>(
     }
 }
 
-async fn receive<S>(
-    client: &mut AgentConfigurationClient<S>,
+async fn receive(
+    client: &mut AgentConfigurationClient<KasChannel>,
     request: ConfigurationRequest,
     state: &watch::Sender<AgentState>,
     logs: Option<&LogHandle>,
     backoff: &mut Backoff,
-) -> Result<(), tonic::Status>
-where
-    S: tonic::client::GrpcService<tonic::body::Body>,
-    S::ResponseBody: tonic::transport::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::transport::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) -> Result<(), tonic::Status> {
     let mut stream = client.get_configuration(request).await?.into_inner();
     state.send_modify(|s| s.connected = true);
     info!("connected to kas");

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::AgentState;
+use crate::{AgentState, KasChannel};
 
 /// One complete set of manifest files at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,17 +42,12 @@ pub struct ProjectSync {
 
 pub type GitopsState = BTreeMap<String, ProjectSync>;
 
-pub async fn run<S>(
-    service: S,
+pub async fn run(
+    service: KasChannel,
     mut config: watch::Receiver<AgentState>,
     state: Arc<watch::Sender<GitopsState>>,
     stop: CancellationToken,
-) where
-    S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    S::Future: Send,
-    S::ResponseBody: tonic::transport::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::transport::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) {
     // Keyed by the entry as configured: any change to an entry restarts its worker.
     let mut workers: HashMap<String, CancellationToken> = HashMap::new();
     loop {
@@ -115,17 +110,12 @@ fn request(project: &ManifestProject, commit_id: String) -> ObjectsToSynchronize
     }
 }
 
-async fn worker<S>(
-    service: S,
+async fn worker(
+    service: KasChannel,
     project: ManifestProject,
     state: Arc<watch::Sender<GitopsState>>,
     cancel: CancellationToken,
-) where
-    S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
-    S::Future: Send,
-    S::ResponseBody: tonic::transport::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::transport::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let publish = |update: &dyn Fn(&mut ProjectSync)| {
         state.send_modify(|s| update(s.entry(project.id.clone()).or_default()))

@@ -20,6 +20,12 @@ use tracing::Instrument;
 
 pub use config_watcher::AgentState;
 
+/// agentk's connection to kas, with its credential added to every call.
+pub type KasChannel = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    gitops_tunnel::client::HeaderInterceptor,
+>;
+
 /// The version agentk reports to kas.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
