@@ -6,6 +6,7 @@ pub mod config_watcher;
 pub mod generate;
 pub mod gitops;
 pub mod info;
+pub mod leader;
 
 use std::sync::Arc;
 
