@@ -129,10 +129,20 @@ impl Harness {
     }
 
     pub fn agent(&self, client: ClientConfig) -> anyhow::Result<RunningAgent> {
+        self.agent_with(client, None)
+    }
+
+    /// An agent that applies snapshots with `apply` (see `agentk::gitops::ApplySettings`).
+    pub fn agent_with(
+        &self,
+        client: ClientConfig,
+        apply: Option<agentk::gitops::ApplySettings>,
+    ) -> anyhow::Result<RunningAgent> {
         let options = AgentOptions {
             pod_namespace: "gitlab-kubernetes-agent".into(),
             pod_name: "agentk-test".into(),
             reverse_tunnels: 2,
+            apply,
         };
         Ok(agentk::start(client, options, None)?)
     }

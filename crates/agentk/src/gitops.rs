@@ -42,10 +42,29 @@ pub struct ProjectSync {
 
 pub type GitopsState = BTreeMap<String, ProjectSync>;
 
+/// How received snapshots get applied; without these the agent only receives.
+#[derive(Clone)]
+pub struct ApplySettings {
+    pub applier: Arc<dyn Applier>,
+    /// Whether this replica leads (leader election); only the leader applies.
+    pub leading: watch::Receiver<bool>,
+    /// Re-apply the current snapshot this often, to correct drift.
+    pub resync: Duration,
+}
+
+impl std::fmt::Debug for ApplySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplySettings")
+            .field("resync", &self.resync)
+            .finish_non_exhaustive()
+    }
+}
+
 pub async fn run(
     service: KasChannel,
     mut config: watch::Receiver<AgentState>,
     state: Arc<watch::Sender<GitopsState>>,
+    apply: Option<ApplySettings>,
     stop: CancellationToken,
 ) {
     // Keyed by the entry as configured: any change to an entry restarts its worker.
@@ -76,6 +95,18 @@ pub async fn run(
             }
             let cancel = stop.child_token();
             let span = info_span!("gitops", mod_name = "gitops", project_id = %project.id);
+            if let Some(apply) = &apply {
+                let sync = sync_loop(
+                    service.clone(),
+                    project.clone(),
+                    state.subscribe(),
+                    apply.applier.clone(),
+                    apply.leading.clone(),
+                    apply.resync,
+                    cancel.clone(),
+                );
+                tokio::spawn(sync.instrument(span.clone()));
+            }
             tokio::spawn(
                 worker(service.clone(), project, state.clone(), cancel.clone()).instrument(span),
             );
@@ -181,5 +212,172 @@ async fn worker(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+/// The result of applying one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectOutcome {
+    /// e.g. `apps/Deployment/gitlab-kubernetes-agent/nginx-deployment`.
+    pub resource_key: String,
+    /// `file#document`.
+    pub source: String,
+    /// created, configured, unchanged, pruned, failed, skipped.
+    pub result: String,
+    /// kubectl's words, e.g. `deployment.apps/nginx-deployment configured`.
+    pub sync_result: String,
+    /// kstatus' status name.
+    pub health: String,
+    pub message: String,
+}
+
+/// The result of one sync of one manifest project.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub objects: Vec<ObjectOutcome>,
+    /// Errors not tied to one object (e.g. the cluster was unreachable).
+    pub error: Option<String>,
+}
+
+impl SyncOutcome {
+    fn failed_objects(&self) -> usize {
+        self.objects
+            .iter()
+            .filter(|o| o.result == "failed" || o.result == "skipped")
+            .count()
+    }
+
+    /// `synced`, `partial` or `failed`.
+    pub fn outcome(&self) -> &'static str {
+        match (self.error.is_some(), self.failed_objects()) {
+            (false, 0) => "synced",
+            (true, _)
+                if self
+                    .objects
+                    .iter()
+                    .all(|o| o.result == "failed" || o.result == "skipped") =>
+            {
+                "failed"
+            }
+            _ => "partial",
+        }
+    }
+}
+
+/// Applies snapshots to the cluster. The engine implements it; agentk owns when it runs (only on the leader,
+/// the newest snapshot only, cancelled when a newer commit arrives) and the reporting to kas.
+pub trait Applier: Send + Sync + 'static {
+    fn apply<'a>(
+        &'a self,
+        project: &'a ManifestProject,
+        snapshot: &'a ManifestSnapshot,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>>;
+}
+
+fn snapshot_of(state: &GitopsState, project: &str) -> Option<Arc<ManifestSnapshot>> {
+    state.get(project)?.snapshot.clone()
+}
+
+/// Resolves when `project`'s snapshot is no longer `commit`.
+async fn newer_snapshot(rx: &mut watch::Receiver<GitopsState>, project: &str, commit: &str) {
+    let _ = rx
+        .wait_for(|s| snapshot_of(s, project).is_some_and(|snap| snap.commit_id != commit))
+        .await;
+}
+
+/// Applies each new snapshot of `project` while this replica leads, re-applies every `resync` to correct
+/// drift, and reports every sync to kas.
+pub async fn sync_loop(
+    service: KasChannel,
+    project: ManifestProject,
+    mut state: watch::Receiver<GitopsState>,
+    applier: Arc<dyn Applier>,
+    mut leading: watch::Receiver<bool>,
+    resync: Duration,
+    cancel: CancellationToken,
+) {
+    let mut commit_applied = String::new();
+    loop {
+        let snapshot = snapshot_of(&state.borrow_and_update(), &project.id);
+        if let Some(snapshot) = snapshot.filter(|_| *leading.borrow()) {
+            let started = std::time::Instant::now();
+            let mut watch_newer = state.clone();
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = newer_snapshot(&mut watch_newer, &project.id, &snapshot.commit_id) => {
+                    info!(commit_id = %snapshot.commit_id, "a newer commit arrived: cancelled the sync in flight");
+                    continue;
+                }
+                outcome = applier.apply(&project, &snapshot) => outcome,
+            };
+            for object in &outcome.objects {
+                if object.result == "failed" || object.result == "skipped" {
+                    warn!(resource_key = %object.resource_key, sync_result = %object.sync_result, source = %object.source, error = %object.message, "Sync failed");
+                } else {
+                    info!(resource_key = %object.resource_key, sync_result = %object.sync_result, "Synced");
+                }
+            }
+            if outcome.outcome() == "synced" {
+                commit_applied = snapshot.commit_id.clone();
+            }
+            let counts = |r: &str| outcome.objects.iter().filter(|o| o.result == r).count();
+            info!(
+                commit_id = %snapshot.commit_id,
+                outcome = outcome.outcome(),
+                created = counts("created"),
+                configured = counts("configured"),
+                unchanged = counts("unchanged"),
+                pruned = counts("pruned"),
+                failed = counts("failed"),
+                skipped = counts("skipped"),
+                took_ms = started.elapsed().as_millis() as u64,
+                "Cluster successfully synced"
+            );
+            report(&service, &project, &snapshot, &commit_applied, &outcome).await;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = state.changed() => if changed.is_err() { return },
+            changed = leading.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(resync) => {}
+        }
+    }
+}
+
+async fn report(
+    service: &KasChannel,
+    project: &ManifestProject,
+    snapshot: &ManifestSnapshot,
+    commit_applied: &str,
+    outcome: &SyncOutcome,
+) {
+    use gitops_protocol::{ObjectStatus, SyncReport, gitops_status_client::GitopsStatusClient};
+    let finished = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let report = SyncReport {
+        project_id: project.id.clone(),
+        commit_seen: snapshot.commit_id.clone(),
+        commit_applied: commit_applied.to_owned(),
+        finished_at_unix: finished,
+        outcome: outcome.outcome().to_owned(),
+        message: outcome.error.clone().unwrap_or_default(),
+        objects: outcome
+            .objects
+            .iter()
+            .map(|o| ObjectStatus {
+                resource_key: o.resource_key.clone(),
+                source: o.source.clone(),
+                result: o.result.clone(),
+                health: o.health.clone(),
+                message: o.message.clone(),
+            })
+            .collect(),
+    };
+    if let Err(status) = GitopsStatusClient::new(service.clone())
+        .report_sync(report)
+        .await
+    {
+        warn!(code = ?status.code(), error = status.message(), "could not report the sync to kas");
     }
 }

@@ -45,6 +45,8 @@ pub struct AgentOptions {
     pub pod_name: String,
     /// How many reverse tunnels to keep open.
     pub reverse_tunnels: usize,
+    /// How to apply manifests; `None` only receives them.
+    pub apply: Option<gitops::ApplySettings>,
 }
 
 /// A running agent, for embedding (tests, benchmarks) as well as for `main`.
@@ -107,6 +109,7 @@ pub fn start(
         tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
         state_rx.clone(),
         Arc::new(gitops_tx),
+        options.apply.clone(),
         stop.clone(),
     ));
 

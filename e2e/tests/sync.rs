@@ -1,0 +1,130 @@
+//! agentk's sync plumbing with a recording applier standing in for the cluster: only the leader applies,
+//! a newer commit cancels the sync in flight, and every sync is reported to kas and shown in GraphQL.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agentk::gitops::{Applier, ApplySettings, ManifestSnapshot, ObjectOutcome, SyncOutcome};
+use e2e::{CONFIG_FILE, CONFIG_PROJECT, Harness, eventually};
+use gitops_config::agent::ManifestProject;
+use tokio::sync::watch;
+
+/// Records which commits it was asked to apply; hangs on `hang_on` as a slow apply would.
+struct Recording {
+    calls: Mutex<Vec<String>>,
+    finished: Mutex<Vec<String>>,
+    hang_on: Mutex<Option<String>>,
+}
+
+impl Applier for Recording {
+    fn apply<'a>(
+        &'a self,
+        _: &'a ManifestProject,
+        snapshot: &'a ManifestSnapshot,
+    ) -> Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>> {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push(snapshot.commit_id.clone());
+            if self.hang_on.lock().unwrap().as_deref() == Some(snapshot.commit_id.as_str()) {
+                std::future::pending::<()>().await;
+            }
+            self.finished
+                .lock()
+                .unwrap()
+                .push(snapshot.commit_id.clone());
+            SyncOutcome {
+                objects: snapshot
+                    .files
+                    .iter()
+                    .map(|(path, _)| ObjectOutcome {
+                        resource_key: format!("/ConfigMap/default/{path}"),
+                        source: format!("{path}#0"),
+                        result: "created".into(),
+                        sync_result: format!("configmap/{path} created"),
+                        health: "Current".into(),
+                        message: String::new(),
+                    })
+                    .collect(),
+                error: None,
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn only_the_leader_applies_newer_commits_cancel_and_syncs_are_reported() -> anyhow::Result<()>
+{
+    let h = Harness::start(false).await?;
+    h.git.create_repo("group/apps", false)?;
+    let v1 = h
+        .git
+        .commit_files("group/apps", &[("a.yaml", Some("kind: ConfigMap\n"))], "v1")?;
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some("gitops:\n  manifest_projects:\n  - id: group/apps\n    paths:\n    - glob: '*.yaml'\n"))],
+        "config",
+    )?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let applier = Arc::new(Recording {
+        calls: Mutex::default(),
+        finished: Mutex::default(),
+        hang_on: Mutex::new(Some(v1.clone())),
+    });
+    let (leading_tx, leading) = watch::channel(false);
+    let settings = ApplySettings {
+        applier: applier.clone(),
+        leading,
+        resync: Duration::from_secs(3600),
+    };
+    let agent = h.agent_with(h.client_config("grpc", &secret), Some(settings))?;
+
+    // A follower receives but does not apply.
+    eventually(Duration::from_secs(15), "the snapshot", || async {
+        Ok(agent
+            .gitops
+            .borrow()
+            .get("group/apps")
+            .is_some_and(|p| p.snapshot.is_some()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        applier.calls.lock().unwrap().is_empty(),
+        "a follower applied"
+    );
+
+    // Leading: v1 starts and hangs; v2 arrives and cancels it.
+    leading_tx.send_replace(true);
+    eventually(Duration::from_secs(5), "the v1 sync to start", || async {
+        Ok(applier.calls.lock().unwrap().len() == 1)
+    })
+    .await?;
+    let v2 = h
+        .git
+        .commit_files("group/apps", &[("b.yaml", Some("kind: ConfigMap\n"))], "v2")?;
+    eventually(Duration::from_secs(10), "the v2 sync", || async {
+        Ok(applier.finished.lock().unwrap().contains(&v2))
+    })
+    .await?;
+    assert_eq!(*applier.calls.lock().unwrap(), vec![v1.clone(), v2.clone()]);
+    assert!(
+        !applier.finished.lock().unwrap().contains(&v1),
+        "the v1 sync was not cancelled"
+    );
+
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ commitSeen commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#
+    );
+    eventually(Duration::from_secs(5), "the report in GraphQL", || async {
+        let view = h.graphql(&query).await?;
+        let sync = &view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"];
+        Ok(sync["commitApplied"] == v2.as_str()
+            && sync["outcome"] == "synced"
+            && sync["objects"].as_array().is_some_and(|o| o.len() == 2))
+    })
+    .await?;
+    agent.shutdown().await;
+    Ok(())
+}
