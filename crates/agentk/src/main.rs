@@ -142,6 +142,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
         pod_name: std::env::var("POD_NAME").unwrap_or_default(),
         reverse_tunnels: 2,
+        // Applying manifests arrives with the apply engine; until then agentk receives and reports them.
+        apply: None,
     };
     let mut agent = agentk::start(client, options, Some(logs))?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

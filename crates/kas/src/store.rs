@@ -281,13 +281,12 @@ impl Store {
             let mut active = 0;
             for entry in index.range((agent_id, 0)..=(agent_id, u64::MAX))? {
                 let token_id = entry?.0.value().1;
-                if let Some(v) = tokens.get(token_id)? {
-                    if decode::<TokenRecord>("tokens", v.value())?
+                if let Some(v) = tokens.get(token_id)?
+                    && decode::<TokenRecord>("tokens", v.value())?
                         .revoked_at
                         .is_none()
-                    {
-                        active += 1;
-                    }
+                {
+                    active += 1;
                 }
             }
             if active >= max_active {

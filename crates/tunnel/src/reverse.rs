@@ -80,9 +80,12 @@ impl tower::Service<Request<Body>> for TunnelChannel {
     }
 }
 
+/// One open tunnel: its id in the registry and the HTTP/2 client over it.
+type Tunnel = (u64, SendRequest<Body>);
+
 /// kas's record of the tunnels each agent has open, keyed by whatever identifies an agent.
 pub struct TunnelRegistry<K> {
-    tunnels: Mutex<HashMap<K, Vec<(u64, SendRequest<Body>)>>>,
+    tunnels: Mutex<HashMap<K, Vec<Tunnel>>>,
     next_id: AtomicU64,
     changed: Notify,
 }
