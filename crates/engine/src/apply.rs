@@ -1,0 +1,422 @@
+//! Resolve kinds by discovery, order, and server-side apply each object.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiResource, Discovery, Scope};
+use serde_json::Value;
+
+use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
+use crate::error::{EngineError, kube_error_message};
+use crate::key::{ObjectKey, split_api_version};
+use crate::order::order;
+use crate::result::{ObjectResult, Outcome, SyncReport};
+
+const CRD_GROUP: &str = "apiextensions.k8s.io";
+const CRD_KIND: &str = "CustomResourceDefinition";
+/// How long a CRD applied in this sync may take to be established before its custom resources fail.
+const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `dry_run_strategy` of the agent configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DryRunStrategy {
+    /// Apply for real.
+    #[default]
+    None,
+    /// Write nothing and ask the apiserver nothing but reads: an object is "created" when it does not
+    /// exist and "configured" when it does.
+    Client,
+    /// Server-side apply with `dryRun=All`: the apiserver validates and admits but stores nothing.
+    Server,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Set on namespaced objects that have no namespace.
+    pub default_namespace: String,
+    /// The server-side apply field manager.
+    pub field_manager: String,
+    pub dry_run: DryRunStrategy,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self {
+            default_namespace: "default".into(),
+            field_manager: "agentk".into(),
+            dry_run: DryRunStrategy::None,
+        }
+    }
+}
+
+/// How an object's kind was resolved.
+#[derive(Debug, Clone)]
+enum Resolution {
+    Served(ApiResource),
+    /// Defined by a CRD in this set that the cluster does not serve yet: discovered after it is applied.
+    Pending(GroupVersionKind),
+}
+
+struct Resolved {
+    key: ObjectKey,
+    origin: ObjectOrigin,
+    object: DynamicObject,
+    resolution: Resolution,
+}
+
+/// Decodes, resolves, orders and applies `files` (the manifest project at one commit). Only a
+/// discovery failure is an error; everything else is in the per-object results.
+pub async fn apply(
+    client: &Client,
+    files: &[ManifestFile],
+    options: &ApplyOptions,
+) -> Result<SyncReport, EngineError> {
+    let mut report = SyncReport::default();
+    let dry_run = options.dry_run != DryRunStrategy::None;
+    let fail = |key: Option<ObjectKey>, origin: ObjectOrigin, message: String| ObjectResult {
+        key,
+        origin,
+        outcome: Outcome::Failed(message),
+        dry_run,
+    };
+
+    let mut decoded = Vec::new();
+    for item in decode_files(files) {
+        match item {
+            Ok(object) => decoded.push(object),
+            Err(e) => {
+                let origin = match &e {
+                    EngineError::InvalidDocument { origin, .. } => origin.clone(),
+                    _ => unreachable_origin(),
+                };
+                report.results.push(fail(None, origin, e.to_string()));
+            }
+        }
+    }
+
+    let mut discovery = discover(client, &decoded).await?;
+    let crd_scopes = crd_scopes(&decoded);
+
+    // Resolve kinds, default namespaces, compute keys, drop duplicates.
+    let mut resolved: Vec<Resolved> = Vec::new();
+    let mut first_origin: HashMap<ObjectKey, ObjectOrigin> = HashMap::new();
+    for DecodedObject { origin, mut object } in decoded {
+        let types = object.types.clone().unwrap_or_default();
+        let (group, version) = split_api_version(&types.api_version);
+        let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+        let (resolution, namespaced) = match discovery.resolve_gvk(&gvk) {
+            Some((resource, caps)) => (
+                Resolution::Served(resource),
+                caps.scope == Scope::Namespaced,
+            ),
+            None => {
+                match crd_scopes.get(&(group.to_string(), version.to_string(), types.kind.clone()))
+                {
+                    Some(namespaced) => (Resolution::Pending(gvk.clone()), *namespaced),
+                    None => {
+                        let e = EngineError::UnknownKind {
+                            origin: origin.clone(),
+                            api_version: types.api_version.clone(),
+                            kind: types.kind.clone(),
+                        };
+                        let key = key_of(&object, &gvk, object.metadata.namespace.clone());
+                        report.results.push(fail(Some(key), origin, e.to_string()));
+                        continue;
+                    }
+                }
+            }
+        };
+        if namespaced {
+            if object
+                .metadata
+                .namespace
+                .as_deref()
+                .is_none_or(str::is_empty)
+            {
+                object.metadata.namespace = Some(options.default_namespace.clone());
+            }
+        } else {
+            // kubectl ignores a namespace on cluster-scoped objects too; keeping it would make the key wrong.
+            object.metadata.namespace = None;
+        }
+        let key = key_of(&object, &gvk, object.metadata.namespace.clone());
+        if let Some(first) = first_origin.get(&key) {
+            let e = EngineError::DuplicateObject {
+                origin: origin.clone(),
+                first: first.clone(),
+            };
+            report.results.push(fail(Some(key), origin, e.to_string()));
+            continue;
+        }
+        first_origin.insert(key.clone(), origin.clone());
+        resolved.push(Resolved {
+            key,
+            origin,
+            object,
+            resolution,
+        });
+    }
+
+    let plan = {
+        let items: Vec<(ObjectKey, &DynamicObject)> = resolved
+            .iter()
+            .map(|r| (r.key.clone(), &r.object))
+            .collect();
+        order(&items)
+    };
+    // Final outcome per object, for skipping dependents.
+    let mut outcome_of: Vec<Option<Outcome>> = vec![None; resolved.len()];
+    for (i, e) in plan.failed {
+        let r = &resolved[i];
+        outcome_of[i] = Some(Outcome::Failed(e.to_string()));
+        report
+            .results
+            .push(fail(Some(r.key.clone()), r.origin.clone(), e.to_string()));
+    }
+
+    // CRDs applied (for real) since the last discovery: their kinds are looked up again before use.
+    let mut crds_applied: Vec<String> = Vec::new();
+    for i in plan.sequence {
+        let r = &resolved[i];
+        let blocked = plan.dependencies[i]
+            .iter()
+            .find(|&&d| outcome_of[d].as_ref().is_some_and(|o| !o.is_success()));
+        let outcome = if let Some(&d) = blocked {
+            let verb = outcome_of[d]
+                .as_ref()
+                .map(Outcome::verb)
+                .unwrap_or_default();
+            Outcome::Skipped(format!(
+                "depends on {} which {verb}",
+                resolved[d].key.resource_key()
+            ))
+        } else {
+            let resource = match &r.resolution {
+                Resolution::Served(resource) => Ok(resource.clone()),
+                Resolution::Pending(gvk) => {
+                    if !crds_applied.is_empty() {
+                        refresh_after_crds(client, &mut discovery, &resolved, &mut crds_applied).await
+                    } else {
+                        Ok(())
+                    }
+                    .and_then(|()| {
+                        discovery.resolve_gvk(gvk).map(|(resource, _)| resource).ok_or_else(|| {
+                            if dry_run {
+                                "its CustomResourceDefinition was only applied in a dry run".to_string()
+                            } else {
+                                format!("kind {} is still not served after applying its CustomResourceDefinition", gvk.kind)
+                            }
+                        })
+                    })
+                }
+            };
+            match resource {
+                Ok(resource) => apply_object(client, &resource, r, options).await,
+                Err(message) => Outcome::Failed(message),
+            }
+        };
+        tracing::debug!(resource_key = %r.key, origin = %r.origin, outcome = outcome.verb(), "applied object");
+        if outcome.is_success() && !dry_run && r.key.group == CRD_GROUP && r.key.kind == CRD_KIND {
+            crds_applied.push(r.key.name.clone());
+        }
+        outcome_of[i] = Some(outcome.clone());
+        report.results.push(ObjectResult {
+            key: Some(r.key.clone()),
+            origin: r.origin.clone(),
+            outcome,
+            dry_run,
+        });
+    }
+    Ok(report)
+}
+
+/// Decode errors are always `InvalidDocument`; this only keeps the match total.
+fn unreachable_origin() -> ObjectOrigin {
+    ObjectOrigin {
+        path: String::new(),
+        document_index: 0,
+        list_item_index: None,
+    }
+}
+
+fn key_of(object: &DynamicObject, gvk: &GroupVersionKind, namespace: Option<String>) -> ObjectKey {
+    ObjectKey {
+        group: gvk.group.clone(),
+        kind: gvk.kind.clone(),
+        namespace,
+        name: object.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Discovery of only the groups the set uses (plus the CRD group), with aggregated discovery (two
+/// requests) and the per-group walk as fallback for apiservers without it.
+async fn discover(client: &Client, objects: &[DecodedObject]) -> Result<Discovery, EngineError> {
+    let mut groups: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| o.object.types.as_ref())
+        .map(|t| split_api_version(&t.api_version).0.to_string())
+        .collect();
+    groups.insert(CRD_GROUP.into());
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    match Discovery::new(client.clone())
+        .filter(&groups)
+        .run_aggregated()
+        .await
+    {
+        Ok(discovery) => Ok(discovery),
+        Err(e) => {
+            tracing::debug!(error = %e, "aggregated discovery failed; discovering group by group");
+            Discovery::new(client.clone())
+                .filter(&groups)
+                .run()
+                .await
+                .map_err(EngineError::Discovery)
+        }
+    }
+}
+
+/// (group, version, kind) → namespaced, for every version served by a CRD in the set.
+fn crd_scopes(objects: &[DecodedObject]) -> HashMap<(String, String, String), bool> {
+    let mut scopes = HashMap::new();
+    for o in objects {
+        let Some(types) = &o.object.types else {
+            continue;
+        };
+        if split_api_version(&types.api_version).0 != CRD_GROUP || types.kind != CRD_KIND {
+            continue;
+        }
+        let spec = &o.object.data["spec"];
+        let (Some(group), Some(kind)) = (spec["group"].as_str(), spec["names"]["kind"].as_str())
+        else {
+            continue;
+        };
+        let namespaced = spec["scope"].as_str() != Some("Cluster");
+        for version in spec["versions"].as_array().into_iter().flatten() {
+            if let Some(version) = version["name"].as_str() {
+                scopes.insert(
+                    (group.to_string(), version.to_string(), kind.to_string()),
+                    namespaced,
+                );
+            }
+        }
+    }
+    scopes
+}
+
+/// Waits until the CRDs applied since the last discovery are established, then discovers again.
+async fn refresh_after_crds(
+    client: &Client,
+    discovery: &mut Discovery,
+    resolved: &[Resolved],
+    crds_applied: &mut Vec<String>,
+) -> Result<(), String> {
+    let crd_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(CRD_GROUP, "v1", CRD_KIND),
+        "customresourcedefinitions",
+    );
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
+    for name in crds_applied.drain(..) {
+        wait_established(&api, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let decoded: Vec<DecodedObject> = resolved
+        .iter()
+        .map(|r| DecodedObject {
+            origin: r.origin.clone(),
+            object: r.object.clone(),
+        })
+        .collect();
+    *discovery = discover(client, &decoded)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn wait_established(api: &Api<DynamicObject>, name: &str) -> Result<(), EngineError> {
+    let deadline = tokio::time::Instant::now() + CRD_ESTABLISH_TIMEOUT;
+    loop {
+        let crd = api.get(name).await.map_err(EngineError::Kube)?;
+        let established = crd.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Established" && c["status"] == "True");
+        if established {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(EngineError::CrdNotEstablished {
+                name: name.to_string(),
+                reason: format!("not Established after {CRD_ESTABLISH_TIMEOUT:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One server-side apply. Created / configured / unchanged come from comparing with the object as it
+/// was before: an unchanged apply keeps the resourceVersion (the apiserver skips no-op writes).
+async fn apply_object(
+    client: &Client,
+    resource: &ApiResource,
+    r: &Resolved,
+    options: &ApplyOptions,
+) -> Outcome {
+    let api: Api<DynamicObject> = match &r.key.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    };
+    tracing::info!(
+        resource = %format!("{}/{}", r.key.kind, r.key.name),
+        namespace = r.key.namespace.as_deref().unwrap_or_default(),
+        "Applying resource"
+    );
+    let before = match api.get_opt(&r.key.name).await {
+        Ok(before) => before,
+        Err(e) => return Outcome::Failed(kube_error_message(&e)),
+    };
+    if options.dry_run == DryRunStrategy::Client {
+        return if before.is_some() {
+            Outcome::Configured
+        } else {
+            Outcome::Created
+        };
+    }
+    let mut params = PatchParams::apply(&options.field_manager).force();
+    params.dry_run = options.dry_run == DryRunStrategy::Server;
+    let after = match api
+        .patch(&r.key.name, &params, &Patch::Apply(&r.object))
+        .await
+    {
+        Ok(after) => after,
+        Err(e) => return Outcome::Failed(kube_error_message(&e)),
+    };
+    let Some(before) = before else {
+        return Outcome::Created;
+    };
+    let changed = if params.dry_run {
+        // A dry run stores nothing, so the resourceVersion never moves: compare the objects instead.
+        comparable(&before) != comparable(&after)
+    } else {
+        before.metadata.resource_version != after.metadata.resource_version
+    };
+    if changed {
+        Outcome::Configured
+    } else {
+        Outcome::Unchanged
+    }
+}
+
+/// The object without the fields a dry-run apply changes even when nothing else does.
+fn comparable(object: &DynamicObject) -> Value {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        metadata.remove("managedFields");
+        metadata.remove("resourceVersion");
+    }
+    value
+}

@@ -1,0 +1,30 @@
+//! The GitOps apply engine: the files of one manifest project at one commit in, per-object results out.
+//!
+//! The flow of [`apply`]:
+//! 1. [`decode`]: multi-document YAML and JSON files become objects, each keeping its origin (file and
+//!    document index); `kind: List` is flattened; an invalid document becomes a failed result of its own.
+//! 2. Resolve: each kind is looked up by API discovery (only the groups the set uses) to find its
+//!    resource and scope; namespaced objects without a namespace get `default_namespace`. A kind whose
+//!    CustomResourceDefinition is in the same set resolves from that CRD and is discovered again once
+//!    the CRD is applied and established.
+//! 3. [`order`]: Namespaces and CRDs first, then cli-utils' kind order, honouring
+//!    `config.kubernetes.io/depends-on` and the implicit edges object → its Namespace and custom resource
+//!    → its CRD; cycles fail the objects in them.
+//! 4. Apply: server-side apply with the field manager (`agentk`), forcing conflicts, honouring the dry-run
+//!    strategy. An object whose dependency failed or was skipped is skipped with the reason.
+//!
+//! Nothing but a failure to talk to the cluster at all (discovery) fails the whole sync: every other
+//! problem is one object's result, so valid objects are applied whatever else is in the set.
+
+pub mod apply;
+pub mod decode;
+pub mod error;
+pub mod key;
+pub mod order;
+pub mod result;
+
+pub use apply::{ApplyOptions, DryRunStrategy, apply};
+pub use decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
+pub use error::EngineError;
+pub use key::ObjectKey;
+pub use result::{ObjectResult, Outcome, SyncReport};

@@ -1,0 +1,103 @@
+//! What happened to each object in a sync.
+
+use crate::decode::ObjectOrigin;
+use crate::key::ObjectKey;
+
+/// What the apply did (or would do, in a dry run) to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Configured,
+    Unchanged,
+    /// The object is invalid, unknown, in a cycle, or the apiserver refused it.
+    Failed(String),
+    /// Not attempted because an object it depends on failed or was skipped.
+    Skipped(String),
+}
+
+impl Outcome {
+    /// The word kubectl (and GitLab's `sync_result`) uses.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Configured => "configured",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Failed(_) => "failed",
+            Outcome::Skipped(_) => "skipped",
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Created | Outcome::Configured | Outcome::Unchanged
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectResult {
+    /// `None` only for documents too broken to name an object.
+    pub key: Option<ObjectKey>,
+    pub origin: ObjectOrigin,
+    pub outcome: Outcome,
+    /// The outcome is what a dry run reported (client: from the object's existence; server: from the
+    /// apiserver's dry-run answer); nothing was written.
+    pub dry_run: bool,
+}
+
+impl ObjectResult {
+    /// See [`ObjectKey::resource_key`]; for unnamed documents, the origin.
+    pub fn resource_key(&self) -> String {
+        match &self.key {
+            Some(key) => key.resource_key(),
+            None => self.origin.to_string(),
+        }
+    }
+
+    /// kubectl-like: `deployment.apps/nginx-deployment configured`, with ` (dry run)` or
+    /// ` (server dry run)` as kubectl prints them.
+    pub fn sync_result(&self) -> String {
+        let name = match &self.key {
+            Some(key) => key.kubectl_name(),
+            None => self.origin.to_string(),
+        };
+        let suffix = if self.dry_run { " (dry run)" } else { "" };
+        format!("{name} {}{suffix}", self.outcome.verb())
+    }
+
+    /// The failure or skip reason, if any.
+    pub fn message(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Failed(message) | Outcome::Skipped(message) => Some(message),
+            _ => None,
+        }
+    }
+}
+
+/// All results of one sync: decode and resolve failures first, then the objects in apply order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub results: Vec<ObjectResult>,
+}
+
+impl SyncReport {
+    /// The result for a `resource_key`, if the set had that object.
+    pub fn get(&self, resource_key: &str) -> Option<&ObjectResult> {
+        self.results
+            .iter()
+            .find(|r| r.resource_key() == resource_key)
+    }
+
+    pub fn count(&self, verb: &str) -> usize {
+        self.results
+            .iter()
+            .filter(|r| r.outcome.verb() == verb)
+            .count()
+    }
+
+    /// True when every object was applied (nothing failed or skipped): the condition for pruning.
+    pub fn all_succeeded(&self) -> bool {
+        self.results.iter().all(|r| r.outcome.is_success())
+    }
+}
