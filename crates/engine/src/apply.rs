@@ -359,7 +359,7 @@ async fn wait_established(api: &Api<DynamicObject>, name: &str) -> Result<(), En
 }
 
 /// One server-side apply. Created / configured / unchanged come from comparing with the object as it
-/// was before: an unchanged apply keeps the resourceVersion (the apiserver skips no-op writes).
+/// was just before.
 async fn apply_object(
     client: &Client,
     resource: &ApiResource,
@@ -398,12 +398,12 @@ async fn apply_object(
     let Some(before) = before else {
         return Outcome::Created;
     };
-    let changed = if params.dry_run {
-        // A dry run stores nothing, so the resourceVersion never moves: compare the objects instead.
-        comparable(&before) != comparable(&after)
-    } else {
-        before.metadata.resource_version != after.metadata.resource_version
-    };
+    // An unchanged apply keeps the resourceVersion (the apiserver skips no-op writes). A dry run never
+    // moves it, and a controller may write status between our read and our apply: so when the
+    // resourceVersion alone cannot tell, compare the objects without the fields others touch.
+    let changed = (params.dry_run
+        || before.metadata.resource_version != after.metadata.resource_version)
+        && comparable(&before) != comparable(&after);
     if changed {
         Outcome::Configured
     } else {
@@ -411,9 +411,12 @@ async fn apply_object(
     }
 }
 
-/// The object without the fields a dry-run apply changes even when nothing else does.
+/// The object without what changes without a change of the desired state: bookkeeping and status.
 fn comparable(object: &DynamicObject) -> Value {
     let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.remove("status");
+    }
     if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         metadata.remove("managedFields");
         metadata.remove("resourceVersion");

@@ -1,0 +1,464 @@
+//! The engine against a real kube-apiserver. Needs `cargo xtask test` (or `cargo xtask cluster up` and
+//! its exported `GITOPS_TEST_ENV`); fails without it.
+
+use std::time::{Duration, Instant};
+
+use gitops_engine::{ApplyOptions, DryRunStrategy, ManifestFile, Outcome, SyncReport, apply};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use kube::Api;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind};
+use test_support::cluster::{TestNamespace, kube_client};
+use test_support::env::unique_name;
+
+fn file(path: &str, text: &str) -> ManifestFile {
+    ManifestFile::new(path, text)
+}
+
+fn options(namespace: &str) -> ApplyOptions {
+    ApplyOptions {
+        default_namespace: namespace.to_string(),
+        ..Default::default()
+    }
+}
+
+fn deployment_yaml(ns: &str, name: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+      - name: web
+        image: registry.invalid/web:1
+"#
+    )
+}
+
+/// `(resource_key, sync_result)` of every result, for readable assertions.
+fn summary(report: &SyncReport) -> Vec<(String, String)> {
+    report
+        .results
+        .iter()
+        .map(|r| (r.resource_key(), r.sync_result()))
+        .collect()
+}
+
+fn outcome<'a>(report: &'a SyncReport, resource_key: &str) -> &'a Outcome {
+    &report
+        .get(resource_key)
+        .unwrap_or_else(|| panic!("no result for {resource_key} in {:#?}", report.results))
+        .outcome
+}
+
+#[tokio::test]
+async fn create_then_reapply_unchanged_then_update() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-create").await?;
+    let n = &ns.name;
+    let configmap = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {n}\ndata:\n  a: b\n"
+    );
+    let v1 = [
+        file(
+            "app/deploy.yaml",
+            &deployment_yaml(n, "nginx-deployment", 1),
+        ),
+        file("app/config.yaml", &configmap),
+    ];
+    let report = apply(&ns.client, &v1, &options(n)).await?;
+    // ConfigMaps go before Deployments whatever the file order.
+    assert_eq!(
+        summary(&report),
+        [
+            (
+                format!("/ConfigMap/{n}/settings"),
+                "configmap/settings created".to_string()
+            ),
+            (
+                format!("apps/Deployment/{n}/nginx-deployment"),
+                "deployment.apps/nginx-deployment created".to_string()
+            ),
+        ]
+    );
+    assert_eq!(report.results[1].origin.path, "app/deploy.yaml");
+
+    let again = apply(&ns.client, &v1, &options(n)).await?;
+    assert!(
+        again
+            .results
+            .iter()
+            .all(|r| r.outcome == Outcome::Unchanged),
+        "{:#?}",
+        again.results
+    );
+    assert_eq!(
+        again.results[1].sync_result(),
+        "deployment.apps/nginx-deployment unchanged"
+    );
+
+    let v2 = [
+        file(
+            "app/deploy.yaml",
+            &deployment_yaml(n, "nginx-deployment", 2),
+        ),
+        file("app/config.yaml", &configmap),
+    ];
+    let update = apply(&ns.client, &v2, &options(n)).await?;
+    assert_eq!(
+        outcome(&update, &format!("apps/Deployment/{n}/nginx-deployment")),
+        &Outcome::Configured
+    );
+    assert_eq!(
+        outcome(&update, &format!("/ConfigMap/{n}/settings")),
+        &Outcome::Unchanged
+    );
+    // The field manager is agentk, and the update reaches the pods (kwok runs them).
+    let deployments = ns.api::<Deployment>();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let d = deployments.get("nginx-deployment").await?;
+        let managers: Vec<_> = d
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert!(managers.contains(&"agentk".to_string()), "{managers:?}");
+        if d.status.and_then(|s| s.ready_replicas) == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deployment never got 2 ready replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn crd_and_its_custom_resource_in_one_set_whatever_the_file_order() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-crd").await?;
+    let group = format!("{}.example.com", unique_name("engine"));
+    let crd_name = format!("widgets.{group}");
+    let crd = format!(
+        r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: {crd_name}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
+"#
+    );
+    // No namespace: the default namespace comes from the CRD's scope, as the kind is not served yet.
+    let widget =
+        format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\nspec:\n  size: 3\n");
+    // The custom resource's file sorts first.
+    let files = [file("a-widget.yaml", &widget), file("b-crd.yaml", &crd)];
+    let report = apply(&ns.client, &files, &options(&ns.name)).await?;
+    assert_eq!(
+        summary(&report),
+        [
+            (
+                format!("apiextensions.k8s.io/CustomResourceDefinition//{crd_name}"),
+                format!("customresourcedefinition.apiextensions.k8s.io/{crd_name} created")
+            ),
+            (
+                format!("{group}/Widget/{}/w1", ns.name),
+                format!("widget.{group}/w1 created")
+            ),
+        ]
+    );
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&group, "v1", "Widget"),
+        "widgets",
+    );
+    let widgets: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    assert_eq!(widgets.get("w1").await?.data["spec"]["size"], 3);
+
+    // Reversed file order, now with both known to the cluster: nothing to do.
+    let reversed = [file("a-crd.yaml", &crd), file("b-widget.yaml", &widget)];
+    let again = apply(&ns.client, &reversed, &options(&ns.name)).await?;
+    assert!(
+        again
+            .results
+            .iter()
+            .all(|r| r.outcome == Outcome::Unchanged),
+        "{:#?}",
+        again.results
+    );
+
+    let crds = crd_api(&ns.client);
+    crds.delete(&crd_name, &DeleteParams::default()).await?;
+    ns.delete().await?;
+    Ok(())
+}
+
+fn crd_api(client: &kube::Client) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+        "customresourcedefinitions",
+    );
+    Api::all_with(client.clone(), &resource)
+}
+
+#[tokio::test]
+async fn namespace_and_its_objects_in_one_set_whatever_the_file_order() -> anyhow::Result<()> {
+    let client = kube_client().await?;
+    let name = unique_name("engine-ns");
+    let objects = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c1, namespace: {name}}}\n---\n{}",
+        deployment_yaml(&name, "web", 1)
+    );
+    let namespace = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+    let files = [
+        file("0-objects.yaml", &objects),
+        file("1-namespace.yaml", &namespace),
+    ];
+    let report = apply(&client, &files, &ApplyOptions::default()).await?;
+    let keys: Vec<_> = report.results.iter().map(|r| r.resource_key()).collect();
+    assert_eq!(
+        keys,
+        [
+            format!("/Namespace//{name}"),
+            format!("/ConfigMap/{name}/c1"),
+            format!("apps/Deployment/{name}/web")
+        ]
+    );
+    assert!(report.all_succeeded(), "{:#?}", report.results);
+    assert!(report.results.iter().all(|r| r.outcome == Outcome::Created));
+    Api::<ConfigMap>::namespaced(client.clone(), &name)
+        .get("c1")
+        .await?;
+    Api::<Namespace>::all(client)
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-invalid").await?;
+    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: good1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [broken\n---\nkind: ConfigMap\nmetadata: {name: no-api-version}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: good2}\n";
+    let unknown = "apiVersion: nothing.example.com/v1\nkind: Gadget\nmetadata: {name: g}\n";
+    let files = [file("mixed.yaml", text), file("unknown.yaml", unknown)];
+    let report = apply(&ns.client, &files, &options(&ns.name)).await?;
+    let failures: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| {
+            r.message().map(|m| {
+                (
+                    r.origin.path.clone(),
+                    r.origin.document_index,
+                    m.to_string(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(failures.len(), 3, "{failures:#?}");
+    assert_eq!((failures[0].0.as_str(), failures[0].1), ("mixed.yaml", 1));
+    assert!(
+        failures[0].2.starts_with("mixed.yaml, document 1, line 8"),
+        "{}",
+        failures[0].2
+    );
+    assert_eq!((failures[1].0.as_str(), failures[1].1), ("mixed.yaml", 2));
+    assert!(
+        failures[1].2.contains("missing apiVersion"),
+        "{}",
+        failures[1].2
+    );
+    assert!(
+        failures[2].2.contains("unknown kind Gadget"),
+        "{}",
+        failures[2].2
+    );
+    assert_eq!(
+        report.results[0].sync_result(),
+        "mixed.yaml, document 1 failed"
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{}/good1", ns.name)),
+        &Outcome::Created
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{}/good2", ns.name)),
+        &Outcome::Created
+    );
+    assert!(!report.all_succeeded());
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn depends_on_orders_and_skips_dependents_of_failures() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-deps").await?;
+    let n = &ns.name;
+    // The ConfigMap waits for the Deployment (against kind order); "needs-bad" waits for a Service
+    // the apiserver refuses, and "needs-needs-bad" for that one.
+    let text = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: after-deploy
+  annotations:
+    config.kubernetes.io/depends-on: apps/namespaces/{n}/Deployment/web
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bad}}
+spec:
+  type: NotAType
+  ports: [{{port: 80}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: needs-bad
+  annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/Service/bad}}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: needs-needs-bad
+  annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/ConfigMap/needs-bad}}
+---
+{}"#,
+        deployment_yaml(n, "web", 1)
+    );
+    let report = apply(&ns.client, &[file("deps.yaml", &text)], &options(n)).await?;
+    let order: Vec<_> = report
+        .results
+        .iter()
+        .map(|r| r.key.as_ref().unwrap().name.clone())
+        .collect();
+    let position = |name: &str| order.iter().position(|o| o == name).unwrap();
+    assert!(position("web") < position("after-deploy"), "{order:?}");
+    assert_eq!(
+        outcome(&report, &format!("apps/Deployment/{n}/web")),
+        &Outcome::Created
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/after-deploy")),
+        &Outcome::Created
+    );
+    assert!(
+        matches!(outcome(&report, &format!("/Service/{n}/bad")), Outcome::Failed(m) if m.contains("NotAType"))
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/needs-bad")),
+        &Outcome::Skipped(format!("depends on /Service/{n}/bad which failed"))
+    );
+    assert_eq!(
+        outcome(&report, &format!("/Secret/{n}/needs-needs-bad")),
+        &Outcome::Skipped(format!("depends on /ConfigMap/{n}/needs-bad which skipped"))
+    );
+    assert!(
+        Api::<ConfigMap>::namespaced(ns.client.clone(), n)
+            .get_opt("needs-bad")
+            .await?
+            .is_none()
+    );
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn default_namespace_and_kind_list() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-list").await?;
+    let list = r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: from-list}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: svc}
+  spec:
+    ports: [{port: 80}]
+"#;
+    let json = r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "from-json"}}"#;
+    let files = [file("list.yml", list), file("cm.json", json)];
+    let report = apply(&ns.client, &files, &options(&ns.name)).await?;
+    assert!(report.all_succeeded(), "{:#?}", report.results);
+    let configmaps = ns.api::<ConfigMap>();
+    configmaps.get("from-list").await?;
+    configmaps.get("from-json").await?;
+    ns.api::<Service>().get("svc").await?;
+    let svc = report.get(&format!("/Service/{}/svc", ns.name)).unwrap();
+    assert_eq!(
+        (svc.origin.path.as_str(), svc.origin.list_item_index),
+        ("list.yml", Some(1))
+    );
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dry_runs_write_nothing() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-dry").await?;
+    let files = [file("d.yaml", &deployment_yaml(&ns.name, "web", 1))];
+    let key = format!("apps/Deployment/{}/web", ns.name);
+    for strategy in [DryRunStrategy::Server, DryRunStrategy::Client] {
+        let opts = ApplyOptions {
+            dry_run: strategy,
+            ..options(&ns.name)
+        };
+        let report = apply(&ns.client, &files, &opts).await?;
+        let result = report.get(&key).unwrap();
+        assert_eq!(
+            (&result.outcome, result.dry_run),
+            (&Outcome::Created, true),
+            "{strategy:?}"
+        );
+        assert_eq!(
+            result.sync_result(),
+            "deployment.apps/web created (dry run)"
+        );
+        assert!(
+            ns.api::<Deployment>().get_opt("web").await?.is_none(),
+            "{strategy:?} created it"
+        );
+    }
+    // Once it exists, a server dry run tells a change from no change.
+    apply(&ns.client, &files, &options(&ns.name)).await?;
+    let server = ApplyOptions {
+        dry_run: DryRunStrategy::Server,
+        ..options(&ns.name)
+    };
+    let same = apply(&ns.client, &files, &server).await?;
+    assert_eq!(outcome(&same, &key), &Outcome::Unchanged);
+    let scaled = [file("d.yaml", &deployment_yaml(&ns.name, "web", 3))];
+    let changed = apply(&ns.client, &scaled, &server).await?;
+    assert_eq!(outcome(&changed, &key), &Outcome::Configured);
+    let stored = ns.api::<Deployment>().get("web").await?;
+    assert_eq!(stored.spec.and_then(|s| s.replicas), Some(1));
+    ns.delete().await?;
+    Ok(())
+}
