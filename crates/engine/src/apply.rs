@@ -3,16 +3,19 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiResource, Discovery, Scope};
 use serde_json::Value;
 
 use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 use crate::error::{EngineError, kube_error_message};
+use crate::inventory::{InventoryPolicy, InventoryRef, OWNING_INVENTORY_ANNOTATION};
 use crate::key::{ObjectKey, split_api_version};
 use crate::order::order;
+use crate::prune::prune;
 use crate::result::{ObjectResult, Outcome, SyncReport};
 
 const CRD_GROUP: &str = "apiextensions.k8s.io";
@@ -40,6 +43,33 @@ pub struct ApplyOptions {
     /// The server-side apply field manager.
     pub field_manager: String,
     pub dry_run: DryRunStrategy,
+    /// Where to record what was applied, and whether to prune. `None`: no inventory, no pruning, no
+    /// ownership checks.
+    pub inventory: Option<InventoryOptions>,
+}
+
+/// The inventory of one (agent, manifest project) and what it allows.
+#[derive(Debug, Clone)]
+pub struct InventoryOptions {
+    pub location: InventoryRef,
+    /// `inventory_policy`.
+    pub policy: InventoryPolicy,
+    /// `prune`: delete objects that left the set. Never done when any object failed or was skipped.
+    pub prune: bool,
+    /// `prune_propagation_policy`.
+    pub prune_propagation_policy: PropagationPolicy,
+}
+
+impl InventoryOptions {
+    /// Pruning on, `must_match`, foreground propagation: GitLab agent's defaults.
+    pub fn new(location: InventoryRef) -> Self {
+        Self {
+            location,
+            policy: InventoryPolicy::MustMatch,
+            prune: true,
+            prune_propagation_policy: PropagationPolicy::Foreground,
+        }
+    }
 }
 
 impl Default for ApplyOptions {
@@ -48,6 +78,7 @@ impl Default for ApplyOptions {
             default_namespace: "default".into(),
             field_manager: "agentk".into(),
             dry_run: DryRunStrategy::None,
+            inventory: None,
         }
     }
 }
@@ -78,7 +109,7 @@ pub async fn apply(
     let dry_run = options.dry_run != DryRunStrategy::None;
     let fail = |key: Option<ObjectKey>, origin: ObjectOrigin, message: String| ObjectResult {
         key,
-        origin,
+        origin: Some(origin),
         outcome: Outcome::Failed(message),
         dry_run,
     };
@@ -88,16 +119,28 @@ pub async fn apply(
         match item {
             Ok(object) => decoded.push(object),
             Err(e) => {
-                let origin = match &e {
-                    EngineError::InvalidDocument { origin, .. } => origin.clone(),
-                    _ => unreachable_origin(),
-                };
+                let origin = e.origin().cloned().unwrap_or_else(|| ObjectOrigin {
+                    path: String::new(),
+                    document_index: 0,
+                    list_item_index: None,
+                });
                 report.results.push(fail(None, origin, e.to_string()));
             }
         }
     }
 
-    let mut discovery = discover(client, &decoded).await?;
+    let previous_inventory = match &options.inventory {
+        Some(inventory) => inventory.location.read(client).await?,
+        None => BTreeSet::new(),
+    };
+    let mut groups: BTreeSet<String> = decoded
+        .iter()
+        .filter_map(|o| o.object.types.as_ref())
+        .map(|t| split_api_version(&t.api_version).0.to_string())
+        .chain(previous_inventory.iter().map(|k| k.group.clone()))
+        .collect();
+    groups.insert(CRD_GROUP.into());
+    let mut discovery = discover(client, &groups).await?;
     let crd_scopes = crd_scopes(&decoded);
 
     // Resolve kinds, default namespaces, compute keys, drop duplicates.
@@ -198,7 +241,7 @@ pub async fn apply(
                 Resolution::Served(resource) => Ok(resource.clone()),
                 Resolution::Pending(gvk) => {
                     if !crds_applied.is_empty() {
-                        refresh_after_crds(client, &mut discovery, &resolved, &mut crds_applied).await
+                        refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
                     } else {
                         Ok(())
                     }
@@ -225,21 +268,73 @@ pub async fn apply(
         outcome_of[i] = Some(outcome.clone());
         report.results.push(ObjectResult {
             key: Some(r.key.clone()),
-            origin: r.origin.clone(),
+            origin: Some(r.origin.clone()),
             outcome,
             dry_run,
         });
     }
+
+    if let Some(inventory) = &options.inventory {
+        update_inventory(
+            client,
+            &discovery,
+            inventory,
+            previous_inventory,
+            &mut report,
+            options,
+        )
+        .await?;
+    }
     Ok(report)
 }
 
-/// Decode errors are always `InvalidDocument`; this only keeps the match total.
-fn unreachable_origin() -> ObjectOrigin {
-    ObjectOrigin {
-        path: String::new(),
-        document_index: 0,
-        list_item_index: None,
+/// Prunes what left the set (only when everything else succeeded) and records what this inventory
+/// owns now: the objects applied, plus earlier ones still in the cluster that were not pruned.
+async fn update_inventory(
+    client: &Client,
+    discovery: &Discovery,
+    inventory: &InventoryOptions,
+    previous: BTreeSet<ObjectKey>,
+    report: &mut SyncReport,
+    options: &ApplyOptions,
+) -> Result<(), EngineError> {
+    let dry_run = options.dry_run != DryRunStrategy::None;
+    let in_set: BTreeSet<ObjectKey> = report
+        .results
+        .iter()
+        .filter_map(|r| r.key.clone())
+        .collect();
+    // A failed object is recorded only if it was ours before: it may still be in the cluster.
+    let mut owned: BTreeSet<ObjectKey> = report
+        .results
+        .iter()
+        .filter(|r| r.outcome.is_success())
+        .filter_map(|r| r.key.clone())
+        .collect();
+    owned.extend(in_set.iter().filter(|k| previous.contains(*k)).cloned());
+    let gone: Vec<ObjectKey> = previous.difference(&in_set).cloned().collect();
+    if inventory.prune && report.all_succeeded() {
+        let pruned = prune(
+            client,
+            discovery,
+            gone,
+            &inventory.location.id(),
+            inventory.prune_propagation_policy.clone(),
+            dry_run,
+        )
+        .await;
+        owned.extend(pruned.still_owned);
+        report.results.extend(pruned.results);
+    } else {
+        owned.extend(gone);
     }
+    if !dry_run {
+        inventory
+            .location
+            .write(client, &owned, &options.field_manager)
+            .await?;
+    }
+    Ok(())
 }
 
 fn key_of(object: &DynamicObject, gvk: &GroupVersionKind, namespace: Option<String>) -> ObjectKey {
@@ -251,15 +346,9 @@ fn key_of(object: &DynamicObject, gvk: &GroupVersionKind, namespace: Option<Stri
     }
 }
 
-/// Discovery of only the groups the set uses (plus the CRD group), with aggregated discovery (two
+/// Discovery of only the groups the set and the inventory use, with aggregated discovery (two
 /// requests) and the per-group walk as fallback for apiservers without it.
-async fn discover(client: &Client, objects: &[DecodedObject]) -> Result<Discovery, EngineError> {
-    let mut groups: BTreeSet<String> = objects
-        .iter()
-        .filter_map(|o| o.object.types.as_ref())
-        .map(|t| split_api_version(&t.api_version).0.to_string())
-        .collect();
-    groups.insert(CRD_GROUP.into());
+async fn discover(client: &Client, groups: &BTreeSet<String>) -> Result<Discovery, EngineError> {
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     match Discovery::new(client.clone())
         .filter(&groups)
@@ -310,7 +399,7 @@ fn crd_scopes(objects: &[DecodedObject]) -> HashMap<(String, String, String), bo
 async fn refresh_after_crds(
     client: &Client,
     discovery: &mut Discovery,
-    resolved: &[Resolved],
+    groups: &BTreeSet<String>,
     crds_applied: &mut Vec<String>,
 ) -> Result<(), String> {
     let crd_resource = ApiResource::from_gvk_with_plural(
@@ -323,16 +412,7 @@ async fn refresh_after_crds(
             .await
             .map_err(|e| e.to_string())?;
     }
-    let decoded: Vec<DecodedObject> = resolved
-        .iter()
-        .map(|r| DecodedObject {
-            origin: r.origin.clone(),
-            object: r.object.clone(),
-        })
-        .collect();
-    *discovery = discover(client, &decoded)
-        .await
-        .map_err(|e| e.to_string())?;
+    *discovery = discover(client, groups).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -379,6 +459,25 @@ async fn apply_object(
         Ok(before) => before,
         Err(e) => return Outcome::Failed(kube_error_message(&e)),
     };
+    let mut desired = r.object.clone();
+    if let Some(inventory) = &options.inventory {
+        let ours = inventory.location.id();
+        if let Some(before) = &before {
+            let owner = before
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(OWNING_INVENTORY_ANNOTATION));
+            if let Err(reason) = inventory.policy.check(&ours, owner.map(String::as_str)) {
+                return Outcome::Failed(reason);
+            }
+        }
+        desired
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(OWNING_INVENTORY_ANNOTATION.to_string(), ours);
+    }
     if options.dry_run == DryRunStrategy::Client {
         return if before.is_some() {
             Outcome::Configured
@@ -389,7 +488,7 @@ async fn apply_object(
     let mut params = PatchParams::apply(&options.field_manager).force();
     params.dry_run = options.dry_run == DryRunStrategy::Server;
     let after = match api
-        .patch(&r.key.name, &params, &Patch::Apply(&r.object))
+        .patch(&r.key.name, &params, &Patch::Apply(&desired))
         .await
     {
         Ok(after) => after,
@@ -398,28 +497,86 @@ async fn apply_object(
     let Some(before) = before else {
         return Outcome::Created;
     };
-    // An unchanged apply keeps the resourceVersion (the apiserver skips no-op writes). A dry run never
-    // moves it, and a controller may write status between our read and our apply: so when the
-    // resourceVersion alone cannot tell, compare the objects without the fields others touch.
-    let changed = (params.dry_run
-        || before.metadata.resource_version != after.metadata.resource_version)
-        && comparable(&before) != comparable(&after);
-    if changed {
+    let moved =
+        params.dry_run || before.metadata.resource_version != after.metadata.resource_version;
+    if moved && apply_changed(&before, &after, &desired, &options.field_manager) {
         Outcome::Configured
     } else {
         Outcome::Unchanged
     }
 }
 
-/// The object without what changes without a change of the desired state: bookkeeping and status.
-fn comparable(object: &DynamicObject) -> Value {
-    let mut value = serde_json::to_value(object).unwrap_or_default();
-    if let Some(object) = value.as_object_mut() {
-        object.remove("status");
+/// Whether an apply that moved the resourceVersion (or was a dry run, which never moves it) changed what
+/// we manage. The resourceVersion alone over-reports: between our read and our apply, controllers write
+/// status and annotations (a Deployment's `deployment.kubernetes.io/revision`). So compare, before and
+/// after, the fields the manifest sets (both sides in the server's normalized form) and the set of
+/// fields our field manager owns (which catches fields the manifest stopped setting and SSA removed).
+fn apply_changed(
+    before: &DynamicObject,
+    after: &DynamicObject,
+    desired: &DynamicObject,
+    field_manager: &str,
+) -> bool {
+    let shape = serde_json::to_value(desired).unwrap_or_default();
+    let value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or_default();
+    project(&value(before), &shape) != project(&value(after), &shape)
+        || owned_fields(before, field_manager) != owned_fields(after, field_manager)
+}
+
+/// `actual` cut down to the keys present in `shape` (lists element by element, keeping their length).
+fn project(actual: &Value, shape: &Value) -> Value {
+    match (actual, shape) {
+        (Value::Object(actual), Value::Object(shape)) => Value::Object(
+            shape
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        k.clone(),
+                        actual.get(k).map_or(Value::Null, |a| project(a, s)),
+                    )
+                })
+                .collect(),
+        ),
+        (Value::Array(actual), Value::Array(shape)) => Value::Array(
+            actual
+                .iter()
+                .enumerate()
+                .map(|(i, a)| shape.get(i).map_or_else(|| a.clone(), |s| project(a, s)))
+                .collect(),
+        ),
+        _ => actual.clone(),
     }
-    if let Some(metadata) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        metadata.remove("managedFields");
-        metadata.remove("resourceVersion");
+}
+
+/// The fields our manager owns through apply (`managedFields[].fieldsV1`).
+fn owned_fields<'a>(object: &'a DynamicObject, field_manager: &str) -> Option<&'a FieldsV1> {
+    object
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| {
+            m.manager.as_deref() == Some(field_manager) && m.operation.as_deref() == Some("Apply")
+        })
+        .and_then(|m| m.fields_v1.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn projection_keeps_only_what_the_manifest_sets() {
+        let shape = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "web"}]}});
+        let actual = json!({
+            "metadata": {"name": "x", "annotations": {"by-controller": "1"}},
+            "spec": {"containers": [{"name": "web", "imagePullPolicy": "Always"}, {"name": "extra"}]},
+            "status": {"ready": true}
+        });
+        assert_eq!(
+            project(&actual, &shape),
+            json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "web"}, {"name": "extra"}]}})
+        );
     }
-    value
 }

@@ -32,8 +32,22 @@ pub enum EngineError {
     Discovery(#[source] kube::Error),
     #[error("{0}")]
     Kube(#[source] kube::Error),
+    #[error("reading or writing the inventory failed: {0}")]
+    Inventory(#[source] kube::Error),
     #[error("CustomResourceDefinition {name} did not become established: {reason}")]
     CrdNotEstablished { name: String, reason: String },
+}
+
+impl EngineError {
+    /// The object an error is about, for errors about one object.
+    pub fn origin(&self) -> Option<&ObjectOrigin> {
+        match self {
+            EngineError::InvalidDocument { origin, .. }
+            | EngineError::UnknownKind { origin, .. }
+            | EngineError::DuplicateObject { origin, .. } => Some(origin),
+            _ => None,
+        }
+    }
 }
 
 /// The message an API error carries for a user (the apiserver's own words when it gave some).

@@ -29,6 +29,22 @@ impl ObjectKey {
         )
     }
 
+    /// Parses [`ObjectKey::resource_key`]'s spelling back.
+    pub fn from_resource_key(resource_key: &str) -> Option<Self> {
+        let mut parts = resource_key.split('/');
+        let (group, kind, namespace, name) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || kind.is_empty() || name.is_empty() {
+            return None;
+        }
+        Some(Self {
+            group: group.to_string(),
+            kind: kind.to_string(),
+            namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+            name: name.to_string(),
+        })
+    }
+
     /// kubectl's name for the object in its output: `deployment.apps/nginx`, `configmap/settings`.
     pub fn kubectl_name(&self) -> String {
         let kind = self.kind.to_ascii_lowercase();
@@ -82,6 +98,13 @@ mod tests {
         };
         assert_eq!(namespace.resource_key(), "/Namespace//ns");
         assert_eq!(namespace.kubectl_name(), "namespace/ns");
+        for key in [&deployment, &namespace] {
+            assert_eq!(
+                ObjectKey::from_resource_key(&key.resource_key()).as_ref(),
+                Some(key)
+            );
+        }
+        assert_eq!(ObjectKey::from_resource_key("a/b/c"), None);
         assert_eq!(split_api_version("apps/v1"), ("apps", "v1"));
         assert_eq!(split_api_version("v1"), ("", "v1"));
     }

@@ -12,6 +12,10 @@
 //!    → its CRD; cycles fail the objects in them.
 //! 4. Apply: server-side apply with the field manager (`agentk`), forcing conflicts, honouring the dry-run
 //!    strategy. An object whose dependency failed or was skipped is skipped with the reason.
+//! 5. [`inventory`] (optional): with an inventory, applied objects are annotated as owned by it and an
+//!    existing object is applied only if `inventory_policy` allows taking it; objects that left the set
+//!    are pruned (reverse order, `on-remove: keep` honoured) only when every object succeeded; the
+//!    inventory (sharded ConfigMaps) is rewritten.
 //!
 //! Nothing but a failure to talk to the cluster at all (discovery) fails the whole sync: every other
 //! problem is one object's result, so valid objects are applied whatever else is in the set.
@@ -19,12 +23,16 @@
 pub mod apply;
 pub mod decode;
 pub mod error;
+pub mod inventory;
 pub mod key;
 pub mod order;
+mod prune;
 pub mod result;
 
-pub use apply::{ApplyOptions, DryRunStrategy, apply};
+pub use apply::{ApplyOptions, DryRunStrategy, InventoryOptions, apply};
 pub use decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 pub use error::EngineError;
+pub use inventory::{InventoryPolicy, InventoryRef};
 pub use key::ObjectKey;
+pub use kube::api::PropagationPolicy;
 pub use result::{ObjectResult, Outcome, SyncReport};

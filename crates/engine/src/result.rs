@@ -9,6 +9,8 @@ pub enum Outcome {
     Created,
     Configured,
     Unchanged,
+    /// Deleted because it left the set (it was in the inventory).
+    Pruned,
     /// The object is invalid, unknown, in a cycle, or the apiserver refused it.
     Failed(String),
     /// Not attempted because an object it depends on failed or was skipped.
@@ -22,6 +24,7 @@ impl Outcome {
             Outcome::Created => "created",
             Outcome::Configured => "configured",
             Outcome::Unchanged => "unchanged",
+            Outcome::Pruned => "pruned",
             Outcome::Failed(_) => "failed",
             Outcome::Skipped(_) => "skipped",
         }
@@ -39,7 +42,8 @@ impl Outcome {
 pub struct ObjectResult {
     /// `None` only for documents too broken to name an object.
     pub key: Option<ObjectKey>,
-    pub origin: ObjectOrigin,
+    /// Where the object is in Git; `None` for pruned objects, which are no longer there.
+    pub origin: Option<ObjectOrigin>,
     pub outcome: Outcome,
     /// The outcome is what a dry run reported (client: from the object's existence; server: from the
     /// apiserver's dry-run answer); nothing was written.
@@ -51,8 +55,15 @@ impl ObjectResult {
     pub fn resource_key(&self) -> String {
         match &self.key {
             Some(key) => key.resource_key(),
-            None => self.origin.to_string(),
+            None => self.origin_text(),
         }
+    }
+
+    fn origin_text(&self) -> String {
+        self.origin
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
     }
 
     /// kubectl-like: `deployment.apps/nginx-deployment configured`, with ` (dry run)` or
@@ -60,7 +71,7 @@ impl ObjectResult {
     pub fn sync_result(&self) -> String {
         let name = match &self.key {
             Some(key) => key.kubectl_name(),
-            None => self.origin.to_string(),
+            None => self.origin_text(),
         };
         let suffix = if self.dry_run { " (dry run)" } else { "" };
         format!("{name} {}{suffix}", self.outcome.verb())
@@ -75,7 +86,8 @@ impl ObjectResult {
     }
 }
 
-/// All results of one sync: decode and resolve failures first, then the objects in apply order.
+/// All results of one sync: decode and resolve failures first, then the objects in apply order, then
+/// the pruned ones in prune order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub results: Vec<ObjectResult>,

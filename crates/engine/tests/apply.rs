@@ -89,7 +89,10 @@ async fn create_then_reapply_unchanged_then_update() -> anyhow::Result<()> {
             ),
         ]
     );
-    assert_eq!(report.results[1].origin.path, "app/deploy.yaml");
+    assert_eq!(
+        report.results[1].origin.as_ref().unwrap().path,
+        "app/deploy.yaml"
+    );
 
     let again = apply(&ns.client, &v1, &options(n)).await?;
     assert!(
@@ -272,11 +275,8 @@ async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()
         .iter()
         .filter_map(|r| {
             r.message().map(|m| {
-                (
-                    r.origin.path.clone(),
-                    r.origin.document_index,
-                    m.to_string(),
-                )
+                let origin = r.origin.as_ref().unwrap();
+                (origin.path.clone(), origin.document_index, m.to_string())
             })
         })
         .collect();
@@ -412,8 +412,9 @@ items:
     configmaps.get("from-json").await?;
     ns.api::<Service>().get("svc").await?;
     let svc = report.get(&format!("/Service/{}/svc", ns.name)).unwrap();
+    let origin = svc.origin.as_ref().unwrap();
     assert_eq!(
-        (svc.origin.path.as_str(), svc.origin.list_item_index),
+        (origin.path.as_str(), origin.list_item_index),
         ("list.yml", Some(1))
     );
     ns.delete().await?;

@@ -1,0 +1,280 @@
+//! Inventory, ownership policy and pruning against a real kube-apiserver. Needs `cargo xtask test`.
+
+use std::collections::BTreeSet;
+
+use gitops_engine::{
+    ApplyOptions, DryRunStrategy, InventoryOptions, InventoryPolicy, InventoryRef, ManifestFile,
+    ObjectKey, SyncReport, apply,
+};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ObjectMeta, PostParams};
+use test_support::cluster::TestNamespace;
+
+fn configmap(name: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  annotations: {{{annotations}}}\ndata: {{k: v}}\n---\n"
+    )
+}
+
+fn files(docs: &[String]) -> Vec<ManifestFile> {
+    vec![ManifestFile::new("app.yaml", docs.concat())]
+}
+
+fn options(ns: &TestNamespace, policy: InventoryPolicy) -> ApplyOptions {
+    ApplyOptions {
+        default_namespace: ns.name.clone(),
+        inventory: Some(InventoryOptions {
+            policy,
+            ..InventoryOptions::new(inventory_ref(ns))
+        }),
+        ..Default::default()
+    }
+}
+
+fn inventory_ref(ns: &TestNamespace) -> InventoryRef {
+    InventoryRef {
+        namespace: ns.name.clone(),
+        name: "agentk-inventory-test".into(),
+    }
+}
+
+fn verbs(report: &SyncReport) -> Vec<String> {
+    report.results.iter().map(|r| r.sync_result()).collect()
+}
+
+/// Pruning deletes with foreground propagation: the garbage collector removes the object shortly after.
+async fn is_deleted(ns: &TestNamespace, name: &str) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match ns.api::<ConfigMap>().get_opt(name).await? {
+            None => return Ok(true),
+            Some(c) => assert!(
+                c.metadata.deletion_timestamp.is_some(),
+                "{name} is not being deleted"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
+async fn inventory_names(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
+    Ok(inventory_ref(ns)
+        .read(&ns.client)
+        .await?
+        .into_iter()
+        .map(|k| k.name)
+        .collect())
+}
+
+#[tokio::test]
+async fn objects_that_leave_git_are_pruned_unless_kept() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-prune").await?;
+    let opts = options(&ns, InventoryPolicy::MustMatch);
+    let v1 = files(&[
+        configmap("stays", ""),
+        configmap("goes", ""),
+        configmap("kept", "cli-utils.sigs.k8s.io/on-remove: keep"),
+        configmap("old-name", ""),
+    ]);
+    let report = apply(&ns.client, &v1, &opts).await?;
+    assert!(report.all_succeeded(), "{:#?}", report.results);
+    assert_eq!(
+        inventory_names(&ns).await?,
+        ["goes", "kept", "old-name", "stays"]
+    );
+
+    // "goes" and "kept" leave Git, "old-name" is renamed.
+    let v2 = files(&[configmap("stays", ""), configmap("new-name", "")]);
+    let report = apply(&ns.client, &v2, &opts).await?;
+    assert_eq!(
+        verbs(&report),
+        [
+            "configmap/new-name created",
+            "configmap/stays unchanged",
+            "configmap/goes pruned",
+            "configmap/old-name pruned"
+        ]
+    );
+    let configmaps = ns.api::<ConfigMap>();
+    assert!(is_deleted(&ns, "goes").await?);
+    assert!(is_deleted(&ns, "old-name").await?);
+    assert!(
+        configmaps.get_opt("kept").await?.is_some(),
+        "on-remove: keep was deleted"
+    );
+    assert_eq!(inventory_names(&ns).await?, ["new-name", "stays"]);
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_is_pruned_when_anything_failed_and_dry_runs_delete_nothing() -> anyhow::Result<()>
+{
+    let ns = TestNamespace::create("engine-noprune").await?;
+    let opts = options(&ns, InventoryPolicy::MustMatch);
+    apply(
+        &ns.client,
+        &files(&[configmap("a", ""), configmap("b", "")]),
+        &opts,
+    )
+    .await?;
+
+    let broken = files(&[
+        configmap("a", ""),
+        "kind: ConfigMap\nmetadata: {name: no-api-version}\n".into(),
+    ]);
+    let report = apply(&ns.client, &broken, &opts).await?;
+    assert_eq!(report.count("pruned"), 0, "{:#?}", report.results);
+    assert!(ns.api::<ConfigMap>().get_opt("b").await?.is_some());
+    assert_eq!(inventory_names(&ns).await?, ["a", "b"]);
+
+    let only_a = files(&[configmap("a", "")]);
+    let dry = ApplyOptions {
+        dry_run: DryRunStrategy::Server,
+        ..opts.clone()
+    };
+    let report = apply(&ns.client, &only_a, &dry).await?;
+    assert_eq!(
+        verbs(&report),
+        [
+            "configmap/a unchanged (dry run)",
+            "configmap/b pruned (dry run)"
+        ]
+    );
+    assert!(ns.api::<ConfigMap>().get_opt("b").await?.is_some());
+    assert_eq!(inventory_names(&ns).await?, ["a", "b"]);
+
+    let report = apply(&ns.client, &only_a, &opts).await?;
+    assert_eq!(
+        verbs(&report),
+        ["configmap/a unchanged", "configmap/b pruned"]
+    );
+    assert!(is_deleted(&ns, "b").await?);
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn inventory_policy_decides_about_objects_not_ours() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-policy").await?;
+    let configmaps = ns.api::<ConfigMap>();
+    for (name, owner) in [
+        ("unowned", None),
+        ("foreign", Some("elsewhere/other-inventory")),
+    ] {
+        let annotations =
+            owner.map(|o| [("config.k8s.io/owning-inventory".to_string(), o.to_string())].into());
+        let object = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        configmaps.create(&PostParams::default(), &object).await?;
+    }
+    let set = files(&[
+        configmap("unowned", ""),
+        configmap("foreign", ""),
+        configmap("new", ""),
+    ]);
+    let outcomes = |report: &SyncReport| -> Vec<(String, &'static str)> {
+        report
+            .results
+            .iter()
+            .map(|r| (r.key.as_ref().unwrap().name.clone(), r.outcome.verb()))
+            .collect()
+    };
+
+    let must_match = apply(&ns.client, &set, &options(&ns, InventoryPolicy::MustMatch)).await?;
+    assert_eq!(
+        outcomes(&must_match),
+        [
+            ("foreign".into(), "failed"),
+            ("new".into(), "created"),
+            ("unowned".into(), "failed")
+        ]
+    );
+    assert!(
+        must_match.results[0]
+            .message()
+            .unwrap()
+            .contains("elsewhere/other-inventory")
+    );
+    // Only what was applied became ours.
+    assert_eq!(inventory_names(&ns).await?, ["new"]);
+
+    let adopt = apply(
+        &ns.client,
+        &set,
+        &options(&ns, InventoryPolicy::AdoptIfNoInventory),
+    )
+    .await?;
+    assert_eq!(
+        outcomes(&adopt),
+        [
+            ("foreign".into(), "failed"),
+            ("new".into(), "unchanged"),
+            ("unowned".into(), "configured")
+        ]
+    );
+
+    let adopt_all = apply(&ns.client, &set, &options(&ns, InventoryPolicy::AdoptAll)).await?;
+    assert_eq!(
+        outcomes(&adopt_all),
+        [
+            ("foreign".into(), "configured"),
+            ("new".into(), "unchanged"),
+            ("unowned".into(), "unchanged")
+        ]
+    );
+    let foreign = configmaps.get("foreign").await?;
+    let ours = inventory_ref(&ns).id();
+    assert_eq!(
+        foreign.metadata.annotations.unwrap()["config.k8s.io/owning-inventory"],
+        ours
+    );
+    assert_eq!(inventory_names(&ns).await?, ["foreign", "new", "unowned"]);
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_inventories_are_sharded_and_shrink_back() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-shards").await?;
+    let location = inventory_ref(&ns);
+    let many: BTreeSet<ObjectKey> = (0..30_000)
+        .map(|i| ObjectKey {
+            group: "apps".into(),
+            kind: "Deployment".into(),
+            namespace: Some(ns.name.clone()),
+            name: format!("deployment-with-a-rather-long-name-{i:05}"),
+        })
+        .collect();
+    location.write(&ns.client, &many, "agentk").await?;
+    assert_eq!(location.read(&ns.client).await?, many);
+    let shards = ns.api::<ConfigMap>().list(&Default::default()).await?;
+    let shard_names: Vec<_> = shards
+        .items
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    assert!(
+        shard_names.contains(&format!("{}-1", location.name)),
+        "{shard_names:?}"
+    );
+
+    let few: BTreeSet<ObjectKey> = many.iter().take(3).cloned().collect();
+    location.write(&ns.client, &few, "agentk").await?;
+    assert_eq!(location.read(&ns.client).await?, few);
+    assert!(
+        ns.api::<ConfigMap>()
+            .get_opt(&format!("{}-1", location.name))
+            .await?
+            .is_none()
+    );
+    ns.delete().await?;
+    Ok(())
+}
