@@ -89,6 +89,8 @@ enum Resolution {
     Served(ApiResource),
     /// Defined by a CRD in this set that the cluster does not serve yet: discovered after it is applied.
     Pending(GroupVersionKind),
+    /// Neither served nor defined in the set: fails (with this message) when its turn comes.
+    Unknown(String),
 }
 
 struct Resolved {
@@ -159,20 +161,22 @@ pub async fn apply(
                 match crd_scopes.get(&(group.to_string(), version.to_string(), types.kind.clone()))
                 {
                     Some(namespaced) => (Resolution::Pending(gvk.clone()), *namespaced),
+                    // Kept in the set (not reported here) so objects depending on it are skipped.
                     None => {
                         let e = EngineError::UnknownKind {
                             origin: origin.clone(),
                             api_version: types.api_version.clone(),
                             kind: types.kind.clone(),
                         };
-                        let key = key_of(&object, &gvk, object.metadata.namespace.clone());
-                        report.results.push(fail(Some(key), origin, e.to_string()));
-                        continue;
+                        (Resolution::Unknown(e.to_string()), false)
                     }
                 }
             }
         };
-        if namespaced {
+        let unknown = matches!(resolution, Resolution::Unknown(_));
+        if unknown {
+            // Scope unknown: keep the namespace as written.
+        } else if namespaced {
             if object
                 .metadata
                 .namespace
@@ -239,21 +243,14 @@ pub async fn apply(
         } else {
             let resource = match &r.resolution {
                 Resolution::Served(resource) => Ok(resource.clone()),
+                Resolution::Unknown(message) => Err(message.clone()),
                 Resolution::Pending(gvk) => {
-                    if !crds_applied.is_empty() {
-                        refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
-                    } else {
+                    let refreshed = if crds_applied.is_empty() {
                         Ok(())
-                    }
-                    .and_then(|()| {
-                        discovery.resolve_gvk(gvk).map(|(resource, _)| resource).ok_or_else(|| {
-                            if dry_run {
-                                "its CustomResourceDefinition was only applied in a dry run".to_string()
-                            } else {
-                                format!("kind {} is still not served after applying its CustomResourceDefinition", gvk.kind)
-                            }
-                        })
-                    })
+                    } else {
+                        refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
+                    };
+                    refreshed.and_then(|()| served_after_crds(&discovery, gvk, dry_run))
                 }
             };
             match resource {
@@ -393,6 +390,22 @@ fn crd_scopes(objects: &[DecodedObject]) -> HashMap<(String, String, String), bo
         }
     }
     scopes
+}
+
+/// The resource of a kind defined by a CRD of this set, once that CRD was applied.
+fn served_after_crds(
+    discovery: &Discovery,
+    gvk: &GroupVersionKind,
+    dry_run: bool,
+) -> Result<ApiResource, String> {
+    match discovery.resolve_gvk(gvk) {
+        Some((resource, _)) => Ok(resource),
+        None if dry_run => Err("its CustomResourceDefinition was only applied in a dry run".into()),
+        None => Err(format!(
+            "kind {} is still not served after applying its CustomResourceDefinition",
+            gvk.kind
+        )),
+    }
 }
 
 /// Waits until the CRDs applied since the last discovery are established, then discovers again.

@@ -342,6 +342,16 @@ metadata:
   name: needs-bad
   annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/Service/bad}}
 ---
+apiVersion: nothing.example.com/v1
+kind: Gadget
+metadata: {{name: unknown}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: needs-unknown
+  annotations: {{config.kubernetes.io/depends-on: nothing.example.com/Gadget/unknown}}
+---
 apiVersion: v1
 kind: Secret
 metadata:
@@ -377,6 +387,10 @@ metadata:
     assert_eq!(
         outcome(&report, &format!("/Secret/{n}/needs-needs-bad")),
         &Outcome::Skipped(format!("depends on /ConfigMap/{n}/needs-bad which skipped"))
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/needs-unknown")),
+        &Outcome::Skipped("depends on nothing.example.com/Gadget//unknown which failed".into())
     );
     assert!(
         Api::<ConfigMap>::namespaced(ns.client.clone(), n)
