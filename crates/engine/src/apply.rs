@@ -1,8 +1,9 @@
 //! Resolve kinds by discovery, order, and server-side apply each object.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
@@ -22,6 +23,11 @@ const CRD_GROUP: &str = "apiextensions.k8s.io";
 const CRD_KIND: &str = "CustomResourceDefinition";
 /// How long a CRD applied in this sync may take to be established before its custom resources fail.
 const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Applies in flight at once within a batch: enough to hide the round trip, few enough for the
+/// apiserver's default max-in-flight and the client's connection pool.
+const APPLY_CONCURRENCY: usize = 16;
+/// Objects in one batch, so a huge batch's results are not all held back by its slowest apply.
+const MAX_BATCH: usize = 500;
 
 /// `dry_run_strategy` of the agent configuration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,49 +232,76 @@ pub async fn apply(
 
     // CRDs applied (for real) since the last discovery: their kinds are looked up again before use.
     let mut crds_applied: Vec<String> = Vec::new();
-    for i in plan.sequence {
-        let r = &resolved[i];
-        let blocked = plan.dependencies[i]
+    let mut start = 0;
+    while start < plan.sequence.len() {
+        let batch =
+            &plan.sequence[start..batch_end(&plan.sequence, start, &resolved, &plan.dependencies)];
+        start += batch.len();
+        let needs_refresh = batch
             .iter()
-            .find(|&&d| outcome_of[d].as_ref().is_some_and(|o| !o.is_success()));
-        let outcome = if let Some(&d) = blocked {
-            let verb = outcome_of[d]
-                .as_ref()
-                .map(Outcome::verb)
-                .unwrap_or_default();
-            Outcome::Skipped(format!(
-                "depends on {} which {verb}",
-                resolved[d].key.resource_key()
-            ))
+            .any(|&i| matches!(resolved[i].resolution, Resolution::Pending(_)));
+        let refreshed = if needs_refresh && !crds_applied.is_empty() {
+            refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
         } else {
-            let resource = match &r.resolution {
-                Resolution::Served(resource) => Ok(resource.clone()),
-                Resolution::Unknown(message) => Err(message.clone()),
-                Resolution::Pending(gvk) => {
-                    let refreshed = if crds_applied.is_empty() {
-                        Ok(())
-                    } else {
-                        refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
-                    };
-                    refreshed.and_then(|()| served_after_crds(&discovery, gvk, dry_run))
-                }
-            };
-            match resource {
-                Ok(resource) => apply_object(client, &resource, r, options).await,
-                Err(message) => Outcome::Failed(message),
-            }
+            Ok(())
         };
-        tracing::debug!(resource_key = %r.key, origin = %r.origin, outcome = outcome.verb(), "applied object");
-        if outcome.is_success() && !dry_run && r.key.group == CRD_GROUP && r.key.kind == CRD_KIND {
-            crds_applied.push(r.key.name.clone());
+        // What each object of the batch gets: an API resource to apply to, or its outcome already.
+        let prepared: Vec<(usize, Result<ApiResource, Outcome>)> = batch
+            .iter()
+            .map(|&i| {
+                let blocked = plan.dependencies[i]
+                    .iter()
+                    .find(|&&d| outcome_of[d].as_ref().is_some_and(|o| !o.is_success()));
+                if let Some(&d) = blocked {
+                    let verb = outcome_of[d]
+                        .as_ref()
+                        .map(Outcome::verb)
+                        .unwrap_or_default();
+                    let reason =
+                        format!("depends on {} which {verb}", resolved[d].key.resource_key());
+                    return (i, Err(Outcome::Skipped(reason)));
+                }
+                let resource = match &resolved[i].resolution {
+                    Resolution::Served(resource) => Ok(resource.clone()),
+                    Resolution::Unknown(message) => Err(message.clone()),
+                    Resolution::Pending(gvk) => refreshed
+                        .clone()
+                        .and_then(|()| served_after_crds(&discovery, gvk, dry_run)),
+                };
+                (i, resource.map_err(Outcome::Failed))
+            })
+            .collect();
+        let outcomes: Vec<(usize, Outcome)> = futures::stream::iter(prepared)
+            .map(|(i, prepared)| {
+                let r = &resolved[i];
+                async move {
+                    match prepared {
+                        Ok(resource) => (i, apply_object(client, &resource, r, options).await),
+                        Err(outcome) => (i, outcome),
+                    }
+                }
+            })
+            .buffered(APPLY_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, outcome) in outcomes {
+            let r = &resolved[i];
+            tracing::debug!(resource_key = %r.key, origin = %r.origin, outcome = outcome.verb(), "applied object");
+            if outcome.is_success()
+                && !dry_run
+                && r.key.group == CRD_GROUP
+                && r.key.kind == CRD_KIND
+            {
+                crds_applied.push(r.key.name.clone());
+            }
+            outcome_of[i] = Some(outcome.clone());
+            report.results.push(ObjectResult {
+                key: Some(r.key.clone()),
+                origin: Some(r.origin.clone()),
+                outcome,
+                dry_run,
+            });
         }
-        outcome_of[i] = Some(outcome.clone());
-        report.results.push(ObjectResult {
-            key: Some(r.key.clone()),
-            origin: Some(r.origin.clone()),
-            outcome,
-            dry_run,
-        });
     }
 
     if let Some(inventory) = &options.inventory {
@@ -390,6 +423,31 @@ fn crd_scopes(objects: &[DecodedObject]) -> HashMap<(String, String, String), bo
         }
     }
     scopes
+}
+
+/// The end of the batch starting at `sequence[start]`: following objects of the same kind that do not
+/// depend on each other. A batch is applied concurrently; batches one after another, so the kind order
+/// and every dependency still hold.
+fn batch_end(
+    sequence: &[usize],
+    start: usize,
+    resolved: &[Resolved],
+    dependencies: &[Vec<usize>],
+) -> usize {
+    let kind = &resolved[sequence[start]].key.kind;
+    let mut members = HashSet::from([sequence[start]]);
+    let mut end = start + 1;
+    while end < sequence.len() && members.len() < MAX_BATCH {
+        let next = sequence[end];
+        if &resolved[next].key.kind != kind
+            || dependencies[next].iter().any(|d| members.contains(d))
+        {
+            break;
+        }
+        members.insert(next);
+        end += 1;
+    }
+    end
 }
 
 /// The resource of a kind defined by a CRD of this set, once that CRD was applied.

@@ -477,3 +477,54 @@ async fn dry_runs_write_nothing() -> anyhow::Result<()> {
     ns.delete().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn many_objects_are_applied_in_concurrent_batches_and_resync_unchanged() -> anyhow::Result<()>
+{
+    let ns = TestNamespace::create("engine-many").await?;
+    let n = &ns.name;
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i:03}}}\ndata: {{i: \"{i}\"}}\n---\n"));
+    }
+    for i in 0..20 {
+        text.push_str(&deployment_yaml(n, &format!("web-{i:02}"), 1));
+        text.push_str("---\n");
+    }
+    let files = [file("many.yaml", &text)];
+    let started = Instant::now();
+    let report = apply(&ns.client, &files, &options(n)).await?;
+    let first = started.elapsed();
+    assert_eq!(
+        report.count("created"),
+        320,
+        "{:#?}",
+        report.results.iter().find(|r| !r.outcome.is_success())
+    );
+    // Results stay in apply order: all ConfigMaps (sorted by name), then the Deployments.
+    let names: Vec<_> = report
+        .results
+        .iter()
+        .map(|r| r.key.as_ref().unwrap().name.clone())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    let started = Instant::now();
+    let again = apply(&ns.client, &files, &options(n)).await?;
+    eprintln!(
+        "320 objects: created in {first:?}, unchanged re-sync in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        again.count("unchanged"),
+        320,
+        "{:#?}",
+        again
+            .results
+            .iter()
+            .find(|r| r.outcome != Outcome::Unchanged)
+    );
+    ns.delete().await?;
+    Ok(())
+}
