@@ -9,7 +9,7 @@ use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::read::{self, FileListing, FileLookup};
-use crate::remote::{self, Endpoint, RemoteRef};
+use crate::remote::{self, Endpoint, FetchTarget, RemoteRef};
 use crate::server::{Credentials, GitRef, GitServerConfig, Limits, validate_project};
 
 /// Git access for kas with a local cache of fetched commits.
@@ -127,20 +127,50 @@ impl RepoCache {
         let local_ref = local_ref_name(reference);
         tracing::debug!(project, %reference, %commit, "fetching");
         let fetch_repo = repo.clone();
-        blocking(project, move || {
+        let fetched = blocking(project, move || {
+            let repo = fetch_repo.to_thread_local();
             // Nothing interrupts fetches: a cancelled caller's fetch still completes for the next caller.
             let never_interrupt = AtomicBool::new(false);
-            remote::fetch_commit(
-                &fetch_repo.to_thread_local(),
-                &endpoint,
+            let by_id = FetchTarget::Commit {
                 commit,
-                ref_name.as_deref(),
-                &local_ref,
-                &never_interrupt,
-            )
+                ref_name: ref_name.as_deref(),
+                local_ref: &local_ref,
+            };
+            let err = match remote::fetch(&repo, &endpoint, by_id, &never_interrupt) {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            // Servers that only allow fetching advertised refs refuse commits by id; the ref's history
+            // contains the commit unless the ref was rewritten since it was resolved.
+            let Some(ref_name) = ref_name.as_deref() else {
+                return Err(err);
+            };
+            if matches!(
+                Error::from_network("", &err),
+                Error::NotFound { .. } | Error::Unauthorized { .. }
+            ) {
+                return Err(err);
+            }
+            tracing::debug!(%commit, ref_name, error = %err, "fetching by commit id failed, fetching the ref");
+            let by_ref = FetchTarget::Ref {
+                ref_name,
+                local_ref: &local_ref,
+            };
+            remote::fetch(&repo, &endpoint, by_ref, &never_interrupt)
         })
-        .await?
-        .map_err(|err| Error::from_network(project, &err))?;
+        .await?;
+        if let Err(err) = fetched {
+            return Err(match Error::from_network(project, &err) {
+                // The server refused to send it, e.g. "upload-pack: not our ref <commit>".
+                Error::Transport { message, .. } if message.contains("not our ref") => {
+                    Error::CommitNotFound {
+                        project: project.to_owned(),
+                        commit: commit.to_string(),
+                    }
+                }
+                other => other,
+            });
+        }
         if has_commit(project, &repo, commit).await? {
             Ok(())
         } else {
@@ -238,6 +268,8 @@ impl RepoCache {
         Endpoint {
             url: format!("{}/{project}.git", self.inner.base_url),
             credentials: self.inner.credentials.clone(),
+            connect_timeout: self.inner.limits.connect_timeout,
+            http_timeout: self.inner.limits.http_timeout,
         }
     }
 
@@ -337,13 +369,19 @@ fn parse_commit(commit: &str) -> Result<gix::ObjectId, Error> {
     gix::ObjectId::from_hex(commit.as_bytes()).map_err(|_| invalid())
 }
 
+/// Whether `commit` is in the repository as a commit (fetched commits always come with their trees).
 async fn has_commit(
     project: &str,
     repo: &gix::ThreadSafeRepository,
     commit: gix::ObjectId,
 ) -> Result<bool, Error> {
     let repo = repo.clone();
-    blocking(project, move || repo.to_thread_local().has_object(commit)).await
+    let header = blocking(project, move || {
+        repo.to_thread_local().try_find_header(commit)
+    })
+    .await?
+    .map_err(|err| Error::from_local(project, err))?;
+    Ok(header.is_some_and(|header| header.kind() == gix::object::Kind::Commit))
 }
 
 /// Opens the bare repository at `dir`, creating it if needed. Git configuration of the host (system,

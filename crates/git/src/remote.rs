@@ -2,6 +2,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use gix::bstr::ByteSlice as _;
 use gix::protocol::handshake::Ref;
@@ -16,6 +17,9 @@ pub(crate) struct Endpoint {
     /// Credential-free repository URL.
     pub(crate) url: String,
     pub(crate) credentials: Option<Credentials>,
+    pub(crate) connect_timeout: Duration,
+    /// How long to wait for a response or for more data of a response.
+    pub(crate) http_timeout: Duration,
 }
 
 /// What the server advertised for one ref.
@@ -37,10 +41,8 @@ pub(crate) fn ls_ref(
     ref_name: &str,
 ) -> gix::Result<RemoteRef> {
     let remote = remote(repo, endpoint, &[ref_name])?;
-    let connection = remote
-        .connect(Direction::Fetch)?
-        .with_credentials(credentials_callback(endpoint.credentials.clone()));
-    let (ref_map, _handshake) = connection.ref_map(gix::progress::Discard, Default::default())?;
+    let (ref_map, _handshake) =
+        connect(repo, &remote, endpoint)?.ref_map(gix::progress::Discard, Default::default())?;
     Ok(find_ref(&ref_map.remote_refs, ref_name))
 }
 
@@ -70,28 +72,58 @@ fn find_ref(refs: &[Ref], ref_name: &str) -> RemoteRef {
     RemoteRef::Missing
 }
 
-/// Fetches `commit` and what it needs (depth 1) into `repo`, recording it in `local_ref` so later fetches
-/// can tell the server what we already have. `ref_name` is the remote ref the commit came from; asking for
-/// it too keeps the ref listing that precedes every fetch small.
-pub(crate) fn fetch_commit(
+/// What to fetch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FetchTarget<'a> {
+    /// Exactly `commit` with depth 1, recorded in `local_ref`. `ref_name` (the remote ref the commit came
+    /// from) is asked for too, which keeps the ref listing that precedes every fetch small.
+    Commit {
+        commit: gix::ObjectId,
+        ref_name: Option<&'a str>,
+        local_ref: &'a str,
+    },
+    /// The remote ref `ref_name` with all history we don't have yet, recorded in `local_ref`. For servers
+    /// that don't allow fetching commits by id (protocol v0/v1 without `uploadpack.allow*SHA1InWant`).
+    Ref {
+        ref_name: &'a str,
+        local_ref: &'a str,
+    },
+}
+
+/// Fetches `target` into `repo`. The local ref lets later fetches tell the server what we already have.
+pub(crate) fn fetch(
     repo: &gix::Repository,
     endpoint: &Endpoint,
-    commit: gix::ObjectId,
-    ref_name: Option<&str>,
-    local_ref: &str,
+    target: FetchTarget<'_>,
     should_interrupt: &AtomicBool,
 ) -> gix::Result<()> {
-    let commit_spec = format!("+{commit}:{local_ref}");
-    let mut specs = vec![commit_spec.as_str()];
-    specs.extend(ref_name);
+    let (specs, shallow) = match target {
+        FetchTarget::Commit {
+            commit,
+            ref_name,
+            local_ref,
+        } => {
+            let mut specs = vec![format!("+{commit}:{local_ref}")];
+            specs.extend(ref_name.map(str::to_owned));
+            (specs, Shallow::DepthAtRemote(NonZeroU32::MIN))
+        }
+        FetchTarget::Ref {
+            ref_name,
+            local_ref,
+        } => (vec![format!("+{ref_name}:{local_ref}")], Shallow::NoChange),
+    };
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
     let remote = remote(repo, endpoint, &specs)?;
-    let outcome = remote
-        .connect(Direction::Fetch)?
-        .with_credentials(credentials_callback(endpoint.credentials.clone()))
+    let outcome = connect(repo, &remote, endpoint)?
         .prepare_fetch(gix::progress::Discard, Default::default())?
-        .with_shallow(Shallow::DepthAtRemote(NonZeroU32::MIN))
+        .with_shallow(shallow)
         .receive(gix::progress::Discard, should_interrupt)?;
-    tracing::debug!(url = %endpoint.url, %commit, status = ?status_name(&outcome.status), "fetched");
+    tracing::debug!(
+        url = %endpoint.url,
+        ?target,
+        status = status_name(&outcome.status),
+        "fetched"
+    );
     Ok(())
 }
 
@@ -113,6 +145,56 @@ fn remote<'repo>(
         .with_refspecs(refspecs.iter().copied(), Direction::Fetch)
 }
 
+type Connection<'remote, 'repo> = gix::remote::Connection<
+    'remote,
+    'static,
+    'repo,
+    Box<dyn gix_transport::client::blocking_io::Transport + Send>,
+>;
+
+/// Connects with our credentials and HTTP timeouts.
+fn connect<'remote, 'repo>(
+    repo: &gix::Repository,
+    remote: &'remote gix::Remote<'repo>,
+    endpoint: &Endpoint,
+) -> gix::Result<Connection<'remote, 'repo>> {
+    let mut connection = remote
+        .connect(Direction::Fetch)?
+        .with_credentials(credentials_callback(endpoint.credentials.clone()));
+    if let Some(options) = transport_options(repo, endpoint)? {
+        connection = connection.with_transport_options(options);
+    }
+    Ok(connection)
+}
+
+/// The transport options gitoxide would use, plus timeouts: the reqwest backend ignores gitoxide's
+/// timeout settings, and reqwest's blocking client would otherwise give up on any response (or read)
+/// after 30 seconds.
+fn transport_options(
+    repo: &gix::Repository,
+    endpoint: &Endpoint,
+) -> gix::Result<Option<Box<dyn std::any::Any>>> {
+    use gix_transport::client::blocking_io::http;
+
+    let Some(mut options) = repo.transport_options(endpoint.url.as_str(), None)? else {
+        return Ok(None);
+    };
+    if let Some(http_options) = options.downcast_mut::<http::Options>() {
+        let (connect_timeout, http_timeout) = (endpoint.connect_timeout, endpoint.http_timeout);
+        let configure_client: Box<http::reqwest::ConfigureClientFn> = Box::new(move |builder| {
+            Ok(builder
+                .connect_timeout(connect_timeout)
+                .timeout(http_timeout))
+        });
+        http_options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(
+            http::reqwest::Options {
+                configure_client: Some(configure_client),
+                configure_request: None,
+            },
+        )));
+    }
+    Ok(Some(options))
+}
 type CredentialsOutcome = gix::Result<Option<gix::credentials::protocol::Outcome>>;
 
 /// Answers gitoxide's credential requests with the configured credentials, instead of running git's

@@ -183,9 +183,8 @@ pub struct Limits {
     pub max_files: usize,
     /// How long connecting to the Git server may take.
     pub connect_timeout: Duration,
-    /// A transfer slower than `low_speed_limit` bytes/s for `low_speed_time` is aborted.
-    pub low_speed_limit: u32,
-    pub low_speed_time: Duration,
+    /// How long to wait for the server to answer a request, or to send more data of an answer.
+    pub http_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -194,8 +193,7 @@ impl Default for Limits {
             max_file_size: 5 * 1024 * 1024,
             max_files: 50_000,
             connect_timeout: Duration::from_secs(10),
-            low_speed_limit: 1024,
-            low_speed_time: Duration::from_secs(60),
+            http_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `RepoCache` against a real Git smart-HTTP server (`git http-backend`).
 
-use gitops_git::{Error, GitRef, GitServerConfig, RepoCache};
+use std::time::{Duration, Instant};
+
+use gitops_git::{Error, GitRef, GitServerConfig, Limits, RepoCache};
 use test_support::git_http::{GitHttpServer, RequestCounts};
 
 const PROJECT: &str = "group/project";
@@ -259,16 +261,106 @@ async fn fetches_commits_that_are_no_longer_a_ref_tip() -> anyhow::Result<()> {
         Some(&b"# v2\n"[..])
     );
 
+    // Unknown commits: the server refuses them, also after falling back to fetching the ref.
     let unknown = "0123456789abcdef0123456789abcdef01234567";
+    for reference in [GitRef::DefaultBranch, GitRef::Commit(unknown.to_owned())] {
+        let err = f
+            .cache
+            .ensure_commit(PROJECT, &reference, unknown)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::CommitNotFound { project, commit } if project == PROJECT && commit == unknown),
+            "{err:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn works_with_protocol_v0_servers() -> anyhow::Result<()> {
+    let (f, first) = Fixture::new().await?;
+    f.server.set_protocol_v2(false);
+    let second = f
+        .server
+        .commit_files(PROJECT, &[("README.md", Some("# v2\n"))], "second")?;
+    f.server.create_tag(PROJECT, "v1", &first, true)?;
+
+    assert_eq!(
+        f.cache.resolve(PROJECT, &GitRef::DefaultBranch).await?,
+        second
+    );
+    assert_eq!(
+        f.cache.resolve(PROJECT, &GitRef::Tag("v1".into())).await?,
+        first
+    );
+    let counts = f.counts();
+    assert_eq!((counts.ls_refs, counts.fetches), (0, 0), "{counts:?}");
+
+    // Over HTTP, v0 servers allow fetching commits reachable from a ref by id.
+    f.cache
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &first)
+        .await?;
+    assert_eq!(f.counts().fetches, 1);
+    let readme = f.cache.read_file(PROJECT, &first, "README.md", 100).await?;
+    assert_eq!(readme.as_deref(), Some(&b"# hello\n"[..]));
+
+    // Unreachable commits are refused; fetching the ref instead doesn't bring them either.
+    let dangling = f
+        .server
+        .commit_files_to_branch(PROJECT, "tmp", &[("x", Some("x"))], "tmp")?;
+    f.server.delete_branch(PROJECT, "tmp")?;
+    let before = f.counts();
     let err = f
         .cache
-        .ensure_commit(PROJECT, &GitRef::DefaultBranch, unknown)
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &dangling)
         .await
         .unwrap_err();
-    assert!(
-        err.to_string().contains(unknown) || matches!(err, Error::Transport { .. }),
-        "{err}"
+    assert!(matches!(err, Error::CommitNotFound { .. }), "{err:?}");
+    // Two connections: the refused fetch by id, then the ref, whose tip is already cached (no fetch).
+    let after = f.counts();
+    assert_eq!(after.info_refs, before.info_refs + 2, "{after:?}");
+    assert_eq!(after.fetches, before.fetches + 1, "{after:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unresponsive_server_times_out() -> anyhow::Result<()> {
+    install_crypto_provider();
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let silent = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.push(stream);
+        }
+    });
+    let cache_dir = tempfile::tempdir()?;
+    let cache = RepoCache::with_limits(
+        GitServerConfig {
+            base_url: format!("http://{addr}"),
+            username: None,
+            password: None,
+        },
+        cache_dir.path().to_path_buf(),
+        Limits {
+            http_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        },
     );
+    let started = Instant::now();
+    let err = cache
+        .resolve(PROJECT, &GitRef::DefaultBranch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    silent.abort();
     Ok(())
 }
 

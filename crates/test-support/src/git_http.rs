@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
@@ -53,6 +54,7 @@ struct Shared {
     root: PathBuf,
     password: String,
     state: Mutex<State>,
+    protocol_v2: AtomicBool,
 }
 
 /// A loopback Git smart-HTTP server; stops when dropped.
@@ -95,6 +97,7 @@ impl GitHttpServer {
             root: root.path().to_path_buf(),
             password,
             state: Mutex::new(State::default()),
+            protocol_v2: AtomicBool::new(true),
         });
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -251,6 +254,17 @@ impl GitHttpServer {
         Ok(())
     }
 
+    /// Deletes `branch`; its commits stay in the repository, unreachable.
+    pub fn delete_branch(&self, path: &str, branch: &str) -> anyhow::Result<()> {
+        let dir = self.existing_repo_dir(path)?;
+        git(
+            &dir,
+            &["update-ref", "-d", &format!("refs/heads/{branch}")],
+            None,
+        )?;
+        Ok(())
+    }
+
     /// Creates tag `tag` at `commit`: an annotated tag object when `annotated`, else a lightweight tag.
     /// Returns the id the tag ref points at (the tag object for annotated tags, else `commit`).
     pub fn create_tag(
@@ -284,6 +298,12 @@ impl GitHttpServer {
     /// The commit a ref (e.g. `refs/heads/main`, `HEAD`) points at in the server's repository.
     pub fn rev_parse(&self, path: &str, rev: &str) -> anyhow::Result<Option<String>> {
         rev_parse(&self.existing_repo_dir(path)?, rev)
+    }
+
+    /// With `false`, the server ignores clients' request for protocol v2 and speaks v0, like old servers:
+    /// only advertised ref tips can be fetched then.
+    pub fn set_protocol_v2(&self, enabled: bool) {
+        self.shared.protocol_v2.store(enabled, Ordering::Relaxed);
     }
 
     /// How clients used repository `path` so far.
@@ -565,7 +585,7 @@ async fn handle_inner(
     }
     // Protocol v2 is negotiated through this header, which git expects in GIT_PROTOCOL.
     let git_protocol = header_str("git-protocol");
-    if !git_protocol.is_empty() {
+    if !git_protocol.is_empty() && shared.protocol_v2.load(Ordering::Relaxed) {
         command.env("GIT_PROTOCOL", git_protocol);
     }
 
