@@ -121,6 +121,8 @@ impl KasProcess {
                 "--kas-address={scheme}://127.0.0.1:{}",
                 self.agent_port
             ))
+            // These scenarios have no cluster: agentk receives and reports, but does not apply.
+            .arg("--no-apply")
             .env("AGENTK_TOKEN", token);
         if quiet {
             command.stderr(Stdio::null());

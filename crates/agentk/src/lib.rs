@@ -2,6 +2,7 @@
 //! kas, applies `observability.logging` at run time, and serves kas's reverse calls. Kept thin on purpose:
 //! logic lives in kas so agents rarely need upgrading. `main.rs` only parses flags and calls [`run`].
 
+pub mod apply;
 pub mod config_watcher;
 pub mod generate;
 pub mod gitops;

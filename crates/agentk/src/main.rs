@@ -44,6 +44,9 @@ struct RunArgs {
     /// Starting level, until the configuration from Git sets one.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Receive manifests but never apply them.
+    #[arg(long)]
+    no_apply: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,12 +141,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .push((name.trim().to_owned(), value.trim().to_owned()));
     }
     client.proxy_from_env();
+    let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
+    let pod_name = std::env::var("POD_NAME").unwrap_or_default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let apply = if args.no_apply {
+        None
+    } else {
+        apply_settings(&pod_namespace, &pod_name, stop.clone()).await
+    };
     let options = agentk::AgentOptions {
-        pod_namespace: std::env::var("POD_NAMESPACE").unwrap_or_default(),
-        pod_name: std::env::var("POD_NAME").unwrap_or_default(),
+        pod_namespace,
+        pod_name,
         reverse_tunnels: 2,
-        // Applying manifests arrives with the apply engine; until then agentk receives and reports them.
-        apply: None,
+        apply,
     };
     let mut agent = agentk::start(client, options, Some(logs))?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -153,6 +163,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = agent.wait() => {}
     }
     tracing::info!("shutting down");
+    stop.cancel();
     agent.shutdown().await;
     Ok(())
+}
+
+/// The cluster agentk runs in (in-cluster config, else KUBECONFIG), leader election when it runs as a pod,
+/// and the engine. Without a reachable cluster agentk still connects and receives, and says why it won't apply.
+async fn apply_settings(
+    namespace: &str,
+    pod_name: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<agentk::gitops::ApplySettings> {
+    let config = match kube::Config::infer().await {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes configuration: manifests will be received but not applied");
+            return None;
+        }
+    };
+    let cluster_url = config.cluster_url.to_string();
+    let client = match kube::Client::try_from(config) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build a Kubernetes client: manifests will not be applied");
+            return None;
+        }
+    };
+    let namespace = if namespace.is_empty() {
+        "default".to_owned()
+    } else {
+        namespace.to_owned()
+    };
+    let (leading_tx, leading) = tokio::sync::watch::channel(pod_name.is_empty());
+    if !pod_name.is_empty() {
+        // Replicas of one agent share the lease; each pod is one candidate.
+        let lease = agentk::leader::LeaseConfig::new(&namespace, "agentk-leader", pod_name);
+        tokio::spawn(agentk::leader::run(client.clone(), lease, leading_tx, stop));
+    }
+    let applier = agentk::apply::EngineApplier {
+        client,
+        inventory_namespace: namespace,
+        agent: "agentk".into(),
+        cluster_url,
+    };
+    Some(agentk::gitops::ApplySettings {
+        applier: std::sync::Arc::new(applier),
+        leading,
+        resync: Duration::from_secs(300),
+    })
 }

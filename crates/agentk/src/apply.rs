@@ -1,0 +1,148 @@
+//! The [`Applier`] agentk runs with: the apply engine against the cluster agentk runs in, with an inventory
+//! per (agent, manifest project) in the agent's namespace.
+
+use std::pin::Pin;
+
+use gitops_config::agent::{
+    DryRunStrategy, InventoryPolicy, ManifestProject, PrunePropagationPolicy,
+};
+use gitops_engine::{
+    ApplyOptions, InventoryOptions, InventoryRef, ManifestFile, PropagationPolicy, decode_files,
+};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use crate::gitops::{Applier, ManifestSnapshot, ObjectOutcome, SyncOutcome};
+
+/// Applies with the engine as `agentk`.
+pub struct EngineApplier {
+    pub client: kube::Client,
+    /// Where inventories live: the agent's own namespace.
+    pub inventory_namespace: String,
+    /// Distinguishes the inventories of agents sharing a cluster (the agent's name or id).
+    pub agent: String,
+    /// For log lines: the API server URL.
+    pub cluster_url: String,
+}
+
+/// A ConfigMap name unique per (agent, project), readable, and within the 253-character limit.
+pub fn inventory_name(agent: &str, project: &str) -> String {
+    let readable: String = format!("{agent}-{project}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(200)
+        .collect();
+    let digest = hex::encode(&Sha256::digest(format!("{agent}\n{project}").as_bytes())[..6]);
+    format!("agentk-inventory-{}-{digest}", readable.trim_matches('-'))
+}
+
+fn options(applier: &EngineApplier, project: &ManifestProject) -> ApplyOptions {
+    let mut inventory = InventoryOptions::new(InventoryRef {
+        namespace: applier.inventory_namespace.clone(),
+        name: inventory_name(&applier.agent, &project.id),
+    });
+    inventory.policy = match project.inventory_policy {
+        InventoryPolicy::MustMatch => gitops_engine::InventoryPolicy::MustMatch,
+        InventoryPolicy::AdoptIfNoInventory => gitops_engine::InventoryPolicy::AdoptIfNoInventory,
+        InventoryPolicy::AdoptAll => gitops_engine::InventoryPolicy::AdoptAll,
+    };
+    inventory.prune = project.prune;
+    inventory.prune_propagation_policy = match project.prune_propagation_policy {
+        PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
+        PrunePropagationPolicy::Background => PropagationPolicy::Background,
+        PrunePropagationPolicy::Foreground => PropagationPolicy::Foreground,
+    };
+    ApplyOptions {
+        default_namespace: project.default_namespace.clone(),
+        field_manager: "agentk".into(),
+        dry_run: match project.dry_run_strategy {
+            DryRunStrategy::None => gitops_engine::DryRunStrategy::None,
+            DryRunStrategy::Client => gitops_engine::DryRunStrategy::Client,
+            DryRunStrategy::Server => gitops_engine::DryRunStrategy::Server,
+        },
+        inventory: Some(inventory),
+    }
+}
+
+impl Applier for EngineApplier {
+    fn apply<'a>(
+        &'a self,
+        project: &'a ManifestProject,
+        snapshot: &'a ManifestSnapshot,
+    ) -> Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>> {
+        Box::pin(async move {
+            let files: Vec<ManifestFile> = snapshot
+                .files
+                .iter()
+                .map(|(p, d)| ManifestFile::new(p.clone(), d.clone()))
+                .collect();
+            // The seed's log line per object, before it is applied.
+            for object in decode_files(&files).into_iter().flatten() {
+                let meta = &object.object.metadata;
+                let kind = object.object.types.as_ref().map_or("", |t| t.kind.as_str());
+                info!(
+                    "Applying resource {kind}/{} in cluster: {}, namespace: {}",
+                    meta.name.as_deref().unwrap_or(""),
+                    self.cluster_url,
+                    meta.namespace
+                        .as_deref()
+                        .unwrap_or(&project.default_namespace)
+                );
+            }
+            match gitops_engine::apply(&self.client, &files, &options(self, project)).await {
+                Ok(report) => SyncOutcome {
+                    objects: report
+                        .results
+                        .iter()
+                        .map(|r| ObjectOutcome {
+                            resource_key: r.resource_key(),
+                            source: r
+                                .origin
+                                .as_ref()
+                                .map(ToString::to_string)
+                                .unwrap_or_default(),
+                            result: r.outcome.verb().to_owned(),
+                            sync_result: r.sync_result(),
+                            health: String::new(),
+                            message: r.message().unwrap_or_default().to_owned(),
+                        })
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => SyncOutcome {
+                    objects: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_names_are_valid_and_distinct() {
+        let a = inventory_name("gitops", "group/manifests");
+        let b = inventory_name("gitops", "group-manifests");
+        assert_ne!(a, b, "distinct projects that sanitize alike still differ");
+        assert!(
+            a.starts_with("agentk-inventory-gitops-group-manifests-"),
+            "{a}"
+        );
+        let long = inventory_name("gitops", &"x/".repeat(300));
+        assert!(
+            long.len() <= 253
+                && long
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The seed's steps 5 and 6 against the real apiserver: manifests in Git applied by agentk through the engine,
+//! a replicas change reaching the cluster by itself, a file deleted from Git pruned, every sync reported.
+
+use std::{sync::Arc, time::Duration};
+
+use agentk::{apply::EngineApplier, gitops::ApplySettings};
+use e2e::{CONFIG_FILE, CONFIG_PROJECT, Harness, eventually};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Pod},
+};
+use kube::api::{Api, ListParams};
+use test_support::cluster::{TestNamespace, install_crypto_provider};
+use tokio::sync::watch;
+
+fn deployment(ns: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx-deployment\n  namespace: {ns}\nspec:\n  selector:\n    matchLabels:\n      app: nginx\n  replicas: {replicas}\n  template:\n    metadata:\n      labels:\n        app: nginx\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.14.2\n        ports:\n        - containerPort: 80\n"
+    )
+}
+
+async fn running_pods(pods: &Api<Pod>) -> anyhow::Result<usize> {
+    let list = pods
+        .list(&ListParams::default().labels("app=nginx"))
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count())
+}
+
+#[tokio::test]
+async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -> anyhow::Result<()>
+{
+    install_crypto_provider();
+    let ns = TestNamespace::create("gitops").await?;
+    let h = Harness::start(false).await?;
+    h.git.create_repo("group/manifests", true)?;
+    h.git.commit_files(
+        "group/manifests",
+        &[
+            ("deployment/deployment.yaml", Some(&deployment(&ns.name, 1))),
+            ("config/settings.yaml", Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  color: blue\n")),
+            ("README.md", Some("# manifests\n")),
+        ],
+        "the seed's manifest",
+    )?;
+    let config = format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n",
+        ns.name
+    );
+    h.git
+        .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config))], "config")?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let applier = EngineApplier {
+        client: ns.client.clone(),
+        inventory_namespace: ns.name.clone(),
+        agent: "gitops".into(),
+        cluster_url: test_support::env::test_env().kubernetes.server.clone(),
+    };
+    let (_leading_tx, leading) = watch::channel(true);
+    let settings = ApplySettings {
+        applier: Arc::new(applier),
+        leading,
+        resync: Duration::from_secs(3600),
+    };
+    let agent = h.agent_with(h.client_config("grpc", &secret), Some(settings))?;
+
+    let deployments: Api<Deployment> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let configmaps: Api<ConfigMap> = ns.api();
+    eventually(
+        Duration::from_secs(30),
+        "nginx-deployment with 1 Running pod",
+        || async {
+            Ok(deployments.get_opt("nginx-deployment").await?.is_some()
+                && running_pods(&pods).await? == 1)
+        },
+    )
+    .await?;
+    assert_eq!(
+        configmaps.get("settings").await?.data.unwrap()["color"],
+        "blue",
+        "default_namespace applied"
+    );
+
+    // Step 6: replicas 1 → 2 in Git; a second pod comes up by itself.
+    h.git.commit_files(
+        "group/manifests",
+        &[("deployment/deployment.yaml", Some(&deployment(&ns.name, 2)))],
+        "scale",
+    )?;
+    eventually(Duration::from_secs(30), "2 Running pods", || async {
+        Ok(running_pods(&pods).await? == 2)
+    })
+    .await?;
+
+    // A file deleted from Git: its object is pruned.
+    let last = h.git.commit_files(
+        "group/manifests",
+        &[("config/settings.yaml", None)],
+        "drop settings",
+    )?;
+    eventually(Duration::from_secs(30), "the ConfigMap pruned", || async {
+        Ok(configmaps.get_opt("settings").await?.is_none())
+    })
+    .await?;
+
+    // kas shows what happened.
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the last sync in GraphQL",
+        || async {
+            let view = h.graphql(&query).await?;
+            let sync = &view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"];
+            let pruned = sync["objects"].as_array().is_some_and(|objects| {
+                objects.iter().any(|o| {
+                    o["resourceKey"] == format!("/ConfigMap/{}/settings", ns.name)
+                        && o["result"] == "pruned"
+                })
+            });
+            Ok(sync["commitApplied"] == last.as_str() && sync["outcome"] == "synced" && pruned)
+        },
+    )
+    .await?;
+    agent.shutdown().await;
+    ns.delete().await?;
+    Ok(())
+}
