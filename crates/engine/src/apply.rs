@@ -64,6 +64,8 @@ pub struct InventoryOptions {
     pub prune: bool,
     /// `prune_propagation_policy`.
     pub prune_propagation_policy: PropagationPolicy,
+    /// `prune_timeout`: how long to wait for pruned objects to be gone (`None`: do not wait).
+    pub prune_timeout: Option<Duration>,
 }
 
 impl InventoryOptions {
@@ -74,6 +76,7 @@ impl InventoryOptions {
             policy: InventoryPolicy::MustMatch,
             prune: true,
             prune_propagation_policy: PropagationPolicy::Foreground,
+            prune_timeout: None,
         }
     }
 }
@@ -350,6 +353,7 @@ async fn update_inventory(
             gone,
             &inventory.location.id(),
             inventory.prune_propagation_policy.clone(),
+            inventory.prune_timeout,
             dry_run,
         )
         .await;

@@ -1,5 +1,7 @@
 //! Deleting objects that left the set, in reverse apply order, only when this inventory still owns them.
 
+use std::time::Duration;
+
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, PropagationPolicy};
 use kube::discovery::Discovery;
@@ -26,6 +28,7 @@ pub(crate) async fn prune(
     mut gone: Vec<ObjectKey>,
     inventory_id: &str,
     propagation: PropagationPolicy,
+    timeout: Option<Duration>,
     dry_run: bool,
 ) -> Pruned {
     // Reverse of the apply order: custom resources before their CRD, a Namespace after its objects.
@@ -38,6 +41,8 @@ pub(crate) async fn prune(
         results: Vec::new(),
         still_owned: Vec::new(),
     };
+    // Deleted objects and their APIs, to wait for when there is a timeout.
+    let mut deleted: Vec<(usize, Api<DynamicObject>)> = Vec::new();
     for key in gone {
         let Some((resource, _)) = discovery
             .get(&key.group)
@@ -89,6 +94,8 @@ pub(crate) async fn prune(
             Ok(_) => {
                 if dry_run {
                     pruned.still_owned.push(key.clone());
+                } else {
+                    deleted.push((pruned.results.len(), api));
                 }
                 pruned.results.push(result(Outcome::Pruned));
             }
@@ -102,5 +109,48 @@ pub(crate) async fn prune(
             }
         }
     }
+    if let Some(timeout) = timeout {
+        wait_until_gone(&mut pruned, deleted, timeout).await;
+    }
     pruned
+}
+
+/// `prune_timeout`: waits for deleted objects (finalizers, foreground propagation) to be gone. One still
+/// there at the deadline becomes a failure and stays in the inventory, so the next sync looks again.
+async fn wait_until_gone(
+    pruned: &mut Pruned,
+    mut waiting: Vec<(usize, Api<DynamicObject>)>,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut still_there = Vec::new();
+        for (index, api) in waiting {
+            let name = &pruned.results[index]
+                .key
+                .as_ref()
+                .expect("pruned results have keys")
+                .name;
+            match api.get_opt(name).await {
+                Ok(None) => {}
+                // A failed read is treated as not gone yet; the deadline bounds it.
+                Ok(Some(_)) | Err(_) => still_there.push((index, api)),
+            }
+        }
+        if still_there.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            for (index, _) in still_there {
+                let result = &mut pruned.results[index];
+                result.outcome = Outcome::Failed(format!(
+                    "prune: still present after prune_timeout ({timeout:?})"
+                ));
+                pruned.still_owned.extend(result.key.clone());
+            }
+            return;
+        }
+        waiting = still_there;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -6,7 +6,8 @@ use gitops_engine::{
     ApplyOptions, DryRunStrategy, InventoryOptions, InventoryPolicy, InventoryRef, ManifestFile,
     ObjectKey, SyncReport, apply,
 };
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{ObjectMeta, PostParams};
 use test_support::cluster::TestNamespace;
 
@@ -15,6 +16,17 @@ fn configmap(name: &str, annotations: &str) -> String {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  annotations: {{{annotations}}}\ndata: {{k: v}}\n---\n"
     )
 }
+
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: registry.invalid/web:1}]}
+---
+";
 
 fn files(docs: &[String]) -> Vec<ManifestFile> {
     vec![ManifestFile::new("app.yaml", docs.concat())]
@@ -25,6 +37,7 @@ fn options(ns: &TestNamespace, policy: InventoryPolicy) -> ApplyOptions {
         default_namespace: ns.name.clone(),
         inventory: Some(InventoryOptions {
             policy,
+            prune_timeout: Some(std::time::Duration::from_secs(30)),
             ..InventoryOptions::new(inventory_ref(ns))
         }),
         ..Default::default()
@@ -42,20 +55,9 @@ fn verbs(report: &SyncReport) -> Vec<String> {
     report.results.iter().map(|r| r.sync_result()).collect()
 }
 
-/// Pruning deletes with foreground propagation: the garbage collector removes the object shortly after.
+/// Gone, not merely being deleted: pruning waits for that (`prune_timeout`).
 async fn is_deleted(ns: &TestNamespace, name: &str) -> anyhow::Result<bool> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        match ns.api::<ConfigMap>().get_opt(name).await? {
-            None => return Ok(true),
-            Some(c) => assert!(
-                c.metadata.deletion_timestamp.is_some(),
-                "{name} is not being deleted"
-            ),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    Ok(false)
+    Ok(ns.api::<ConfigMap>().get_opt(name).await?.is_none())
 }
 
 async fn inventory_names(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
@@ -76,15 +78,26 @@ async fn objects_that_leave_git_are_pruned_unless_kept() -> anyhow::Result<()> {
         configmap("goes", ""),
         configmap("kept", "cli-utils.sigs.k8s.io/on-remove: keep"),
         configmap("old-name", ""),
+        DEPLOYMENT.to_string(),
     ]);
     let report = apply(&ns.client, &v1, &opts).await?;
     assert!(report.all_succeeded(), "{:#?}", report.results);
     assert_eq!(
         inventory_names(&ns).await?,
-        ["goes", "kept", "old-name", "stays"]
+        ["goes", "kept", "old-name", "stays", "web"]
     );
+    // Wait for the Deployment's pod, so the prune below has dependents to take down.
+    let pods = ns.api::<Pod>();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pods.list(&Default::default()).await?.items.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pod for the Deployment"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 
-    // "goes" and "kept" leave Git, "old-name" is renamed.
+    // "goes", "kept" and the Deployment leave Git, "old-name" is renamed.
     let v2 = files(&[configmap("stays", ""), configmap("new-name", "")]);
     let report = apply(&ns.client, &v2, &opts).await?;
     assert_eq!(
@@ -92,9 +105,19 @@ async fn objects_that_leave_git_are_pruned_unless_kept() -> anyhow::Result<()> {
         [
             "configmap/new-name created",
             "configmap/stays unchanged",
+            "deployment.apps/web pruned",
             "configmap/goes pruned",
             "configmap/old-name pruned"
         ]
+    );
+    // Foreground propagation and prune_timeout: the Deployment is gone, and so are its pods.
+    assert!(ns.api::<Deployment>().get_opt("web").await?.is_none());
+    assert!(
+        pods.list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_some())
     );
     let configmaps = ns.api::<ConfigMap>();
     assert!(is_deleted(&ns, "goes").await?);
