@@ -109,8 +109,12 @@ struct Resolved {
     resolution: Resolution,
 }
 
-/// Decodes, resolves, orders and applies `files` (the manifest project at one commit). Only a
-/// discovery failure is an error; everything else is in the per-object results.
+/// Decodes, resolves, orders and applies `files` (the manifest project at one commit), then prunes and
+/// records the inventory when `options.inventory` is set. Only failing to discover the cluster's API or
+/// to read or write the inventory is an error; everything else is in the per-object results.
+///
+/// Dropping the future (to start over with a newer commit) is safe: the inventory already lists every
+/// object of the set before the first apply.
 pub async fn apply(
     client: &Client,
     files: &[ManifestFile],
@@ -214,6 +218,24 @@ pub async fn apply(
             object,
             resolution,
         });
+    }
+
+    // Record everything this sync may create before creating it (as cli-utils does): a sync cancelled
+    // half-way (a newer commit arrived) then leaves no object the inventory does not know, so nothing can
+    // escape a later prune. Objects this sync fails to take over are dropped again at the end, and
+    // prune never deletes an object another inventory owns.
+    if let Some(inventory) = &options.inventory
+        && !dry_run
+    {
+        let upcoming: BTreeSet<ObjectKey> = previous_inventory
+            .iter()
+            .cloned()
+            .chain(resolved.iter().map(|r| r.key.clone()))
+            .collect();
+        inventory
+            .location
+            .write(client, &upcoming, &options.field_manager)
+            .await?;
     }
 
     let plan = {

@@ -268,7 +268,15 @@ async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()
     let ns = TestNamespace::create("engine-invalid").await?;
     let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: good1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [broken\n---\nkind: ConfigMap\nmetadata: {name: no-api-version}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: good2}\n";
     let unknown = "apiVersion: nothing.example.com/v1\nkind: Gadget\nmetadata: {name: g}\n";
-    let files = [file("mixed.yaml", text), file("unknown.yaml", unknown)];
+    let duplicate = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: good1, namespace: {}}}\n",
+        ns.name
+    );
+    let files = [
+        file("mixed.yaml", text),
+        file("unknown.yaml", unknown),
+        file("z-duplicate.yaml", &duplicate),
+    ];
     let report = apply(&ns.client, &files, &options(&ns.name)).await?;
     let failures: Vec<_> = report
         .results
@@ -280,7 +288,7 @@ async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()
             })
         })
         .collect();
-    assert_eq!(failures.len(), 3, "{failures:#?}");
+    assert_eq!(failures.len(), 4, "{failures:#?}");
     assert_eq!((failures[0].0.as_str(), failures[0].1), ("mixed.yaml", 1));
     assert!(
         failures[0].2.starts_with("mixed.yaml, document 1, line 8"),
@@ -293,18 +301,29 @@ async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()
         "{}",
         failures[1].2
     );
+    assert_eq!(
+        failures[2].2,
+        "z-duplicate.yaml, document 0: the same object is also defined in mixed.yaml, document 0"
+    );
     assert!(
-        failures[2].2.contains("unknown kind Gadget"),
+        failures[3].2.contains("unknown kind Gadget"),
         "{}",
-        failures[2].2
+        failures[3].2
     );
     assert_eq!(
         report.results[0].sync_result(),
         "mixed.yaml, document 1 failed"
     );
+    // good1 is applied from its first definition; only the duplicate failed.
+    let good1: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.resource_key() == format!("/ConfigMap/{}/good1", ns.name))
+        .map(|r| (r.origin.as_ref().unwrap().path.as_str(), r.outcome.verb()))
+        .collect();
     assert_eq!(
-        outcome(&report, &format!("/ConfigMap/{}/good1", ns.name)),
-        &Outcome::Created
+        good1,
+        [("z-duplicate.yaml", "failed"), ("mixed.yaml", "created")]
     );
     assert_eq!(
         outcome(&report, &format!("/ConfigMap/{}/good2", ns.name)),
