@@ -1,28 +1,26 @@
-//! Resolve kinds by discovery, order, and server-side apply each object.
+//! The sync: decode, resolve, order, server-side apply in batches, then prune and record the inventory.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
-use kube::core::GroupVersionKind;
-use kube::discovery::{ApiResource, Discovery, Scope};
-use serde_json::Value;
+use kube::discovery::{ApiResource, Discovery};
 
-use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
+use crate::change::apply_changed;
+use crate::decode::{ManifestFile, ObjectOrigin, decode_files};
 use crate::error::{EngineError, kube_error_message};
 use crate::inventory::{InventoryPolicy, InventoryRef, OWNING_INVENTORY_ANNOTATION};
 use crate::key::{ObjectKey, split_api_version};
 use crate::order::order;
 use crate::prune::prune;
+use crate::resolve::{
+    CRD_GROUP, CRD_KIND, Resolution, Resolved, discover, refresh_after_crds, resolve_objects,
+    served_after_crds,
+};
 use crate::result::{ObjectResult, Outcome, SyncReport};
 
-const CRD_GROUP: &str = "apiextensions.k8s.io";
-const CRD_KIND: &str = "CustomResourceDefinition";
-/// How long a CRD applied in this sync may take to be established before its custom resources fail.
-const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Applies in flight at once within a batch: enough to hide the round trip, few enough for the
 /// apiserver's default max-in-flight and the client's connection pool.
 const APPLY_CONCURRENCY: usize = 16;
@@ -92,23 +90,6 @@ impl Default for ApplyOptions {
     }
 }
 
-/// How an object's kind was resolved.
-#[derive(Debug, Clone)]
-enum Resolution {
-    Served(ApiResource),
-    /// Defined by a CRD in this set that the cluster does not serve yet: discovered after it is applied.
-    Pending(GroupVersionKind),
-    /// Neither served nor defined in the set: fails (with this message) when its turn comes.
-    Unknown(String),
-}
-
-struct Resolved {
-    key: ObjectKey,
-    origin: ObjectOrigin,
-    object: DynamicObject,
-    resolution: Resolution,
-}
-
 /// Decodes, resolves, orders and applies `files` (the manifest project at one commit), then prunes and
 /// records the inventory when `options.inventory` is set. Only failing to discover the cluster's API or
 /// to read or write the inventory is an error; everything else is in the per-object results.
@@ -156,68 +137,10 @@ pub async fn apply(
         .collect();
     groups.insert(CRD_GROUP.into());
     let mut discovery = discover(client, &groups).await?;
-    let crd_scopes = crd_scopes(&decoded);
 
-    // Resolve kinds, default namespaces, compute keys, drop duplicates.
-    let mut resolved: Vec<Resolved> = Vec::new();
-    let mut first_origin: HashMap<ObjectKey, ObjectOrigin> = HashMap::new();
-    for DecodedObject { origin, mut object } in decoded {
-        let types = object.types.clone().unwrap_or_default();
-        let (group, version) = split_api_version(&types.api_version);
-        let gvk = GroupVersionKind::gvk(group, version, &types.kind);
-        let (resolution, namespaced) = match discovery.resolve_gvk(&gvk) {
-            Some((resource, caps)) => (
-                Resolution::Served(resource),
-                caps.scope == Scope::Namespaced,
-            ),
-            None => {
-                match crd_scopes.get(&(group.to_string(), version.to_string(), types.kind.clone()))
-                {
-                    Some(namespaced) => (Resolution::Pending(gvk.clone()), *namespaced),
-                    // Kept in the set (not reported here) so objects depending on it are skipped.
-                    None => {
-                        let e = EngineError::UnknownKind {
-                            origin: origin.clone(),
-                            api_version: types.api_version.clone(),
-                            kind: types.kind.clone(),
-                        };
-                        (Resolution::Unknown(e.to_string()), false)
-                    }
-                }
-            }
-        };
-        let unknown = matches!(resolution, Resolution::Unknown(_));
-        if unknown {
-            // Scope unknown: keep the namespace as written.
-        } else if namespaced {
-            if object
-                .metadata
-                .namespace
-                .as_deref()
-                .is_none_or(str::is_empty)
-            {
-                object.metadata.namespace = Some(options.default_namespace.clone());
-            }
-        } else {
-            // kubectl ignores a namespace on cluster-scoped objects too; keeping it would make the key wrong.
-            object.metadata.namespace = None;
-        }
-        let key = key_of(&object, &gvk, object.metadata.namespace.clone());
-        if let Some(first) = first_origin.get(&key) {
-            let e = EngineError::DuplicateObject {
-                origin: origin.clone(),
-                first: first.clone(),
-            };
-            report.results.push(fail(Some(key), origin, e.to_string()));
-            continue;
-        }
-        first_origin.insert(key.clone(), origin.clone());
-        resolved.push(Resolved {
-            key,
-            origin,
-            object,
-            resolution,
-        });
+    let (resolved, duplicates) = resolve_objects(decoded, &discovery, &options.default_namespace);
+    for (key, origin, e) in duplicates {
+        report.results.push(fail(Some(key), origin, e.to_string()));
     }
 
     // Record everything this sync may create before creating it (as cli-utils does): a sync cancelled
@@ -393,64 +316,6 @@ async fn update_inventory(
     Ok(())
 }
 
-fn key_of(object: &DynamicObject, gvk: &GroupVersionKind, namespace: Option<String>) -> ObjectKey {
-    ObjectKey {
-        group: gvk.group.clone(),
-        kind: gvk.kind.clone(),
-        namespace,
-        name: object.metadata.name.clone().unwrap_or_default(),
-    }
-}
-
-/// Discovery of only the groups the set and the inventory use, with aggregated discovery (two
-/// requests) and the per-group walk as fallback for apiservers without it.
-async fn discover(client: &Client, groups: &BTreeSet<String>) -> Result<Discovery, EngineError> {
-    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-    match Discovery::new(client.clone())
-        .filter(&groups)
-        .run_aggregated()
-        .await
-    {
-        Ok(discovery) => Ok(discovery),
-        Err(e) => {
-            tracing::debug!(error = %e, "aggregated discovery failed; discovering group by group");
-            Discovery::new(client.clone())
-                .filter(&groups)
-                .run()
-                .await
-                .map_err(EngineError::Discovery)
-        }
-    }
-}
-
-/// (group, version, kind) → namespaced, for every version served by a CRD in the set.
-fn crd_scopes(objects: &[DecodedObject]) -> HashMap<(String, String, String), bool> {
-    let mut scopes = HashMap::new();
-    for o in objects {
-        let Some(types) = &o.object.types else {
-            continue;
-        };
-        if split_api_version(&types.api_version).0 != CRD_GROUP || types.kind != CRD_KIND {
-            continue;
-        }
-        let spec = &o.object.data["spec"];
-        let (Some(group), Some(kind)) = (spec["group"].as_str(), spec["names"]["kind"].as_str())
-        else {
-            continue;
-        };
-        let namespaced = spec["scope"].as_str() != Some("Cluster");
-        for version in spec["versions"].as_array().into_iter().flatten() {
-            if let Some(version) = version["name"].as_str() {
-                scopes.insert(
-                    (group.to_string(), version.to_string(), kind.to_string()),
-                    namespaced,
-                );
-            }
-        }
-    }
-    scopes
-}
-
 /// The end of the batch starting at `sequence[start]`: following objects of the same kind that do not
 /// depend on each other. A batch is applied concurrently; batches one after another, so the kind order
 /// and every dependency still hold.
@@ -474,65 +339,6 @@ fn batch_end(
         end += 1;
     }
     end
-}
-
-/// The resource of a kind defined by a CRD of this set, once that CRD was applied.
-fn served_after_crds(
-    discovery: &Discovery,
-    gvk: &GroupVersionKind,
-    dry_run: bool,
-) -> Result<ApiResource, String> {
-    match discovery.resolve_gvk(gvk) {
-        Some((resource, _)) => Ok(resource),
-        None if dry_run => Err("its CustomResourceDefinition was only applied in a dry run".into()),
-        None => Err(format!(
-            "kind {} is still not served after applying its CustomResourceDefinition",
-            gvk.kind
-        )),
-    }
-}
-
-/// Waits until the CRDs applied since the last discovery are established, then discovers again.
-async fn refresh_after_crds(
-    client: &Client,
-    discovery: &mut Discovery,
-    groups: &BTreeSet<String>,
-    crds_applied: &mut Vec<String>,
-) -> Result<(), String> {
-    let crd_resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(CRD_GROUP, "v1", CRD_KIND),
-        "customresourcedefinitions",
-    );
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
-    for name in crds_applied.drain(..) {
-        wait_established(&api, &name)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    *discovery = discover(client, groups).await.map_err(|e| e.to_string())?;
-    Ok(())
-}
-
-async fn wait_established(api: &Api<DynamicObject>, name: &str) -> Result<(), EngineError> {
-    let deadline = tokio::time::Instant::now() + CRD_ESTABLISH_TIMEOUT;
-    loop {
-        let crd = api.get(name).await.map_err(EngineError::Kube)?;
-        let established = crd.data["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Established" && c["status"] == "True");
-        if established {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(EngineError::CrdNotEstablished {
-                name: name.to_string(),
-                reason: format!("not Established after {CRD_ESTABLISH_TIMEOUT:?}"),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// One server-side apply. Created / configured / unchanged come from comparing with the object as it
@@ -600,80 +406,5 @@ async fn apply_object(
         Outcome::Configured
     } else {
         Outcome::Unchanged
-    }
-}
-
-/// Whether an apply that moved the resourceVersion (or was a dry run, which never moves it) changed what
-/// we manage. The resourceVersion alone over-reports: between our read and our apply, controllers write
-/// status and annotations (a Deployment's `deployment.kubernetes.io/revision`). So compare, before and
-/// after, the fields the manifest sets (both sides in the server's normalized form) and the set of
-/// fields our field manager owns (which catches fields the manifest stopped setting and SSA removed).
-fn apply_changed(
-    before: &DynamicObject,
-    after: &DynamicObject,
-    desired: &DynamicObject,
-    field_manager: &str,
-) -> bool {
-    let shape = serde_json::to_value(desired).unwrap_or_default();
-    let value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or_default();
-    project(&value(before), &shape) != project(&value(after), &shape)
-        || owned_fields(before, field_manager) != owned_fields(after, field_manager)
-}
-
-/// `actual` cut down to the keys present in `shape` (lists element by element, keeping their length).
-fn project(actual: &Value, shape: &Value) -> Value {
-    match (actual, shape) {
-        (Value::Object(actual), Value::Object(shape)) => Value::Object(
-            shape
-                .iter()
-                .map(|(k, s)| {
-                    (
-                        k.clone(),
-                        actual.get(k).map_or(Value::Null, |a| project(a, s)),
-                    )
-                })
-                .collect(),
-        ),
-        (Value::Array(actual), Value::Array(shape)) => Value::Array(
-            actual
-                .iter()
-                .enumerate()
-                .map(|(i, a)| shape.get(i).map_or_else(|| a.clone(), |s| project(a, s)))
-                .collect(),
-        ),
-        _ => actual.clone(),
-    }
-}
-
-/// The fields our manager owns through apply (`managedFields[].fieldsV1`).
-fn owned_fields<'a>(object: &'a DynamicObject, field_manager: &str) -> Option<&'a FieldsV1> {
-    object
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .find(|m| {
-            m.manager.as_deref() == Some(field_manager) && m.operation.as_deref() == Some("Apply")
-        })
-        .and_then(|m| m.fields_v1.as_ref())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn projection_keeps_only_what_the_manifest_sets() {
-        let shape = json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "web"}]}});
-        let actual = json!({
-            "metadata": {"name": "x", "annotations": {"by-controller": "1"}},
-            "spec": {"containers": [{"name": "web", "imagePullPolicy": "Always"}, {"name": "extra"}]},
-            "status": {"ready": true}
-        });
-        assert_eq!(
-            project(&actual, &shape),
-            json!({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "web"}, {"name": "extra"}]}})
-        );
     }
 }

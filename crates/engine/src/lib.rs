@@ -21,12 +21,14 @@
 //! problem is one object's result, so valid objects are applied whatever else is in the set.
 
 pub mod apply;
+mod change;
 pub mod decode;
 pub mod error;
 pub mod inventory;
 pub mod key;
 pub mod order;
 mod prune;
+mod resolve;
 pub mod result;
 
 pub use apply::{ApplyOptions, DryRunStrategy, InventoryOptions, apply};
