@@ -1,6 +1,6 @@
 //! The GitOps apply engine: the files of one manifest project at one commit in, per-object results out.
 //!
-//! The flow of [`apply`]:
+//! The flow of [`apply()`]:
 //! 1. [`decode`]: multi-document YAML and JSON files become objects, each keeping its origin (file and
 //!    document index); `kind: List` is flattened; an invalid document becomes a failed result of its own.
 //! 2. Resolve: each kind is looked up by API discovery (only the groups the set uses) to find its
@@ -11,14 +11,22 @@
 //!    `config.kubernetes.io/depends-on` and the implicit edges object → its Namespace and custom resource
 //!    → its CRD; cycles fail the objects in them.
 //! 4. Apply: server-side apply with the field manager (`agentk`), forcing conflicts, honouring the dry-run
-//!    strategy. An object whose dependency failed or was skipped is skipped with the reason.
-//! 5. [`inventory`] (optional): with an inventory, applied objects are annotated as owned by it and an
-//!    existing object is applied only if `inventory_policy` allows taking it; objects that left the set
-//!    are pruned (reverse order, `on-remove: keep` honoured) only when every object succeeded; the
-//!    inventory (sharded ConfigMaps) is rewritten.
+//!    strategy. Consecutive objects of one kind that do not depend on each other form a batch applied
+//!    concurrently (16 in flight); batches go one after another, so the order holds. An object whose
+//!    dependency failed or was skipped is skipped with the reason. Created / configured / unchanged come
+//!    from comparing the object before and after (see `change.rs`: the resourceVersion alone lies).
+//! 5. [`inventory`] (optional): the inventory (sharded ConfigMaps, no 1 MiB ceiling) first gains every
+//!    object of the set, so a cancelled sync orphans nothing; applied objects are annotated as owned by
+//!    it and an existing object is applied only if `inventory_policy` allows taking it; objects that left
+//!    the set are pruned (reverse order, `on-remove: keep` honoured, `prune_timeout` waited for) only
+//!    when every object succeeded; then the inventory is rewritten with what it owns.
 //!
-//! Nothing but a failure to talk to the cluster at all (discovery) fails the whole sync: every other
-//! problem is one object's result, so valid objects are applied whatever else is in the set.
+//! Results name objects by [`ObjectKey::resource_key`] (`apps/Deployment/ns/name`, core group empty:
+//! `/ConfigMap/ns/name`, cluster-scoped: `/Namespace//name`) and a kubectl-like
+//! [`ObjectResult::sync_result`] (`deployment.apps/name configured`).
+//!
+//! Only failing to discover the cluster's API or to read or write the inventory fails the whole sync:
+//! every other problem is one object's result, so valid objects are applied whatever else is in the set.
 
 pub mod apply;
 mod change;

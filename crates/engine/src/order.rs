@@ -45,7 +45,8 @@ const LAST: &[&str] = &[
     "ValidatingWebhookConfiguration",
 ];
 
-/// Kinds in [`FIRST`] by position, unknown kinds after them, [`LAST`] at the end.
+/// Position in the kind order: the kinds listed first by position, unknown kinds after them, webhook
+/// configurations at the end.
 pub fn kind_rank(kind: &str) -> usize {
     if let Some(i) = FIRST.iter().position(|k| *k == kind) {
         i
