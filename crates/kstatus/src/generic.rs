@@ -1,0 +1,103 @@
+//! The rules kstatus applies to every object before any kind-specific rule
+//! (`checkGenericProperties`): deletion, observed generation, and the standard
+//! `Reconciling`/`Stalled` conditions.
+//!
+//! kstatus deliberately does not interpret `Ready` generically: its meaning
+//! varies between controllers (and `Ready=False` is normal while a resource is
+//! starting), so objects that only report `Ready` fall through to the
+//! kind-specific rules or to the `Current` default. This port keeps that.
+
+use serde_json::Value;
+
+use crate::fields::{self, Malformed};
+use crate::{CONDITION_RECONCILING, CONDITION_STALLED, Result};
+
+/// Applies the generic rules. `Ok(None)` means they cannot decide and the
+/// kind-specific rules (or the `Current` default) apply.
+pub fn check(object: &Value) -> std::result::Result<Option<Result>, Malformed> {
+    if let Some(deletion) = fields::at(object, &["metadata", "deletionTimestamp"]) {
+        if deletion
+            .as_str()
+            .is_some_and(|timestamp| !timestamp.is_empty())
+        {
+            return Ok(Some(Result {
+                status: crate::Status::Terminating,
+                message: "Resource scheduled for deletion".to_owned(),
+                conditions: Vec::new(),
+            }));
+        }
+    }
+
+    if let Some(result) = check_generation_observed(object)? {
+        return Ok(Some(result));
+    }
+
+    for condition in fields::conditions(object)? {
+        if !condition.is_true() {
+            continue;
+        }
+        if condition.condition_type == CONDITION_RECONCILING {
+            let message = condition.message.clone();
+            return Ok(Some(Result {
+                status: crate::Status::InProgress,
+                message,
+                conditions: vec![condition],
+            }));
+        }
+        if condition.condition_type == CONDITION_STALLED {
+            let message = condition.message.clone();
+            return Ok(Some(Result {
+                status: crate::Status::Failed,
+                message,
+                conditions: vec![condition],
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// `InProgress` when the controller has not yet seen the latest spec. Objects
+/// without `metadata.generation` or `status.observedGeneration` pass: many kinds
+/// (ConfigMap, most Pods' status) never have them.
+fn check_generation_observed(object: &Value) -> std::result::Result<Option<Result>, Malformed> {
+    let Some(generation) = fields::optional_int(object, &["metadata", "generation"])? else {
+        return Ok(None);
+    };
+    let Some(observed) = fields::optional_int(object, &["status", "observedGeneration"])? else {
+        return Ok(None);
+    };
+    if observed == generation {
+        return Ok(None);
+    }
+    let message = format!(
+        "{} generation is {generation}, but latest observed generation is {observed}",
+        fields::kind(object)
+    );
+    Ok(Some(Result::in_progress(
+        "LatestGenerationNotObserved",
+        message,
+    )))
+}
+
+/// For kinds whose controller always records `status.observedGeneration`
+/// (DaemonSet, PodDisruptionBudget): its absence means the controller has not
+/// acted on the object yet, so the object is `InProgress` rather than judged on
+/// an empty status.
+pub(crate) fn require_generation_set(
+    object: &Value,
+) -> std::result::Result<Option<Result>, Malformed> {
+    let kind = fields::kind(object);
+    if fields::optional_int(object, &["metadata", "generation"])?.is_none() {
+        return Ok(Some(Result::in_progress(
+            "NoGeneration",
+            format!("{kind} metadata.generation not found"),
+        )));
+    }
+    if fields::optional_int(object, &["status", "observedGeneration"])?.is_none() {
+        return Ok(Some(Result::in_progress(
+            "NoObservedGeneration",
+            format!("{kind} status.observedGeneration not found"),
+        )));
+    }
+    Ok(None)
+}

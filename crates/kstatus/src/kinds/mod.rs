@@ -1,0 +1,40 @@
+//! Kind-specific rules, for the built-in kinds kstatus knows (its `legacyTypes`).
+//! They run only when the generic rules could not decide.
+
+mod apps;
+mod batch;
+mod core;
+mod crd;
+mod pdb;
+
+use serde_json::Value;
+
+use crate::Result;
+use crate::fields::{self, Malformed};
+
+/// A kind-specific rule: the object's status, or why its shape is unusable.
+pub type Rule = fn(&Value) -> std::result::Result<Result, Malformed>;
+
+/// The rule for the object's group and kind, if kstatus has one.
+pub fn rules_for(object: &Value) -> Option<Rule> {
+    let rule: Rule = match (fields::group(object), fields::kind(object)) {
+        ("", "Pod") => core::pod,
+        ("", "Service") => core::service,
+        ("", "PersistentVolumeClaim") => core::persistent_volume_claim,
+        ("", "ConfigMap" | "Secret") | ("batch", "CronJob") => always_ready,
+        ("apps" | "extensions", "Deployment") => apps::deployment,
+        ("apps" | "extensions", "ReplicaSet") => apps::replica_set,
+        ("apps" | "extensions", "DaemonSet") => apps::daemon_set,
+        ("apps", "StatefulSet") => apps::stateful_set,
+        ("batch", "Job") => batch::job,
+        ("policy", "PodDisruptionBudget") => pdb::pod_disruption_budget,
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => crd::custom_resource_definition,
+        _ => return None,
+    };
+    Some(rule)
+}
+
+/// Kinds that have no status to wait for: they take effect once stored.
+fn always_ready(_object: &Value) -> std::result::Result<Result, Malformed> {
+    Ok(Result::current("Resource is always ready"))
+}
