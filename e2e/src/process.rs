@@ -115,15 +115,36 @@ impl KasProcess {
 
     /// Starts an agentk process connecting with `token` over `scheme`.
     pub fn agentk(&self, scheme: &str, token: &str, quiet: bool) -> anyhow::Result<Killed> {
+        self.agentk_applying(scheme, token, quiet, None)
+    }
+
+    /// Like [`Self::agentk`]; with a kubeconfig it applies manifests to that cluster as if it ran in
+    /// `gitlab-kubernetes-agent` (its inventories live there).
+    pub fn agentk_applying(
+        &self,
+        scheme: &str,
+        token: &str,
+        quiet: bool,
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<Killed> {
         let mut command = Command::new(sibling_binary("agentk")?);
         command
             .arg(format!(
                 "--kas-address={scheme}://127.0.0.1:{}",
                 self.agent_port
             ))
-            // These scenarios have no cluster: agentk receives and reports, but does not apply.
-            .arg("--no-apply")
             .env("AGENTK_TOKEN", token);
+        match kubeconfig {
+            Some(kubeconfig) => {
+                command
+                    .env("KUBECONFIG", kubeconfig)
+                    .env("POD_NAMESPACE", "gitlab-kubernetes-agent");
+            }
+            // No cluster: agentk receives and reports, but does not apply.
+            None => {
+                command.arg("--no-apply").env_remove("KUBECONFIG");
+            }
+        }
         if quiet {
             command.stderr(Stdio::null());
         }

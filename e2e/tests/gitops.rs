@@ -59,7 +59,8 @@ async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -
         agent: "gitops".into(),
         cluster_url: test_support::env::test_env().kubernetes.server.clone(),
     };
-    let (_leading_tx, leading) = watch::channel(true);
+    // One replica, no election: the sender is gone at once, as in agentk's main (a regression once).
+    let leading = watch::channel(true).1;
     let settings = ApplySettings {
         applier: Arc::new(applier),
         leading,

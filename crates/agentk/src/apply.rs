@@ -53,6 +53,7 @@ fn options(applier: &EngineApplier, project: &ManifestProject) -> ApplyOptions {
         InventoryPolicy::AdoptAll => gitops_engine::InventoryPolicy::AdoptAll,
     };
     inventory.prune = project.prune;
+    inventory.prune_timeout = Some(project.prune_timeout);
     inventory.prune_propagation_policy = match project.prune_propagation_policy {
         PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,
         PrunePropagationPolicy::Background => PropagationPolicy::Background,

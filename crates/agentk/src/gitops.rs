@@ -88,7 +88,11 @@ pub async fn run(
             keep
         });
         let ids: Vec<&str> = keyed.values().map(|p| p.id.as_str()).collect();
-        state.send_modify(|s| s.retain(|id, _| ids.contains(&id.as_str())));
+        state.send_if_modified(|s| {
+            let before = s.len();
+            s.retain(|id, _| ids.contains(&id.as_str()));
+            s.len() != before
+        });
         for (key, project) in keyed {
             if workers.contains_key(&key) {
                 continue;
@@ -297,6 +301,7 @@ pub async fn sync_loop(
     cancel: CancellationToken,
 ) {
     let mut commit_applied = String::new();
+    let mut leading_open = true;
     loop {
         let snapshot = snapshot_of(&state.borrow_and_update(), &project.id);
         if let Some(snapshot) = snapshot.filter(|_| *leading.borrow()) {
@@ -335,11 +340,28 @@ pub async fn sync_loop(
             );
             report(&service, &project, &snapshot, &commit_applied, &outcome).await;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = state.changed() => if changed.is_err() { return },
-            changed = leading.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(resync) => {}
+        // Wait for a reason to sync: a new snapshot of this project, a leadership change, or the resync period.
+        let synced = snapshot_of(&state.borrow(), &project.id).map(|s| s.commit_id.clone());
+        let resync_at = tokio::time::Instant::now() + resync;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Other projects' updates and error reports are not a reason to apply again.
+                    if snapshot_of(&state.borrow(), &project.id).map(|s| s.commit_id.clone()) != synced {
+                        break;
+                    }
+                }
+                // Without an election (one replica) nobody sends: a closed channel keeps its last value.
+                changed = leading.changed(), if leading_open => match changed {
+                    Ok(()) => break,
+                    Err(_) => leading_open = false,
+                },
+                _ = tokio::time::sleep_until(resync_at) => break,
+            }
         }
     }
 }

@@ -353,7 +353,8 @@ async fn apply_object(
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),
     };
-    tracing::info!(
+    // agentk logs the seed's "Applying resource ... in cluster: ..." line; this is the engine's own detail.
+    tracing::debug!(
         resource = %format!("{}/{}", r.key.kind, r.key.name),
         namespace = r.key.namespace.as_deref().unwrap_or_default(),
         "Applying resource"

@@ -127,7 +127,19 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     eprintln!("{}", objects.join(", "));
-    let _agentk = kas.agentk("ws", &token, false)?;
+    // With the cluster (`cargo xtask e2e` starts one), the generated manifests go in with kubectl, as in the
+    // article, and agentk applies to that cluster; agentk itself runs here, standing in for the pod.
+    let cluster = std::env::var_os("GITOPS_TEST_ENV").map(|_| test_support::env::test_env());
+    if let Some(env) = cluster {
+        let applied = kubectl(env, &["apply", "-f", "-"], Some(&manifests))?;
+        eprint!("{applied}");
+    }
+    let _agentk = kas.agentk_applying(
+        "ws",
+        &token,
+        false,
+        cluster.map(|env| env.kubernetes.kubeconfig.as_path()),
+    )?;
 
     step(
         "4",
@@ -162,15 +174,140 @@ async fn main() -> anyhow::Result<()> {
         )],
         "quieter logs",
     )?;
+    let mut received = false;
     for _ in 0..60 {
         let view = graphql(&kas, &check).await?;
         if view["data"]["clusterAgent"]["liveInfo"]["configCommitId"] == commit.as_str() {
-            eprintln!(
-                "\nThe seed's steps 1-4 work. Applying manifests (steps 5-6) is the next piece of work."
-            );
+            received = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(received, "the agent did not receive commit {commit}");
+    let Some(env) = cluster else {
+        eprintln!(
+            "\nSteps 1-4 work. Steps 5-6 need the cluster: run this through `cargo xtask e2e`."
+        );
+        return Ok(());
+    };
+
+    step(
+        "5",
+        "deployment/deployment.yaml reaches the cluster: nginx-deployment 1/1",
+    );
+    wait_for_pods(env, 1).await?;
+    eprint!(
+        "{}",
+        kubectl(
+            env,
+            &["-n", "gitlab-kubernetes-agent", "get", "deploy,pods"],
+            None
+        )?
+    );
+
+    step(
+        "6",
+        "replicas: 2 in Git; a second nginx pod starts by itself",
+    );
+    git.commit_files(
+        CONFIG_PROJECT,
+        &[(
+            "deployment/deployment.yaml",
+            Some(&DEPLOYMENT.replace("replicas: 1", "replicas: 2")),
+        )],
+        "two replicas",
+    )?;
+    wait_for_pods(env, 2).await?;
+    eprint!(
+        "{}",
+        kubectl(
+            env,
+            &["-n", "gitlab-kubernetes-agent", "get", "deploy,pods"],
+            None
+        )?
+    );
+    let sync = graphql(
+        &kas,
+        &format!(r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ projectId lastSync {{ commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#),
+    )
+    .await?;
+    ensure!(
+        sync.to_string().contains("\"synced\""),
+        "kas does not show the sync"
+    );
+    eprintln!("\nThe seed's workflow, steps 1-6, works.");
+    kubectl(
+        env,
+        &[
+            "delete",
+            "namespace",
+            "gitlab-kubernetes-agent",
+            "--wait=false",
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+fn kubectl(
+    env: &test_support::env::TestEnvState,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<String> {
+    use std::{io::Write, process::Stdio};
+    let mut child = Command::new(&env.tools.kubectl)
+        .args(args)
+        .env("KUBECONFIG", &env.kubernetes.kubeconfig)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Waits until `n` nginx pods are Running (kwok runs them on its fake nodes).
+async fn wait_for_pods(env: &test_support::env::TestEnvState, n: usize) -> anyhow::Result<()> {
+    for _ in 0..120 {
+        let phases = kubectl(
+            env,
+            &[
+                "-n",
+                "gitlab-kubernetes-agent",
+                "get",
+                "pods",
+                "-l",
+                "app=nginx",
+                "-o",
+                "jsonpath={.items[*].status.phase}",
+            ],
+            None,
+        )?;
+        if phases
+            .split_whitespace()
+            .filter(|p| *p == "Running")
+            .count()
+            == n
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    bail!("the agent did not receive commit {commit}")
+    bail!("{n} nginx pods never became Running")
 }
