@@ -174,3 +174,40 @@ impl KasProcess {
         }
     }
 }
+
+/// Runs `command` against the test cluster (its kubeconfig in `KUBECONFIG`), feeding `stdin`; its stdout, or an
+/// error with everything it printed.
+pub fn run_against_cluster(
+    mut command: Command,
+    kubeconfig: &Path,
+    stdin: Option<&str>,
+) -> anyhow::Result<String> {
+    use std::io::Write;
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}

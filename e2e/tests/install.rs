@@ -1,43 +1,14 @@
 //! Installing the halves against the real kube-apiserver: the seed's step 3 (`agentk generate | kubectl
 //! apply -f -`) and the Helm charts, whose kas configuration must be one kas accepts.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use gitops_config::ServerConfig;
 use test_support::{cluster::TestNamespace, env::test_env};
 
-fn run(mut command: Command, stdin: Option<&str>) -> anyhow::Result<String> {
-    command
-        .env("KUBECONFIG", &test_env().kubernetes.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {command:?}"))?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
+fn run(command: Command, stdin: Option<&str>) -> anyhow::Result<String> {
+    e2e::process::run_against_cluster(command, &test_env().kubernetes.kubeconfig, stdin)
 }
 
 fn helm(args: &[&str]) -> anyhow::Result<String> {

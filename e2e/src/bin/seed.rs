@@ -254,32 +254,9 @@ fn kubectl(
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<String> {
-    use std::{io::Write, process::Stdio};
-    let mut child = Command::new(&env.tools.kubectl)
-        .args(args)
-        .env("KUBECONFIG", &env.kubernetes.kubeconfig)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
+    let mut command = Command::new(&env.tools.kubectl);
+    command.args(args);
+    e2e::process::run_against_cluster(command, &env.kubernetes.kubeconfig, stdin)
 }
 
 /// Waits until `n` nginx pods are Running (kwok runs them on its fake nodes).
