@@ -15,17 +15,13 @@ use crate::{CONDITION_RECONCILING, CONDITION_STALLED, Result};
 /// Applies the generic rules. `Ok(None)` means they cannot decide and the
 /// kind-specific rules (or the `Current` default) apply.
 pub fn check(object: &Value) -> std::result::Result<Option<Result>, Malformed> {
-    if let Some(deletion) = fields::at(object, &["metadata", "deletionTimestamp"]) {
-        if deletion
-            .as_str()
-            .is_some_and(|timestamp| !timestamp.is_empty())
-        {
-            return Ok(Some(Result {
-                status: crate::Status::Terminating,
-                message: "Resource scheduled for deletion".to_owned(),
-                conditions: Vec::new(),
-            }));
-        }
+    let deletion = fields::at(object, &["metadata", "deletionTimestamp"]).and_then(Value::as_str);
+    if deletion.is_some_and(|timestamp| !timestamp.is_empty()) {
+        return Ok(Some(Result {
+            status: crate::Status::Terminating,
+            message: "Resource scheduled for deletion".to_owned(),
+            conditions: Vec::new(),
+        }));
     }
 
     if let Some(result) = check_generation_observed(object)? {

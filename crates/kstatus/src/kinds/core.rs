@@ -99,7 +99,7 @@ pub fn service(object: &Value) -> RuleResult {
         entries.iter().any(|entry| {
             ["ip", "hostname"]
                 .iter()
-                .any(|key| fields::str_or(entry, &[key], "") != "")
+                .any(|key| !fields::str_or(entry, &[key], "").is_empty())
         })
     });
     if !has_address {
