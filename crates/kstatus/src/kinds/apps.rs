@@ -28,10 +28,12 @@ pub fn deployment(object: &Value) -> RuleResult {
         match condition.condition_type.as_str() {
             "Progressing" => {
                 if condition.reason == "ProgressDeadlineExceeded" {
-                    return Ok(Result::failed(
-                        &condition.reason,
-                        "Progress deadline exceeded",
-                    ));
+                    let mut result =
+                        Result::failed(&condition.reason, "Progress deadline exceeded");
+                    // Like kstatus, the Stalled condition carries the controller's
+                    // own explanation (which ReplicaSet timed out).
+                    result.conditions[0].message = condition.message;
+                    return Ok(result);
                 }
                 if condition.is_true() && condition.reason == "NewReplicaSetAvailable" {
                     progressing = true;

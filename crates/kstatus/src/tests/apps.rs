@@ -104,6 +104,10 @@ fn deployment_progress_deadline_exceeded_is_failed() {
     let result = compute(&deployment);
     assert_result(&result, Status::Failed, "Progress deadline exceeded");
     assert_eq!(reason(&result), "ProgressDeadlineExceeded");
+    assert_eq!(
+        result.conditions[0].message,
+        "ReplicaSet \"web-6f8\" has timed out progressing."
+    );
 }
 
 #[test]
