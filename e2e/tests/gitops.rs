@@ -110,7 +110,7 @@ async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -
 
     // kas shows what happened.
     let query = format!(
-        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ commitApplied outcome objects {{ resourceKey result health }} }} }} }} }}"#
     );
     eventually(
         Duration::from_secs(10),
@@ -124,7 +124,17 @@ async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -
                         && o["result"] == "pruned"
                 })
             });
-            Ok(sync["commitApplied"] == last.as_str() && sync["outcome"] == "synced" && pruned)
+            // The Deployment waited for (kstatus): 2 of 2 replicas ready.
+            let healthy = sync["objects"].as_array().is_some_and(|objects| {
+                objects.iter().any(|o| {
+                    o["resourceKey"] == format!("apps/Deployment/{}/nginx-deployment", ns.name)
+                        && o["health"] == "Current"
+                })
+            });
+            Ok(sync["commitApplied"] == last.as_str()
+                && sync["outcome"] == "synced"
+                && pruned
+                && healthy)
         },
     )
     .await?;

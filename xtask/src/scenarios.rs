@@ -21,7 +21,12 @@ fn run(mut command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Builds kas, agentk and the scenario binary with `profile` flags, then runs the scenario.
-fn build_and_run(release: bool, scenario: &str, args: &[String]) -> anyhow::Result<ExitCode> {
+fn build_and_run(
+    release: bool,
+    scenario: &str,
+    args: &[String],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> anyhow::Result<ExitCode> {
     let mut build = cargo();
     build.args([
         "build", "--locked", "-p", "kas", "-p", "agentk", "-p", "e2e", "--bin", "kas", "--bin",
@@ -39,14 +44,29 @@ fn build_and_run(release: bool, scenario: &str, args: &[String]) -> anyhow::Resu
         .join(if release { "release" } else { "debug" })
         .join(scenario);
     let mut command = Command::new(binary);
-    command.args(args);
+    command.args(args).envs(env.iter().copied());
     run(command)
 }
 
+/// The seed's scenario against a real cluster and Gitea-free Git server: starts the local cluster (tools from
+/// the cache, built when missing), runs steps 1-6, and tears the cluster down again.
 pub fn seed() -> anyhow::Result<ExitCode> {
-    build_and_run(false, "seed", &[])
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/seed-env");
+    let state = crate::cluster::up_local(&dir)?;
+    let state_file = crate::cluster::state_file(&dir.canonicalize()?);
+    let result = build_and_run(
+        false,
+        "seed",
+        &[],
+        &[
+            ("GITOPS_TEST_ENV", state_file.as_os_str()),
+            ("KUBECONFIG", state.kubernetes.kubeconfig.as_os_str()),
+        ],
+    );
+    crate::cluster::down(&dir)?;
+    result
 }
 
 pub fn bench_agents(agents: usize) -> anyhow::Result<ExitCode> {
-    build_and_run(true, "bench-agents", &[agents.to_string()])
+    build_and_run(true, "bench-agents", &[agents.to_string()], &[])
 }

@@ -96,32 +96,176 @@ impl Applier for EngineApplier {
                         .unwrap_or(&project.default_namespace)
                 );
             }
-            match gitops_engine::apply(&self.client, &files, &options(self, project)).await {
-                Ok(report) => SyncOutcome {
-                    objects: report
-                        .results
-                        .iter()
-                        .map(|r| ObjectOutcome {
-                            resource_key: r.resource_key(),
-                            source: r
-                                .origin
-                                .as_ref()
-                                .map(ToString::to_string)
-                                .unwrap_or_default(),
-                            result: r.outcome.verb().to_owned(),
-                            sync_result: r.sync_result(),
-                            health: String::new(),
-                            message: r.message().unwrap_or_default().to_owned(),
-                        })
-                        .collect(),
-                    error: None,
-                },
-                Err(e) => SyncOutcome {
-                    objects: Vec::new(),
-                    error: Some(e.to_string()),
-                },
+            let report =
+                match gitops_engine::apply(&self.client, &files, &options(self, project)).await {
+                    Ok(report) => report,
+                    Err(e) => {
+                        return SyncOutcome {
+                            objects: Vec::new(),
+                            error: Some(e.to_string()),
+                        };
+                    }
+                };
+            let mut objects: Vec<ObjectOutcome> = report
+                .results
+                .iter()
+                .map(|r| ObjectOutcome {
+                    resource_key: r.resource_key(),
+                    source: r
+                        .origin
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    result: r.outcome.verb().to_owned(),
+                    sync_result: r.sync_result(),
+                    health: String::new(),
+                    message: r.message().unwrap_or_default().to_owned(),
+                })
+                .collect();
+            if project.dry_run_strategy == DryRunStrategy::None {
+                wait_for_readiness(
+                    &self.client,
+                    &files,
+                    &report,
+                    &mut objects,
+                    project.reconcile_timeout,
+                )
+                .await;
+            }
+            SyncOutcome {
+                objects,
+                error: None,
             }
         })
+    }
+}
+
+/// How often readiness is checked while waiting.
+const READINESS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The API of each successfully applied object (by the manifests' apiVersion and discovery), in result order.
+async fn object_apis(
+    client: &kube::Client,
+    files: &[ManifestFile],
+    report: &gitops_engine::SyncReport,
+) -> Vec<Option<kube::Api<kube::api::DynamicObject>>> {
+    use kube::{
+        api::{Api, ApiResource},
+        core::GroupVersionKind,
+    };
+    // The engine's keys carry group and kind only; the version comes from the manifests.
+    let versions: std::collections::HashMap<(String, String, String), String> = decode_files(files)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| {
+            let types = d.object.types.as_ref()?;
+            let (group, version) = types
+                .api_version
+                .rsplit_once('/')
+                .unwrap_or(("", types.api_version.as_str()));
+            Some((
+                (
+                    group.to_owned(),
+                    types.kind.clone(),
+                    d.object.metadata.name.clone()?,
+                ),
+                version.to_owned(),
+            ))
+        })
+        .collect();
+    let mut resources: std::collections::HashMap<GroupVersionKind, Option<ApiResource>> =
+        Default::default();
+    let mut apis = Vec::with_capacity(report.results.len());
+    for result in &report.results {
+        let Some(key) = result.key.as_ref().filter(|_| result.outcome.is_success()) else {
+            apis.push(None);
+            continue;
+        };
+        let Some(version) = versions.get(&(key.group.clone(), key.kind.clone(), key.name.clone()))
+        else {
+            apis.push(None);
+            continue;
+        };
+        let gvk = GroupVersionKind::gvk(&key.group, version, &key.kind);
+        if !resources.contains_key(&gvk) {
+            let found = kube::discovery::pinned_kind(client, &gvk)
+                .await
+                .ok()
+                .map(|(resource, _)| resource);
+            resources.insert(gvk.clone(), found);
+        }
+        apis.push(
+            resources[&gvk]
+                .as_ref()
+                .map(|resource| match &key.namespace {
+                    Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+                    None => Api::all_with(client.clone(), resource),
+                }),
+        );
+    }
+    apis
+}
+
+/// Waits (up to `timeout`) until every applied object is Current or Failed by kstatus' rules, recording each
+/// object's health. A sync whose objects never become ready is still a sync: their health says why.
+async fn wait_for_readiness(
+    client: &kube::Client,
+    files: &[ManifestFile],
+    report: &gitops_engine::SyncReport,
+    objects: &mut [ObjectOutcome],
+    timeout: std::time::Duration,
+) {
+    let apis = object_apis(client, files, report).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut pending = 0;
+        for ((result, outcome), api) in report.results.iter().zip(objects.iter_mut()).zip(&apis) {
+            let (Some(api), Some(key)) = (api, &result.key) else {
+                continue;
+            };
+            if matches!(outcome.health.as_str(), "Current" | "Failed") {
+                continue;
+            }
+            let status = match api.get_opt(&key.name).await {
+                Ok(Some(object)) => match serde_json::to_value(&object) {
+                    Ok(value) => gitops_kstatus::compute(&value),
+                    Err(_) => continue,
+                },
+                Ok(None) => {
+                    outcome.health = "NotFound".into();
+                    pending += 1;
+                    continue;
+                }
+                Err(_) => {
+                    outcome.health = "Unknown".into();
+                    pending += 1;
+                    continue;
+                }
+            };
+            outcome.health = status.status.as_str().to_owned();
+            let settled = matches!(
+                status.status,
+                gitops_kstatus::Status::Current | gitops_kstatus::Status::Failed
+            );
+            if !settled {
+                pending += 1;
+            }
+            if outcome.message.is_empty() || outcome.message.starts_with("health: ") {
+                outcome.message = if status.status == gitops_kstatus::Status::Current {
+                    String::new()
+                } else {
+                    format!("health: {}", status.message)
+                };
+            }
+        }
+        if pending == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            info!(pending, "reconcile_timeout reached with objects not ready");
+            return;
+        }
+        tokio::time::sleep(READINESS_POLL.min(deadline - tokio::time::Instant::now())).await;
     }
 }
 

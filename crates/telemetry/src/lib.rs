@@ -44,7 +44,18 @@ impl fmt::Debug for LogHandle {
 }
 
 /// Crates whose logs are the transport's internals, governed by the separate "grpc" level.
-const TRANSPORT_TARGETS: &[&str] = &["h2", "hyper", "hyper_util", "tonic", "tower", "tungstenite", "tokio_tungstenite", "rustls", "gix", "reqwest"];
+const TRANSPORT_TARGETS: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "tungstenite",
+    "tokio_tungstenite",
+    "rustls",
+    "gix",
+    "reqwest",
+];
 
 /// The filter for an application level and a transport level, e.g. `("info", "error")`.
 pub fn filter_directives(level: &str, grpc_level: &str) -> String {
@@ -56,21 +67,26 @@ pub fn filter_directives(level: &str, grpc_level: &str) -> String {
 }
 
 fn build_filter(directives: &str) -> Result<EnvFilter, Error> {
-    EnvFilter::try_new(directives)
-        .map_err(|e| Error::Filter { filter: directives.to_owned(), message: e.to_string() })
+    EnvFilter::try_new(directives).map_err(|e| Error::Filter {
+        filter: directives.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 impl LogHandle {
     /// Switches the levels, e.g. `set_levels("debug", "error")`.
     pub fn set_levels(&self, level: &str, grpc_level: &str) -> Result<(), Error> {
         let filter = build_filter(&filter_directives(level, grpc_level))?;
-        self.filter.reload(filter).map_err(|_| Error::AlreadyInstalled)
+        self.filter
+            .reload(filter)
+            .map_err(|_| Error::AlreadyInstalled)
     }
 }
 
 /// Installs the global logger writing to stderr. `RUST_LOG`, when set, overrides the levels.
 pub fn init(format: Format, level: &str, grpc_level: &str) -> Result<LogHandle, Error> {
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| filter_directives(level, grpc_level));
+    let directives =
+        std::env::var("RUST_LOG").unwrap_or_else(|_| filter_directives(level, grpc_level));
     let (filter, handle) = reload::Layer::new(build_filter(&directives)?);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
@@ -82,7 +98,9 @@ pub fn init(format: Format, level: &str, grpc_level: &str) -> Result<LogHandle, 
                     .with_writer(io::stderr),
             )
             .try_init(),
-        Format::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(io::stderr)).try_init(),
+        Format::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(io::stderr))
+            .try_init(),
     };
     result.map_err(|_| Error::AlreadyInstalled)?;
     Ok(LogHandle { filter: handle })
@@ -98,15 +116,28 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let mut object = Map::new();
-        object.insert("level".into(), Value::from(event.metadata().level().as_str().to_ascii_lowercase()));
-        object.insert("time".into(), Value::from(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()));
+        object.insert(
+            "level".into(),
+            Value::from(event.metadata().level().as_str().to_ascii_lowercase()),
+        );
+        object.insert(
+            "time".into(),
+            Value::from(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()),
+        );
         object.insert("msg".into(), Value::Null);
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let extensions = span.extensions();
-                let Some(fields) = extensions.get::<FormattedFields<N>>() else { continue };
+                let Some(fields) = extensions.get::<FormattedFields<N>>() else {
+                    continue;
+                };
                 if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(fields.as_str()) {
                     object.extend(map);
                 }
