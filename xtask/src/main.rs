@@ -63,6 +63,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhich {
+    /// The apply engine against `kubectl apply --server-side` on the local cluster.
+    Gitops,
     /// Memory of kas and agentk, idle and with many agents connected over real sockets.
     Agents {
         #[arg(long, default_value_t = 1000)]
@@ -130,6 +132,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             which: BenchWhich::Agents { agents },
         } => return scenarios::bench_agents(agents),
+        Command::Bench {
+            which: BenchWhich::Gitops,
+        } => return scenarios::bench_gitops(),
         Command::Test {
             backend,
             cargo_args,

@@ -67,6 +67,24 @@ pub fn seed() -> anyhow::Result<ExitCode> {
     result
 }
 
+/// The apply benchmark needs the cluster: started here, torn down after.
+pub fn bench_gitops() -> anyhow::Result<ExitCode> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-env");
+    let state = crate::cluster::up_local(&dir)?;
+    let state_file = crate::cluster::state_file(&dir.canonicalize()?);
+    let result = build_and_run(
+        true,
+        "bench-gitops",
+        &[],
+        &[
+            ("GITOPS_TEST_ENV", state_file.as_os_str()),
+            ("KUBECONFIG", state.kubernetes.kubeconfig.as_os_str()),
+        ],
+    );
+    crate::cluster::down(&dir)?;
+    result
+}
+
 pub fn bench_agents(agents: usize) -> anyhow::Result<ExitCode> {
     build_and_run(true, "bench-agents", &[agents.to_string()], &[])
 }
