@@ -98,6 +98,15 @@ pub fn deployment(object: &Value) -> RuleResult {
     )))
 }
 
+/// The first count, in order, that falls short of `want`, reported as kstatus does: `reason` and
+/// "`label`: have/want".
+fn first_shortfall(want: i64, counts: &[(&str, &str, i64)]) -> Option<Result> {
+    counts
+        .iter()
+        .find(|(_, _, have)| want > *have)
+        .map(|(reason, label, have)| Result::in_progress(reason, format!("{label}: {have}/{want}")))
+}
+
 /// ReplicaSet: all replicas labelled, available and ready, none surplus.
 /// `ReplicaFailure=True` (e.g. quota exceeded) is `InProgress`, as in kstatus:
 /// the controller keeps retrying.
@@ -117,23 +126,15 @@ pub fn replica_set(object: &Value) -> RuleResult {
     let available = int_or(object, &["status", "availableReplicas"], 0);
     let labelled = int_or(object, &["status", "fullyLabeledReplicas"], 0);
 
-    if spec_replicas > labelled {
-        return Ok(Result::in_progress(
-            "LessLabelled",
-            format!("Labelled: {labelled}/{spec_replicas}"),
-        ));
-    }
-    if spec_replicas > available {
-        return Ok(Result::in_progress(
-            "LessAvailable",
-            format!("Available: {available}/{spec_replicas}"),
-        ));
-    }
-    if spec_replicas > ready {
-        return Ok(Result::in_progress(
-            "LessReady",
-            format!("Ready: {ready}/{spec_replicas}"),
-        ));
+    if let Some(result) = first_shortfall(
+        spec_replicas,
+        &[
+            ("LessLabelled", "Labelled", labelled),
+            ("LessAvailable", "Available", available),
+            ("LessReady", "Ready", ready),
+        ],
+    ) {
+        return Ok(result);
     }
     if replicas > spec_replicas {
         let surplus = replicas - spec_replicas;
@@ -167,29 +168,16 @@ pub fn daemon_set(object: &Value) -> RuleResult {
     let available = int_or(object, &["status", "numberAvailable"], 0);
     let ready = int_or(object, &["status", "numberReady"], 0);
 
-    if desired > current {
-        return Ok(Result::in_progress(
-            "LessCurrent",
-            format!("Current: {current}/{desired}"),
-        ));
-    }
-    if desired > updated {
-        return Ok(Result::in_progress(
-            "LessUpdated",
-            format!("Updated: {updated}/{desired}"),
-        ));
-    }
-    if desired > available {
-        return Ok(Result::in_progress(
-            "LessAvailable",
-            format!("Available: {available}/{desired}"),
-        ));
-    }
-    if desired > ready {
-        return Ok(Result::in_progress(
-            "LessReady",
-            format!("Ready: {ready}/{desired}"),
-        ));
+    if let Some(result) = first_shortfall(
+        desired,
+        &[
+            ("LessCurrent", "Current", current),
+            ("LessUpdated", "Updated", updated),
+            ("LessAvailable", "Available", available),
+            ("LessReady", "Ready", ready),
+        ],
+    ) {
+        return Ok(result);
     }
     Ok(Result::current(format!(
         "All replicas scheduled as expected. Replicas: {desired}"
