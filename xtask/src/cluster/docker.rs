@@ -118,20 +118,9 @@ async fn start_gitea() -> Result<(ContainerAsync<GenericImage>, GiteaState)> {
     if !wait_http_ok(port, Duration::from_secs(90)).await {
         bail!("the Gitea container did not answer /api/healthz on port {port}");
     }
-    let create_admin = ExecCommand::new([
-        "gitea",
-        "admin",
-        "user",
-        "create",
-        "--admin",
-        "--username",
-        ADMIN_USER,
-        "--password",
-        &password,
-        "--email",
-        "gitops-admin@example.invalid",
-        "--must-change-password=false",
-    ])
+    let create_admin = ExecCommand::new(
+        std::iter::once("gitea".to_owned()).chain(super::gitea::admin_user_create_args(&password)),
+    )
     // Waits for the command to finish and fails unless it exits 0.
     .with_cmd_ready_condition(CmdWaitFor::exit_code(0));
     container

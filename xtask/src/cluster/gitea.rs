@@ -15,6 +15,25 @@ use crate::tools::{GITEA, GITEA_VERSION};
 
 pub const ADMIN_USER: &str = "gitops-admin";
 
+/// `gitea admin user create ...` for the admin user, shared by both backends.
+pub fn admin_user_create_args(password: &str) -> Vec<String> {
+    [
+        "admin",
+        "user",
+        "create",
+        "--admin",
+        "--username",
+        ADMIN_USER,
+        "--password",
+        password,
+        "--email",
+        "gitops-admin@example.invalid",
+        "--must-change-password=false",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 pub fn start(dir: &Path, started: &mut Vec<Started>) -> Result<GiteaState> {
     let work = dir.join("gitea");
     let logs = dir.join("logs");
@@ -29,19 +48,10 @@ pub fn start(dir: &Path, started: &mut Vec<Started>) -> Result<GiteaState> {
     gitea(
         &work,
         &config,
-        &[
-            "admin",
-            "user",
-            "create",
-            "--admin",
-            "--username",
-            ADMIN_USER,
-            "--password",
-            &password,
-            "--email",
-            "gitops-admin@example.invalid",
-            "--must-change-password=false",
-        ],
+        &admin_user_create_args(&password)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
     )?;
     let mut command = base_command(&work, &config);
     command.arg("web");

@@ -154,15 +154,8 @@ fn start_apiserver(pki: &Pki, etcd_port: u16, port: u16, logs: &Path) -> Result<
 }
 
 fn start_controller_manager(pki: &Pki, kubeconfig: &Path, logs: &Path) -> Result<Started> {
-    let kubeconfig = kubeconfig.display();
-    let mut command = Command::new(KUBERNETES.bin("kube-controller-manager"));
+    let mut command = component_command("kube-controller-manager", kubeconfig)?;
     command.args([
-        &format!("--kubeconfig={kubeconfig}"),
-        &format!("--authentication-kubeconfig={kubeconfig}"),
-        &format!("--authorization-kubeconfig={kubeconfig}"),
-        "--bind-address=127.0.0.1",
-        &format!("--secure-port={}", free_port()?),
-        "--leader-elect=false",
         &format!("--root-ca-file={}", pki.ca_cert.display()),
         &format!(
             "--service-account-private-key-file={}",
@@ -170,14 +163,20 @@ fn start_controller_manager(pki: &Pki, kubeconfig: &Path, logs: &Path) -> Result
         ),
         "--use-service-account-credentials=true",
         &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-        "--profiling=false",
     ]);
     process::spawn("kube-controller-manager", command, logs)
 }
 
 fn start_scheduler(kubeconfig: &Path, logs: &Path) -> Result<Started> {
+    let command = component_command("kube-scheduler", kubeconfig)?;
+    process::spawn("kube-scheduler", command, logs)
+}
+
+/// The flags the controller-manager and the scheduler share: their kubeconfig for everything, loopback on a
+/// free port, no leader election (one of each), no profiling.
+fn component_command(binary: &str, kubeconfig: &Path) -> Result<Command> {
     let kubeconfig = kubeconfig.display();
-    let mut command = Command::new(KUBERNETES.bin("kube-scheduler"));
+    let mut command = Command::new(KUBERNETES.bin(binary));
     command.args([
         &format!("--kubeconfig={kubeconfig}"),
         &format!("--authentication-kubeconfig={kubeconfig}"),
@@ -187,7 +186,7 @@ fn start_scheduler(kubeconfig: &Path, logs: &Path) -> Result<Started> {
         "--leader-elect=false",
         "--profiling=false",
     ]);
-    process::spawn("kube-scheduler", command, logs)
+    Ok(command)
 }
 
 fn start_kwok(kubeconfig: &Path, logs: &Path) -> Result<Started> {
