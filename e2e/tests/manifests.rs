@@ -37,6 +37,21 @@ fn paths_of(state: &GitopsState, project: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Points the agent's `config.yaml` at `entries`, registers the agent and starts it over `scheme`.
+async fn configured_agent(
+    h: &Harness,
+    entries: &str,
+    scheme: &str,
+) -> anyhow::Result<(String, RunningAgent)> {
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some(&config(entries)))],
+        "config",
+    )?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    Ok((agent_id, h.agent(h.client_config(scheme, &secret))?))
+}
+
 fn config(entries: &str) -> String {
     format!("gitops:\n  manifest_projects:\n{entries}")
 }
@@ -56,18 +71,12 @@ async fn private_project_of_the_same_owner_is_delivered_and_follows_its_branch()
         ],
         "manifests",
     )?;
-    h.git.commit_files(
-        CONFIG_PROJECT,
-        &[(
-            CONFIG_FILE,
-            Some(&config(
-                "  - id: group/manifests\n    paths:\n    - glob: '/**/*.{yaml,yml}'\n",
-            )),
-        )],
-        "config",
-    )?;
-    let (agent_id, _, secret) = h.register_agent().await?;
-    let agent = h.agent(h.client_config("ws", &secret))?;
+    let (agent_id, agent) = configured_agent(
+        &h,
+        "  - id: group/manifests\n    paths:\n    - glob: '/**/*.{yaml,yml}'\n",
+        "ws",
+    )
+    .await?;
     let state = wait_gitops(&agent, "the first snapshot", |s| {
         commit_of(s, "group/manifests").as_deref() == Some(first.as_str())
     })
@@ -112,18 +121,12 @@ async fn a_project_of_another_owner_is_refused_until_granted() -> anyhow::Result
         &[("cm.yaml", Some("kind: ConfigMap\n"))],
         "manifests",
     )?;
-    h.git.commit_files(
-        CONFIG_PROJECT,
-        &[(
-            CONFIG_FILE,
-            Some(&config(
-                "  - id: other/manifests\n    paths:\n    - glob: '*.yaml'\n",
-            )),
-        )],
-        "config",
-    )?;
-    let (agent_id, _, secret) = h.register_agent().await?;
-    let agent = h.agent(h.client_config("grpc", &secret))?;
+    let (agent_id, agent) = configured_agent(
+        &h,
+        "  - id: other/manifests\n    paths:\n    - glob: '*.yaml'\n",
+        "grpc",
+    )
+    .await?;
     let state = wait_gitops(&agent, "the refusal", |s| {
         s.get("other/manifests").is_some_and(|p| p.error.is_some())
     })
@@ -169,13 +172,7 @@ async fn a_pinned_commit_is_sent_once_and_never_polled_again() -> anyhow::Result
     let entry = format!(
         "  - id: group/pinned\n    ref:\n      commit: {pinned}\n    paths:\n    - glob: '*.yaml'\n"
     );
-    h.git.commit_files(
-        CONFIG_PROJECT,
-        &[(CONFIG_FILE, Some(&config(&entry)))],
-        "config",
-    )?;
-    let (_, _, secret) = h.register_agent().await?;
-    let agent = h.agent(h.client_config("grpc", &secret))?;
+    let (_, agent) = configured_agent(&h, &entry, "grpc").await?;
     let state = wait_gitops(&agent, "the pinned snapshot", |s| {
         commit_of(s, "group/pinned").is_some()
     })
@@ -228,13 +225,7 @@ async fn tags_and_branches_are_followed() -> anyhow::Result<()> {
     )?;
     let entries =
         "  - id: group/refs\n    ref:\n      tag: v1.0.0\n    paths:\n    - glob: '*.yaml'\n";
-    h.git.commit_files(
-        CONFIG_PROJECT,
-        &[(CONFIG_FILE, Some(&config(entries)))],
-        "config",
-    )?;
-    let (_, _, secret) = h.register_agent().await?;
-    let agent = h.agent(h.client_config("grpc", &secret))?;
+    let (_, agent) = configured_agent(&h, entries, "grpc").await?;
     let state = wait_gitops(&agent, "the tag", |s| commit_of(s, "group/refs").is_some()).await?;
     assert_eq!(
         commit_of(&state, "group/refs").as_deref(),
@@ -265,18 +256,12 @@ async fn a_limit_breach_is_reported_and_the_last_snapshot_is_kept() -> anyhow::R
         &[("ok.yaml", Some("kind: ConfigMap\n"))],
         "fine",
     )?;
-    h.git.commit_files(
-        CONFIG_PROJECT,
-        &[(
-            CONFIG_FILE,
-            Some(&config(
-                "  - id: group/big\n    paths:\n    - glob: '*.yaml'\n",
-            )),
-        )],
-        "config",
-    )?;
-    let (_, _, secret) = h.register_agent().await?;
-    let agent = h.agent(h.client_config("grpc", &secret))?;
+    let (_, agent) = configured_agent(
+        &h,
+        "  - id: group/big\n    paths:\n    - glob: '*.yaml'\n",
+        "grpc",
+    )
+    .await?;
     wait_gitops(&agent, "the first snapshot", |s| {
         commit_of(s, "group/big").as_deref() == Some(good.as_str())
     })
@@ -334,6 +319,7 @@ async fn sync_reports_are_kept_per_project_and_shown_with_their_objects() -> any
         )],
         "config",
     )?;
+    // This test also reports over its own connection, so it needs the secret itself.
     let (agent_id, _, secret) = h.register_agent().await?;
     let agent = h.agent(h.client_config("grpc", &secret))?;
     wait_gitops(&agent, "the snapshot", |s| {
