@@ -18,6 +18,8 @@ use crate::key::ObjectKey;
 
 /// Annotation on every applied object naming the inventory that owns it (as cli-utils does).
 pub const OWNING_INVENTORY_ANNOTATION: &str = "config.k8s.io/owning-inventory";
+/// Annotation on every applied object: a digest of the manifest as last applied (see `change.rs`).
+pub const MANIFEST_DIGEST_ANNOTATION: &str = "agentk/manifest-digest";
 /// `keep` on an object means: when it leaves Git, leave it in the cluster.
 pub const ON_REMOVE_ANNOTATION: &str = "cli-utils.sigs.k8s.io/on-remove";
 /// Keeps each shard well under the apiserver's 1 MiB object limit.

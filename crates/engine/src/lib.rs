@@ -39,7 +39,7 @@ mod prune;
 mod resolve;
 pub mod result;
 
-pub use apply::{ApplyOptions, DryRunStrategy, InventoryOptions, apply};
+pub use apply::{ApplyOptions, DryRunStrategy, InventoryOptions, apply, apply_decoded};
 pub use decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 pub use error::EngineError;
 pub use inventory::{InventoryPolicy, InventoryRef};

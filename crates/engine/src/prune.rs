@@ -60,6 +60,7 @@ pub(crate) async fn prune(
             origin: None,
             outcome,
             dry_run,
+            resource: Some(resource.clone()),
         };
         let current = match api.get_opt(&key.name).await {
             Ok(Some(current)) => current,

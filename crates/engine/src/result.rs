@@ -48,6 +48,9 @@ pub struct ObjectResult {
     /// The outcome is what a dry run reported (client: from the object's existence; server: from the
     /// apiserver's dry-run answer); nothing was written.
     pub dry_run: bool,
+    /// The API the object was applied through (from discovery), when it got that far: what a caller
+    /// needs to read the object back, e.g. to wait for its readiness.
+    pub resource: Option<kube::discovery::ApiResource>,
 }
 
 impl ObjectResult {

@@ -4,6 +4,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::env::{test_env, unique_name};
 
@@ -28,6 +30,45 @@ pub async fn kube_client() -> Result<Client, ClusterError> {
     let kubeconfig = Kubeconfig::read_from(&test_env().kubernetes.kubeconfig)?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
+}
+
+/// How many requests a [`counting_kube_client`] sent: reads (GET) and writes (everything else).
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    reads: AtomicUsize,
+    writes: AtomicUsize,
+}
+
+impl RequestCounts {
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+/// A cluster-admin client that counts its requests, for tests that assert what was (not) written.
+pub async fn counting_kube_client() -> Result<(Client, Arc<RequestCounts>), ClusterError> {
+    install_crypto_provider();
+    let kubeconfig = Kubeconfig::read_from(&test_env().kubernetes.kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let counts = Arc::new(RequestCounts::default());
+    let counter = counts.clone();
+    let count = move |request: http::Request<kube::client::Body>| {
+        let counter = if request.method() == http::Method::GET {
+            &counter.reads
+        } else {
+            &counter.writes
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        request
+    };
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::util::MapRequestLayer::new(count))
+        .build();
+    Ok((client, counts))
 }
 
 /// A namespace created for one test, so tests sharing the cluster do not see each other's objects.
