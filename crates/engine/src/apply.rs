@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::discovery::{ApiResource, Discovery};
 
 use crate::change::{apply_changed, live_matches, manifest_digest};
@@ -15,13 +15,14 @@ use crate::inventory::{
     InventoryPolicy, InventoryRef, MANIFEST_DIGEST_ANNOTATION, OWNING_INVENTORY_ANNOTATION,
 };
 use crate::key::{ObjectKey, split_api_version};
+use crate::live::read_live;
 use crate::order::order;
 use crate::prune::prune;
 use crate::resolve::{
     CRD_GROUP, CRD_KIND, Resolution, Resolved, discover, refresh_after_crds, resolve_objects,
     served_after_crds,
 };
-use crate::result::{ObjectResult, Outcome, SyncReport};
+use crate::result::{Health, ObjectResult, Outcome, SyncReport};
 
 /// Applies in flight at once within a batch: enough to hide the round trip, few enough for the
 /// apiserver's default max-in-flight and the client's connection pool.
@@ -121,6 +122,7 @@ pub async fn apply_decoded(
         outcome: Outcome::Failed(message),
         dry_run,
         resource: None,
+        health: None,
     };
 
     let mut decoded = Vec::new();
@@ -238,25 +240,27 @@ pub async fn apply_decoded(
                 (i, resource.map_err(Outcome::Failed))
             })
             .collect();
-        let mut live = read_live(client, &prepared, &resolved).await;
-        let outcomes: Vec<(usize, Outcome, Option<ApiResource>)> = futures::stream::iter(prepared)
+        let mut live = read_batch(client, &prepared, &resolved).await;
+        type Applied = (usize, Outcome, Option<ApiResource>, Option<Health>);
+        let outcomes: Vec<Applied> = futures::stream::iter(prepared)
             .map(|(i, prepared)| {
                 let r = &resolved[i];
-                let before = live.remove(&i);
+                let before = live.remove(&i).unwrap_or(Ok(None));
                 async move {
                     match prepared {
                         Ok(resource) => {
-                            let outcome = apply_object(client, &resource, r, before, options).await;
-                            (i, outcome, Some(resource))
+                            let (outcome, health) =
+                                apply_object(client, &resource, r, before, options).await;
+                            (i, outcome, Some(resource), health)
                         }
-                        Err(outcome) => (i, outcome, None),
+                        Err(outcome) => (i, outcome, None, None),
                     }
                 }
             })
             .buffered(APPLY_CONCURRENCY)
             .collect()
             .await;
-        for (i, outcome, resource) in outcomes {
+        for (i, outcome, resource, health) in outcomes {
             let r = &resolved[i];
             tracing::debug!(resource_key = %r.key, origin = %r.origin, outcome = outcome.verb(), "applied object");
             if outcome.is_success()
@@ -273,6 +277,7 @@ pub async fn apply_decoded(
                 outcome,
                 dry_run,
                 resource,
+                health,
             });
         }
     }
@@ -366,79 +371,48 @@ fn batch_end(
     end
 }
 
-/// Members of one batch sharing a resource and namespace from which on one LIST reads them all instead
-/// of a GET each: 1,000 ConfigMaps in a namespace cost 2 reads instead of 1,000.
-const LIST_THRESHOLD: usize = 8;
-/// Page size of those LISTs.
-const LIST_PAGE: u32 = 500;
-
-/// The live state of a batch's objects, read ahead where a LIST is cheaper than a GET each: per member,
-/// `Ok(None)` when it does not exist, `Err` when the LIST failed. Members missing from the map are read
-/// one by one by [`apply_object`].
-async fn read_live(
+/// The live state of a batch's objects (those with an API to apply to), read in bulk.
+async fn read_batch(
     client: &Client,
     batch: &[(usize, Result<ApiResource, Outcome>)],
     resolved: &[Resolved],
 ) -> HashMap<usize, Result<Option<DynamicObject>, String>> {
-    let mut groups: HashMap<(String, Option<String>), (ApiResource, Vec<usize>)> = HashMap::new();
-    for (i, resource) in batch {
-        let Ok(resource) = resource else { continue };
-        groups
-            .entry((
-                format!("{}/{}", resource.api_version, resource.plural),
-                resolved[*i].key.namespace.clone(),
-            ))
-            .or_insert_with(|| (resource.clone(), Vec::new()))
-            .1
-            .push(*i);
-    }
-    let mut live = HashMap::new();
-    for ((_, namespace), (resource, members)) in groups {
-        if members.len() < LIST_THRESHOLD {
-            continue;
-        }
-        let api: Api<DynamicObject> = match &namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
-        let mut wanted: HashMap<&str, usize> = members
-            .iter()
-            .map(|&i| (resolved[i].key.name.as_str(), i))
-            .collect();
-        let mut params = ListParams::default().limit(LIST_PAGE);
-        let listed = loop {
-            match api.list(&params).await {
-                Ok(page) => {
-                    for object in page.items {
-                        let name = object.metadata.name.as_deref().unwrap_or_default();
-                        if let Some(i) = wanted.remove(name) {
-                            live.insert(i, Ok(Some(object)));
-                        }
-                    }
-                    match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                        Some(token) => params = params.continue_token(&token),
-                        None => break Ok(()),
-                    }
-                }
-                Err(e) => break Err(kube_error_message(&e)),
-            }
-        };
-        for (_, i) in wanted {
-            live.insert(i, listed.clone().map(|()| None));
-        }
-    }
-    live
+    let members: Vec<(usize, &ApiResource)> = batch
+        .iter()
+        .filter_map(|(i, resource)| Some((*i, resource.as_ref().ok()?)))
+        .collect();
+    let wanted: Vec<(&ApiResource, &ObjectKey)> = members
+        .iter()
+        .map(|&(i, resource)| (resource, &resolved[i].key))
+        .collect();
+    let live = read_live(client, &wanted).await;
+    members.iter().map(|&(i, _)| i).zip(live).collect()
 }
 
-/// One server-side apply, unless the live object (`before`, when read ahead) shows it would change
-/// nothing. Created / configured / unchanged come from comparing with the object as it was just before.
+/// One server-side apply, unless the live object (`before`) shows it would change
+/// nothing. Created / configured / unchanged come from comparing with the object as it was just before;
+/// the health is the object's as the apply left it.
 async fn apply_object(
     client: &Client,
     resource: &ApiResource,
     r: &Resolved,
-    before: Option<Result<Option<DynamicObject>, String>>,
+    before: Result<Option<DynamicObject>, String>,
     options: &ApplyOptions,
-) -> Outcome {
+) -> (Outcome, Option<Health>) {
+    match apply_one(client, resource, r, before, options).await {
+        Ok((outcome, object)) => (outcome, object.as_ref().and_then(Health::of)),
+        Err(message) => (Outcome::Failed(message), None),
+    }
+}
+
+/// [`apply_object`]'s work: the outcome and the object as it is now in the cluster (`None` in dry runs).
+async fn apply_one(
+    client: &Client,
+    resource: &ApiResource,
+    r: &Resolved,
+    before: Result<Option<DynamicObject>, String>,
+    options: &ApplyOptions,
+) -> Result<(Outcome, Option<DynamicObject>), String> {
     let api: Api<DynamicObject> = match &r.key.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),
@@ -449,14 +423,7 @@ async fn apply_object(
         namespace = r.key.namespace.as_deref().unwrap_or_default(),
         "Applying resource"
     );
-    let before = match before {
-        Some(Ok(before)) => before,
-        Some(Err(message)) => return Outcome::Failed(message),
-        None => match api.get_opt(&r.key.name).await {
-            Ok(before) => before,
-            Err(e) => return Outcome::Failed(kube_error_message(&e)),
-        },
-    };
+    let before = before?;
     let mut desired = r.object.clone();
     if let Some(inventory) = &options.inventory {
         let ours = inventory.location.id();
@@ -466,9 +433,7 @@ async fn apply_object(
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(OWNING_INVENTORY_ANNOTATION));
-            if let Err(reason) = inventory.policy.check(&ours, owner.map(String::as_str)) {
-                return Outcome::Failed(reason);
-            }
+            inventory.policy.check(&ours, owner.map(String::as_str))?;
         }
         desired
             .metadata
@@ -477,11 +442,12 @@ async fn apply_object(
             .insert(OWNING_INVENTORY_ANNOTATION.to_string(), ours);
     }
     let digest = manifest_digest(&desired);
-    if before
+    if let Some(before) = before
         .as_ref()
-        .is_some_and(|before| live_matches(before, &desired, &digest))
+        .filter(|before| live_matches(before, &desired, &digest))
     {
-        return Outcome::Unchanged;
+        let live = (options.dry_run == DryRunStrategy::None).then(|| before.clone());
+        return Ok((Outcome::Unchanged, live));
     }
     desired
         .metadata
@@ -489,29 +455,30 @@ async fn apply_object(
         .get_or_insert_default()
         .insert(MANIFEST_DIGEST_ANNOTATION.to_string(), digest);
     if options.dry_run == DryRunStrategy::Client {
-        return if before.is_some() {
+        let outcome = if before.is_some() {
             Outcome::Configured
         } else {
             Outcome::Created
         };
+        return Ok((outcome, None));
     }
     let mut params = PatchParams::apply(&options.field_manager).force();
     params.dry_run = options.dry_run == DryRunStrategy::Server;
-    let after = match api
+    let after = api
         .patch(&r.key.name, &params, &Patch::Apply(&desired))
         .await
-    {
-        Ok(after) => after,
-        Err(e) => return Outcome::Failed(kube_error_message(&e)),
+        .map_err(|e| kube_error_message(&e))?;
+    let outcome = match before {
+        None => Outcome::Created,
+        Some(before) => {
+            let moved = params.dry_run
+                || before.metadata.resource_version != after.metadata.resource_version;
+            if moved && apply_changed(&before, &after, &desired, &options.field_manager) {
+                Outcome::Configured
+            } else {
+                Outcome::Unchanged
+            }
+        }
     };
-    let Some(before) = before else {
-        return Outcome::Created;
-    };
-    let moved =
-        params.dry_run || before.metadata.resource_version != after.metadata.resource_version;
-    if moved && apply_changed(&before, &after, &desired, &options.field_manager) {
-        Outcome::Configured
-    } else {
-        Outcome::Unchanged
-    }
+    Ok((outcome, (!params.dry_run).then_some(after)))
 }

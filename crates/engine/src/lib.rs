@@ -11,7 +11,10 @@
 //!    `config.kubernetes.io/depends-on` and the implicit edges object → its Namespace and custom resource
 //!    → its CRD; cycles fail the objects in them.
 //! 4. Apply: server-side apply with the field manager (`agentk`), forcing conflicts, honouring the dry-run
-//!    strategy. Consecutive objects of one kind that do not depend on each other form a batch applied
+//!    strategy. Each batch's live objects are read first ([`live`]: one LIST per resource and namespace
+//!    with many members); an object whose live state already holds the manifest, as recorded by the
+//!    `agentk/manifest-digest` annotation of the last apply, is not written at all, so a re-sync of an
+//!    unchanged set (the periodic drift check) writes nothing and a drifted object is put back. Consecutive objects of one kind that do not depend on each other form a batch applied
 //!    concurrently (16 in flight); batches go one after another, so the order holds. An object whose
 //!    dependency failed or was skipped is skipped with the reason. Created / configured / unchanged come
 //!    from comparing the object before and after (see `change.rs`: the resourceVersion alone lies).
@@ -34,6 +37,7 @@ pub mod decode;
 pub mod error;
 pub mod inventory;
 pub mod key;
+pub mod live;
 pub mod order;
 mod prune;
 mod resolve;
@@ -45,4 +49,5 @@ pub use error::EngineError;
 pub use inventory::{InventoryPolicy, InventoryRef};
 pub use key::ObjectKey;
 pub use kube::api::PropagationPolicy;
-pub use result::{ObjectResult, Outcome, SyncReport};
+pub use live::read_live;
+pub use result::{Health, ObjectResult, Outcome, SyncReport};

@@ -61,6 +61,7 @@ pub(crate) async fn prune(
             outcome,
             dry_run,
             resource: Some(resource.clone()),
+            health: None,
         };
         let current = match api.get_opt(&key.name).await {
             Ok(Some(current)) => current,

@@ -51,6 +51,36 @@ pub struct ObjectResult {
     /// The API the object was applied through (from discovery), when it got that far: what a caller
     /// needs to read the object back, e.g. to wait for its readiness.
     pub resource: Option<kube::discovery::ApiResource>,
+    /// kstatus' verdict on the object as this sync left it (the apply's answer, or the live object when
+    /// nothing needed applying): `Current` at once for kinds without a rollout, `InProgress` for a
+    /// Deployment still rolling out. `None` when nothing was applied (failures, dry runs, prunes).
+    pub health: Option<Health>,
+}
+
+/// An object's readiness by kstatus' rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub status: gitops_kstatus::Status,
+    pub message: String,
+}
+
+impl Health {
+    /// kstatus on an object as the apiserver returned it.
+    pub fn of(object: &kube::api::DynamicObject) -> Option<Self> {
+        let result = gitops_kstatus::compute(&serde_json::to_value(object).ok()?);
+        Some(Self {
+            status: result.status,
+            message: result.message,
+        })
+    }
+
+    /// Current or Failed: nothing more will happen by waiting.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self.status,
+            gitops_kstatus::Status::Current | gitops_kstatus::Status::Failed
+        )
+    }
 }
 
 impl ObjectResult {

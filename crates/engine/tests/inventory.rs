@@ -315,6 +315,22 @@ async fn resync_writes_only_what_differs() -> anyhow::Result<()> {
     let opts = options(&ns, InventoryPolicy::MustMatch);
     let first = apply(&client, &files(&docs), &opts).await?;
     assert_eq!(first.count("created"), 41, "{:#?}", first.results);
+    // Health as the apply left each object: a ConfigMap is ready at once, a new Deployment is not yet.
+    let health = |report: &SyncReport, key: &str| {
+        report
+            .get(key)
+            .and_then(|r| r.health.as_ref())
+            .map(|h| h.status)
+    };
+    let n = &ns.name;
+    assert_eq!(
+        health(&first, &format!("/ConfigMap/{n}/cm-00")),
+        Some(gitops_kstatus::Status::Current)
+    );
+    assert_eq!(
+        health(&first, &format!("apps/Deployment/{n}/web")),
+        Some(gitops_kstatus::Status::InProgress)
+    );
 
     let (reads, writes) = (counts.reads(), counts.writes());
     let again = apply(&client, &files(&docs), &opts).await?;
