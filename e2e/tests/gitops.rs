@@ -30,6 +30,169 @@ async fn running_pods(pods: &Api<Pod>) -> anyhow::Result<usize> {
         .count())
 }
 
+/// Configures `group/manifests` (all YAML files, `default_namespace` the test's), registers the agent and
+/// starts it with the engine, applying into `ns`, re-checking for drift every `drift_check`.
+async fn start_agent(
+    h: &Harness,
+    ns: &TestNamespace,
+    drift_check: Duration,
+) -> anyhow::Result<(String, agentk::RunningAgent)> {
+    let config = format!(
+        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n",
+        ns.name
+    );
+    h.git
+        .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config))], "config")?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let applier = EngineApplier {
+        client: ns.client.clone(),
+        inventory_namespace: ns.name.clone(),
+        cluster_url: test_support::env::test_env().kubernetes.server.clone(),
+    };
+    // One replica, no election: the sender is gone at once, as in agentk's main (a regression once).
+    let leading = watch::channel(true).1;
+    let settings = ApplySettings {
+        applier: Arc::new(applier),
+        leading,
+        resync: drift_check,
+    };
+    let agent = h.agent_with(h.client_config("grpc", &secret), Some(settings))?;
+    Ok((agent_id, agent))
+}
+
+fn configmap(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value}\n")
+}
+
+/// The objects of the last sync in GraphQL, as `resourceKey → (result, message)`, and its outcome.
+async fn last_sync(
+    h: &Harness,
+    agent_id: &str,
+) -> anyhow::Result<(String, std::collections::BTreeMap<String, (String, String)>)> {
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ outcome objects {{ resourceKey result message }} }} }} }} }}"#
+    );
+    let view = h.graphql(&query).await?;
+    let sync = &view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"];
+    let objects = sync["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            let text = |k: &str| o[k].as_str().unwrap_or_default().to_owned();
+            (text("resourceKey"), (text("result"), text("message")))
+        })
+        .collect();
+    Ok((
+        sync["outcome"].as_str().unwrap_or_default().to_owned(),
+        objects,
+    ))
+}
+
+/// An object someone else created is not taken over (`must_match`) and not pruned; a renamed object is
+/// created under its new name and the old one pruned; drift is put back by the periodic check.
+#[tokio::test]
+async fn conflicts_are_refused_renames_prune_the_old_name_and_drift_is_corrected()
+-> anyhow::Result<()> {
+    install_crypto_provider();
+    let ns = TestNamespace::create("gitops-rename").await?;
+    let configmaps: Api<ConfigMap> = ns.api();
+    // Someone else's object, in the way of one in Git.
+    configmaps
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "taken"}, "data": {"value": "theirs"}
+            }))?,
+        )
+        .await?;
+    let h = Harness::start(false).await?;
+    h.git.create_repo("group/manifests", true)?;
+    h.git.commit_files(
+        "group/manifests",
+        &[
+            ("alpha.yaml", Some(&configmap("alpha", "one"))),
+            ("taken.yaml", Some(&configmap("taken", "ours"))),
+        ],
+        "alpha and taken",
+    )?;
+    let (agent_id, agent) = start_agent(&h, &ns, Duration::from_secs(1)).await?;
+    let n = &ns.name;
+    eventually(
+        Duration::from_secs(30),
+        "alpha created, taken refused",
+        || async {
+            let (outcome, objects) = last_sync(&h, &agent_id).await?;
+            let taken = objects.get(&format!("/ConfigMap/{n}/taken"));
+            Ok(outcome == "partial"
+                && objects
+                    .get(&format!("/ConfigMap/{n}/alpha"))
+                    .map(|o| o.0.as_str())
+                    == Some("created")
+                && taken.is_some_and(|(result, message)| {
+                    result == "failed" && message.contains("inventory_policy must_match")
+                }))
+        },
+    )
+    .await?;
+    assert_eq!(
+        configmaps.get("taken").await?.data.unwrap()["value"],
+        "theirs",
+        "not taken over"
+    );
+
+    // Rename alpha to beta and give up on taken: beta created, alpha pruned, taken (never ours) kept.
+    h.git.commit_files(
+        "group/manifests",
+        &[
+            ("alpha.yaml", None),
+            ("beta.yaml", Some(&configmap("beta", "one"))),
+            ("taken.yaml", None),
+        ],
+        "rename alpha to beta",
+    )?;
+    eventually(
+        Duration::from_secs(30),
+        "beta created, alpha pruned",
+        || async {
+            Ok(configmaps.get_opt("beta").await?.is_some()
+                && configmaps.get_opt("alpha").await?.is_none())
+        },
+    )
+    .await?;
+    // The report follows the apply.
+    eventually(Duration::from_secs(10), "the rename reported", || async {
+        let (outcome, objects) = last_sync(&h, &agent_id).await?;
+        Ok(outcome == "synced"
+            && objects
+                .get(&format!("/ConfigMap/{n}/alpha"))
+                .map(|o| o.0.as_str())
+                == Some("pruned"))
+    })
+    .await?;
+    assert!(
+        configmaps.get_opt("taken").await?.is_some(),
+        "not ours: never pruned"
+    );
+
+    // Drift: someone edits beta; the periodic check (every second here) puts it back.
+    let mut edited = configmaps.get("beta").await?;
+    edited
+        .data
+        .get_or_insert_default()
+        .insert("value".into(), "drifted".into());
+    configmaps
+        .replace("beta", &Default::default(), &edited)
+        .await?;
+    eventually(Duration::from_secs(30), "the drift put back", || async {
+        Ok(configmaps.get("beta").await?.data.unwrap_or_default()["value"] == "one")
+    })
+    .await?;
+    agent.shutdown().await;
+    ns.delete().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -> anyhow::Result<()>
 {
@@ -46,27 +209,7 @@ async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -
         ],
         "the seed's manifest",
     )?;
-    let config = format!(
-        "gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n",
-        ns.name
-    );
-    h.git
-        .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config))], "config")?;
-    let (agent_id, _, secret) = h.register_agent().await?;
-    let applier = EngineApplier {
-        client: ns.client.clone(),
-        inventory_namespace: ns.name.clone(),
-        agent: "gitops".into(),
-        cluster_url: test_support::env::test_env().kubernetes.server.clone(),
-    };
-    // One replica, no election: the sender is gone at once, as in agentk's main (a regression once).
-    let leading = watch::channel(true).1;
-    let settings = ApplySettings {
-        applier: Arc::new(applier),
-        leading,
-        resync: Duration::from_secs(3600),
-    };
-    let agent = h.agent_with(h.client_config("grpc", &secret), Some(settings))?;
+    let (agent_id, agent) = start_agent(&h, &ns, Duration::from_secs(3600)).await?;
 
     let deployments: Api<Deployment> = ns.api();
     let pods: Api<Pod> = ns.api();

@@ -33,7 +33,7 @@ fn paths_of(state: &GitopsState, project: &str) -> Vec<String> {
     state
         .get(project)
         .and_then(|p| p.snapshot.as_ref())
-        .map(|s| s.files.iter().map(|f| f.0.clone()).collect())
+        .map(|s| s.files.iter().map(|f| f.path.clone()).collect())
         .unwrap_or_default()
 }
 

@@ -7,9 +7,8 @@ use std::{
     time::Duration,
 };
 
-use agentk::gitops::{Applier, ApplySettings, ManifestSnapshot, ObjectOutcome, SyncOutcome};
+use agentk::gitops::{Applier, ApplySettings, ObjectOutcome, SyncOutcome, SyncRequest};
 use e2e::{CONFIG_FILE, CONFIG_PROJECT, Harness, eventually};
-use gitops_config::agent::ManifestProject;
 use tokio::sync::watch;
 
 /// Records which commits it was asked to apply; hangs on `hang_on` as a slow apply would.
@@ -22,9 +21,9 @@ struct Recording {
 impl Applier for Recording {
     fn apply<'a>(
         &'a self,
-        _: &'a ManifestProject,
-        snapshot: &'a ManifestSnapshot,
+        request: SyncRequest<'a>,
     ) -> Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>> {
+        let snapshot = request.snapshot;
         Box::pin(async move {
             self.calls.lock().unwrap().push(snapshot.commit_id.clone());
             if self.hang_on.lock().unwrap().as_deref() == Some(snapshot.commit_id.as_str()) {
@@ -38,13 +37,14 @@ impl Applier for Recording {
                 objects: snapshot
                     .files
                     .iter()
-                    .map(|(path, _)| ObjectOutcome {
-                        resource_key: format!("/ConfigMap/default/{path}"),
-                        source: format!("{path}#0"),
+                    .map(|file| ObjectOutcome {
+                        resource_key: format!("/ConfigMap/default/{}", file.path),
+                        source: format!("{}#0", file.path),
                         result: "created".into(),
-                        sync_result: format!("configmap/{path} created"),
+                        sync_result: format!("configmap/{} created", file.path),
                         health: "Current".into(),
                         message: String::new(),
+                        resource: None,
                     })
                     .collect(),
                 error: None,

@@ -10,6 +10,7 @@ use std::{
 };
 
 use gitops_config::agent::{GitRefConfig, ManifestProject, PathConfig};
+use gitops_engine::ManifestFile;
 use gitops_protocol::{
     ObjectsToSynchronizeRequest, PathSelector, manifest_delivery_client::ManifestDeliveryClient,
     objects_to_synchronize_request::Ref, objects_to_synchronize_response::Message,
@@ -18,7 +19,7 @@ use gitops_protocol::{
 use gitops_tunnel::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{AgentState, KasChannel};
 
@@ -27,8 +28,8 @@ use crate::{AgentState, KasChannel};
 pub struct ManifestSnapshot {
     pub project_id: String,
     pub commit_id: String,
-    /// (path, contents), sorted by path.
-    pub files: Vec<(String, Vec<u8>)>,
+    /// Sorted by path.
+    pub files: Vec<ManifestFile>,
 }
 
 /// What the agent has received for one manifest project.
@@ -48,7 +49,8 @@ pub struct ApplySettings {
     pub applier: Arc<dyn Applier>,
     /// Whether this replica leads (leader election); only the leader applies.
     pub leading: watch::Receiver<bool>,
-    /// Re-apply the current snapshot this often, to correct drift.
+    /// Re-check the current snapshot against the cluster this often, writing only what drifted; zero
+    /// turns the periodic check off.
     pub resync: Duration,
 }
 
@@ -100,13 +102,13 @@ pub async fn run(
             let cancel = stop.child_token();
             let span = info_span!("gitops", mod_name = "gitops", project_id = %project.id);
             if let Some(apply) = &apply {
+                let agent_id = config.borrow().agent_id;
                 let sync = sync_loop(
                     service.clone(),
+                    agent_id,
                     project.clone(),
                     state.subscribe(),
-                    apply.applier.clone(),
-                    apply.leading.clone(),
-                    apply.resync,
+                    apply.clone(),
                     cancel.clone(),
                 );
                 tokio::spawn(sync.instrument(span.clone()));
@@ -180,7 +182,7 @@ async fn worker(
                     }
                     Some(Message::File(f)) => {
                         if let Some(p) = pending.as_mut() {
-                            p.files.push((f.path, f.data));
+                            p.files.push(ManifestFile::new(f.path, f.data));
                         }
                     }
                     Some(Message::Trailer(_)) => {
@@ -230,9 +232,11 @@ pub struct ObjectOutcome {
     pub result: String,
     /// kubectl's words, e.g. `deployment.apps/nginx-deployment configured`.
     pub sync_result: String,
-    /// kstatus' status name.
+    /// kstatus' status name; empty until known.
     pub health: String,
     pub message: String,
+    /// The API the object was applied through, to read it back (readiness); not reported.
+    pub resource: Option<kube::discovery::ApiResource>,
 }
 
 /// The result of one sync of one manifest project.
@@ -268,14 +272,34 @@ impl SyncOutcome {
     }
 }
 
+/// One sync to run.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncRequest<'a> {
+    /// The agent's id at kas (inventories are per agent).
+    pub agent_id: i64,
+    pub project: &'a ManifestProject,
+    pub snapshot: &'a ManifestSnapshot,
+    /// A periodic drift check of a commit already applied, not a new commit.
+    pub recheck: bool,
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// Applies snapshots to the cluster. The engine implements it; agentk owns when it runs (only on the leader,
 /// the newest snapshot only, cancelled when a newer commit arrives) and the reporting to kas.
 pub trait Applier: Send + Sync + 'static {
-    fn apply<'a>(
+    /// Applies the snapshot; each object's health is as the apply left it.
+    fn apply<'a>(&'a self, request: SyncRequest<'a>) -> BoxFuture<'a, SyncOutcome>;
+
+    /// Waits (up to the project's `reconcile_timeout`) for the applied objects to be ready, updating
+    /// their health. Runs after the sync was reported, so kas knows what was applied without waiting.
+    fn wait_for_readiness<'a>(
         &'a self,
-        project: &'a ManifestProject,
-        snapshot: &'a ManifestSnapshot,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>>;
+        _project: &'a ManifestProject,
+        _outcome: &'a mut SyncOutcome,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 fn snapshot_of(state: &GitopsState, project: &str) -> Option<Arc<ManifestSnapshot>> {
@@ -289,18 +313,24 @@ async fn newer_snapshot(rx: &mut watch::Receiver<GitopsState>, project: &str, co
         .await;
 }
 
-/// Applies each new snapshot of `project` while this replica leads, re-applies every `resync` to correct
-/// drift, and reports every sync to kas.
+/// Applies each new snapshot of `project` while this replica leads, re-checks it every `resync` to correct
+/// drift, and reports every sync to kas: once applied, and again when readiness is known.
 pub async fn sync_loop(
     service: KasChannel,
+    agent_id: i64,
     project: ManifestProject,
     mut state: watch::Receiver<GitopsState>,
-    applier: Arc<dyn Applier>,
-    mut leading: watch::Receiver<bool>,
-    resync: Duration,
+    settings: ApplySettings,
     cancel: CancellationToken,
 ) {
     let mut commit_applied = String::new();
+    // The commit last synced (successfully or not): syncing it again is a periodic re-check.
+    let mut commit_synced = String::new();
+    let ApplySettings {
+        applier,
+        mut leading,
+        resync,
+    } = settings;
     let mut leading_open = true;
     loop {
         let snapshot = snapshot_of(&state.borrow_and_update(), &project.id);
@@ -313,11 +343,20 @@ pub async fn sync_loop(
                     info!(commit_id = %snapshot.commit_id, "a newer commit arrived: cancelled the sync in flight");
                     continue;
                 }
-                outcome = applier.apply(&project, &snapshot) => outcome,
+                outcome = applier.apply(SyncRequest {
+                    agent_id,
+                    project: &project,
+                    snapshot: &snapshot,
+                    recheck: snapshot.commit_id == commit_synced,
+                }) => outcome,
             };
+            commit_synced = snapshot.commit_id.clone();
             for object in &outcome.objects {
                 if object.result == "failed" || object.result == "skipped" {
                     warn!(resource_key = %object.resource_key, sync_result = %object.sync_result, source = %object.source, error = %object.message, "Sync failed");
+                } else if object.result == "unchanged" {
+                    // A periodic re-check repeats these for every object: not worth a line each at info.
+                    debug!(resource_key = %object.resource_key, sync_result = %object.sync_result, "Synced");
                 } else {
                     info!(resource_key = %object.resource_key, sync_result = %object.sync_result, "Synced");
                 }
@@ -339,10 +378,44 @@ pub async fn sync_loop(
                 "Cluster successfully synced"
             );
             report(&service, &project, &snapshot, &commit_applied, &outcome).await;
+            let mut outcome = outcome;
+            let health_before: Vec<String> =
+                outcome.objects.iter().map(|o| o.health.clone()).collect();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = newer_snapshot(&mut watch_newer, &project.id, &snapshot.commit_id) => {
+                    info!(commit_id = %snapshot.commit_id, "a newer commit arrived: stopped waiting for readiness");
+                    continue;
+                }
+                () = applier.wait_for_readiness(&project, &mut outcome) => {}
+            }
+            if outcome
+                .objects
+                .iter()
+                .map(|o| &o.health)
+                .ne(health_before.iter())
+            {
+                let health = |h: &str| outcome.objects.iter().filter(|o| o.health == h).count();
+                info!(
+                    commit_id = %snapshot.commit_id,
+                    current = health("Current"),
+                    in_progress = health("InProgress"),
+                    failed = health("Failed"),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "Readiness"
+                );
+                report(&service, &project, &snapshot, &commit_applied, &outcome).await;
+            }
         }
         // Wait for a reason to sync: a new snapshot of this project, a leadership change, or the resync period.
         let synced = snapshot_of(&state.borrow(), &project.id).map(|s| s.commit_id.clone());
-        let resync_at = tokio::time::Instant::now() + resync;
+        // Zero: no periodic re-check (a year is as good as never, and cannot overflow).
+        let period = if resync.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            resync
+        };
+        let resync_at = tokio::time::Instant::now() + period;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -47,6 +47,10 @@ struct RunArgs {
     /// Receive manifests but never apply them.
     #[arg(long)]
     no_apply: bool,
+    /// How often the applied commit is checked against the cluster again, putting back what drifted
+    /// (only differing objects are written); `0s` turns it off.
+    #[arg(long, default_value = "5m", value_parser = humantime_duration)]
+    drift_check_interval: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,7 +151,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let apply = if args.no_apply {
         None
     } else {
-        apply_settings(&pod_namespace, &pod_name, stop.clone()).await
+        apply_settings(
+            &pod_namespace,
+            &pod_name,
+            args.drift_check_interval,
+            stop.clone(),
+        )
+        .await
     };
     let options = agentk::AgentOptions {
         pod_namespace,
@@ -173,6 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn apply_settings(
     namespace: &str,
     pod_name: &str,
+    drift_check_interval: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> Option<agentk::gitops::ApplySettings> {
     let config = match kube::Config::infer().await {
@@ -204,12 +215,11 @@ async fn apply_settings(
     let applier = agentk::apply::EngineApplier {
         client,
         inventory_namespace: namespace,
-        agent: "agentk".into(),
         cluster_url,
     };
     Some(agentk::gitops::ApplySettings {
         applier: std::sync::Arc::new(applier),
         leading,
-        resync: Duration::from_secs(300),
+        resync: drift_check_interval,
     })
 }
