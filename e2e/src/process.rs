@@ -47,16 +47,36 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// The most resident memory a process has had so far (its high-water mark), in KiB.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(line
         .split_whitespace()
         .nth(1)
-        .context("VmRSS value")?
+        .with_context(|| format!("{field} value"))?
         .parse()?)
+}
+
+/// The Git server kas reads from.
+pub struct GitSource {
+    pub base_url: String,
+    pub username: String,
+    pub password: String,
+    /// kas's `git.poll_period`, e.g. `2s`.
+    pub poll_period: String,
+    /// Enables kas's push webhooks with this secret.
+    pub webhook_secret: Option<String>,
 }
 
 /// A kas process serving `git`'s repositories, with its admin client.
@@ -69,25 +89,55 @@ pub struct KasProcess {
 }
 
 impl KasProcess {
-    /// Starts kas with its data in `dir`; `quiet` discards its logs.
+    /// Starts kas with its data in `dir`, reading `git`'s repositories (polled every 2 s); `quiet`
+    /// discards its logs.
     pub async fn start(
         git: &GitHttpServer,
         dir: &Path,
         log_level: &str,
         quiet: bool,
     ) -> anyhow::Result<Self> {
+        let (username, password) = git.credentials();
+        let source = GitSource {
+            base_url: git.base_url(),
+            username: username.to_owned(),
+            password: password.to_owned(),
+            poll_period: "2s".into(),
+            webhook_secret: None,
+        };
+        Self::start_with(&source, dir, log_level, quiet).await
+    }
+
+    /// Starts kas against any Git server (e.g. the test environment's Gitea).
+    pub async fn start_with(
+        git: &GitSource,
+        dir: &Path,
+        log_level: &str,
+        quiet: bool,
+    ) -> anyhow::Result<Self> {
         let admin_token = "local-admin-token".to_owned();
         std::fs::write(dir.join("admin-token"), &admin_token)?;
-        std::fs::write(dir.join("git-password"), git.credentials().1)?;
+        std::fs::write(dir.join("git-password"), &git.password)?;
         let (agent_port, api_port) = (free_port()?, free_port()?);
+        let webhooks = match &git.webhook_secret {
+            Some(secret) => {
+                std::fs::write(dir.join("webhook-secret"), secret)?;
+                format!(
+                    "webhooks:\n  secret_file: {}/webhook-secret\n",
+                    dir.display()
+                )
+            }
+            None => String::new(),
+        };
         let config = dir.join("kas.yaml");
         std::fs::write(
             &config,
             format!(
-                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\ndata_dir: {0}/data\nadmin_token_file: {0}/admin-token\ngit:\n  base_url: {1}\n  username: {2}\n  password_file: {0}/git-password\n  poll_period: 2s\nlogging:\n  level: {log_level}\n",
+                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\ndata_dir: {0}/data\nadmin_token_file: {0}/admin-token\ngit:\n  base_url: {1}\n  username: {2}\n  password_file: {0}/git-password\n  poll_period: {3}\nlogging:\n  level: {log_level}\n{webhooks}",
                 dir.display(),
-                git.base_url(),
-                git.credentials().0
+                git.base_url,
+                git.username,
+                git.poll_period,
             ),
         )?;
         let mut command = Command::new(sibling_binary("kas")?);
@@ -118,6 +168,18 @@ impl KasProcess {
         self.agentk_applying(scheme, token, quiet, None)
     }
 
+    /// The agentk command line connecting with `token` over `scheme`, to add to and spawn.
+    pub fn agentk_command(&self, scheme: &str, token: &str) -> anyhow::Result<Command> {
+        let mut command = Command::new(sibling_binary("agentk")?);
+        command
+            .arg(format!(
+                "--kas-address={scheme}://127.0.0.1:{}",
+                self.agent_port
+            ))
+            .env("AGENTK_TOKEN", token);
+        Ok(command)
+    }
+
     /// Like [`Self::agentk`]; with a kubeconfig it applies manifests to that cluster as if it ran in
     /// `gitlab-kubernetes-agent` (its inventories live there).
     pub fn agentk_applying(
@@ -127,13 +189,7 @@ impl KasProcess {
         quiet: bool,
         kubeconfig: Option<&Path>,
     ) -> anyhow::Result<Killed> {
-        let mut command = Command::new(sibling_binary("agentk")?);
-        command
-            .arg(format!(
-                "--kas-address={scheme}://127.0.0.1:{}",
-                self.agent_port
-            ))
-            .env("AGENTK_TOKEN", token);
+        let mut command = self.agentk_command(scheme, token)?;
         match kubeconfig {
             Some(kubeconfig) => {
                 command

@@ -71,6 +71,7 @@ fn options(applier: &EngineApplier, agent_id: i64, project: &ManifestProject) ->
             DryRunStrategy::Server => gitops_engine::DryRunStrategy::Server,
         },
         inventory: Some(inventory),
+        dependency_timeout: project.reconcile_timeout,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The sync: decode, resolve, order, server-side apply in batches, then prune and record the inventory.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -18,6 +18,7 @@ use crate::key::{ObjectKey, split_api_version};
 use crate::live::read_live;
 use crate::order::order;
 use crate::prune::prune;
+use crate::ready::{Target, await_ready};
 use crate::resolve::{
     CRD_GROUP, CRD_KIND, Resolution, Resolved, discover, refresh_after_crds, resolve_objects,
     served_after_crds,
@@ -53,6 +54,9 @@ pub struct ApplyOptions {
     /// Where to record what was applied, and whether to prune. `None`: no inventory, no pruning, no
     /// ownership checks.
     pub inventory: Option<InventoryOptions>,
+    /// How long an object waits for its `config.kubernetes.io/depends-on` targets to be ready before
+    /// it is skipped (agentk: the project's `reconcile_timeout`).
+    pub dependency_timeout: Duration,
 }
 
 /// The inventory of one (agent, manifest project) and what it allows.
@@ -89,6 +93,7 @@ impl Default for ApplyOptions {
             field_manager: "agentk".into(),
             dry_run: DryRunStrategy::None,
             inventory: None,
+            dependency_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -158,13 +163,13 @@ pub async fn apply_decoded(
         report.results.push(fail(Some(key), origin, e.to_string()));
     }
 
+    // What the inventory in the cluster holds now: it is written only when that changes, so a re-sync
+    // of an unchanged set writes nothing.
+    let mut recorded = previous_inventory.clone();
     // Record everything this sync may create before creating it (as cli-utils does): a sync cancelled
     // half-way (a newer commit arrived) then leaves no object the inventory does not know, so nothing can
     // escape a later prune. Objects this sync fails to take over are dropped again at the end, and
     // prune never deletes an object another inventory owns.
-    // What the inventory in the cluster holds now: it is written only when that changes, so a re-sync
-    // of an unchanged set writes nothing.
-    let mut recorded = previous_inventory.clone();
     if let Some(inventory) = &options.inventory
         && !dry_run
     {
@@ -189,8 +194,11 @@ pub async fn apply_decoded(
             .collect();
         order(&items)
     };
-    // Final outcome per object, for skipping dependents.
+    // Final outcome per object, for skipping dependents; health and API of applied ones, for
+    // depends-on, which waits for readiness.
     let mut outcome_of: Vec<Option<Outcome>> = vec![None; resolved.len()];
+    let mut health_of: Vec<Option<Health>> = vec![None; resolved.len()];
+    let mut resource_of: Vec<Option<ApiResource>> = vec![None; resolved.len()];
     for (i, e) in plan.failed {
         let r = &resolved[i];
         outcome_of[i] = Some(Outcome::Failed(e.to_string()));
@@ -214,6 +222,35 @@ pub async fn apply_decoded(
         } else {
             Ok(())
         };
+        // depends-on targets to be ready first: those of the set not yet Current, and those outside it.
+        let mut targets: BTreeMap<ObjectKey, Target> = BTreeMap::new();
+        for &i in batch {
+            for &d in &plan.awaits[i] {
+                let applied = outcome_of[d].as_ref().is_some_and(Outcome::is_success);
+                let current = health_of[d]
+                    .as_ref()
+                    .is_some_and(|h| h.status == gitops_kstatus::Status::Current);
+                if applied && !current && !dry_run {
+                    let target = Target {
+                        resource: resource_of[d].clone(),
+                        external: false,
+                    };
+                    targets.insert(resolved[d].key.clone(), target);
+                }
+            }
+            for key in &plan.external[i] {
+                let target = Target {
+                    resource: served_resource(client, &discovery, key).await,
+                    external: true,
+                };
+                targets.insert(key.clone(), target);
+            }
+        }
+        let readiness = if targets.is_empty() {
+            HashMap::new()
+        } else {
+            await_ready(client, targets, options.dependency_timeout, dry_run).await
+        };
         // What each object of the batch gets: an API resource to apply to, or its outcome already.
         let prepared: Vec<(usize, Result<ApiResource, Outcome>)> = batch
             .iter()
@@ -228,6 +265,14 @@ pub async fn apply_decoded(
                         .unwrap_or_default();
                     let reason =
                         format!("depends on {} which {verb}", resolved[d].key.resource_key());
+                    return (i, Err(Outcome::Skipped(reason)));
+                }
+                let not_ready = plan.awaits[i]
+                    .iter()
+                    .map(|&d| &resolved[d].key)
+                    .chain(&plan.external[i])
+                    .find_map(|key| readiness.get(key).and_then(|r| r.clone().err()));
+                if let Some(reason) = not_ready {
                     return (i, Err(Outcome::Skipped(reason)));
                 }
                 let resource = match &resolved[i].resolution {
@@ -271,6 +316,8 @@ pub async fn apply_decoded(
                 crds_applied.push(r.key.name.clone());
             }
             outcome_of[i] = Some(outcome.clone());
+            health_of[i] = health.clone();
+            resource_of[i] = resource.clone();
             report.results.push(ObjectResult {
                 key: Some(r.key.clone()),
                 origin: Some(r.origin.clone()),
@@ -369,6 +416,23 @@ fn batch_end(
         end += 1;
     }
     end
+}
+
+/// The API of an object outside the set (a depends-on target), by discovery of its group.
+async fn served_resource(
+    client: &Client,
+    discovery: &Discovery,
+    key: &ObjectKey,
+) -> Option<ApiResource> {
+    if let Some(group) = discovery.get(&key.group) {
+        return group
+            .recommended_kind(&key.kind)
+            .map(|(resource, _)| resource);
+    }
+    let group = kube::discovery::group(client, &key.group).await.ok()?;
+    group
+        .recommended_kind(&key.kind)
+        .map(|(resource, _)| resource)
 }
 
 /// The live state of a batch's objects (those with an API to apply to), read in bulk.

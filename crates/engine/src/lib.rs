@@ -9,7 +9,9 @@
 //!    the CRD is applied and established.
 //! 3. [`order`]: Namespaces and CRDs first, then cli-utils' kind order, honouring
 //!    `config.kubernetes.io/depends-on` and the implicit edges object → its Namespace and custom resource
-//!    → its CRD; cycles fail the objects in them.
+//!    → its CRD; cycles fail the objects in them. As in cli-utils, a `depends-on` target must be ready
+//!    (kstatus Current), not merely applied, before its dependent is applied, and a target outside the
+//!    set must exist in the cluster ([`ApplyOptions::dependency_timeout`] bounds the wait).
 //! 4. Apply: server-side apply with the field manager (`agentk`), forcing conflicts, honouring the dry-run
 //!    strategy. Each batch's live objects are read first ([`live`]: one LIST per resource and namespace
 //!    with many members); an object whose live state already holds the manifest, as recorded by the
@@ -40,6 +42,7 @@ pub mod key;
 pub mod live;
 pub mod order;
 mod prune;
+mod ready;
 mod resolve;
 pub mod result;
 

@@ -101,13 +101,19 @@ pub struct OrderPlan {
     pub sequence: Vec<usize>,
     /// For each object, the objects of the set it waits for (explicit and implicit).
     pub dependencies: Vec<Vec<usize>>,
+    /// For each object, its `depends-on` targets in the set: as in cli-utils, these must also be ready
+    /// (kstatus Current), not merely applied, before the object is applied.
+    pub awaits: Vec<Vec<usize>>,
+    /// For each object, its `depends-on` targets outside the set: they must exist in the cluster and be
+    /// ready.
+    pub external: Vec<Vec<ObjectKey>>,
     /// Objects that cannot be applied: invalid depends-on annotation, or part of a dependency cycle.
     pub failed: Vec<(usize, EngineError)>,
 }
 
 /// Orders objects (with their final keys). Implicit edges: an object waits for its Namespace and a
 /// custom resource for its CustomResourceDefinition when those are in the set. A depends-on target
-/// outside the set adds no edge.
+/// outside the set adds no edge; it is listed in [`OrderPlan::external`].
 pub fn order(items: &[(ObjectKey, &DynamicObject)]) -> OrderPlan {
     let index_of: HashMap<&ObjectKey, usize> =
         items.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
@@ -128,6 +134,8 @@ pub fn order(items: &[(ObjectKey, &DynamicObject)]) -> OrderPlan {
 
     let mut plan = OrderPlan {
         dependencies: vec![Vec::new(); items.len()],
+        awaits: vec![Vec::new(); items.len()],
+        external: vec![Vec::new(); items.len()],
         ..Default::default()
     };
     let mut failed = vec![false; items.len()];
@@ -150,7 +158,17 @@ pub fn order(items: &[(ObjectKey, &DynamicObject)]) -> OrderPlan {
             .and_then(|a| a.get(DEPENDS_ON_ANNOTATION));
         if let Some(value) = annotation {
             match parse_depends_on(value) {
-                Ok(targets) => deps.extend(targets.iter().filter_map(|t| index_of.get(t))),
+                Ok(targets) => {
+                    for target in targets {
+                        match index_of.get(&target) {
+                            Some(&d) => {
+                                deps.push(d);
+                                plan.awaits[i].push(d);
+                            }
+                            None => plan.external[i].push(target),
+                        }
+                    }
+                }
                 Err(e) => {
                     failed[i] = true;
                     plan.failed.push((i, e));

@@ -377,10 +377,49 @@ metadata:
   name: needs-needs-bad
   annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/ConfigMap/needs-bad}}
 ---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: needs-outside
+  annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/ConfigMap/made-by-someone-else}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: needs-missing
+  annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/ConfigMap/not-there}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: never-bound}}
+spec:
+  storageClassName: no-such-class
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 1Gi}}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: needs-claim
+  annotations: {{config.kubernetes.io/depends-on: /namespaces/{n}/PersistentVolumeClaim/never-bound}}
+---
 {}"#,
         deployment_yaml(n, "web", 1)
     );
-    let report = apply(&ns.client, &[file("deps.yaml", &text)], &options(n)).await?;
+    // A dependency outside the set, already in the cluster.
+    Api::<ConfigMap>::namespaced(ns.client.clone(), n)
+        .create(
+            &Default::default(),
+            &serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "made-by-someone-else"}}),
+            )?,
+        )
+        .await?;
+    let options = ApplyOptions {
+        dependency_timeout: Duration::from_secs(10),
+        ..options(n)
+    };
+    let report = apply(&ns.client, &[file("deps.yaml", &text)], &options).await?;
     let order: Vec<_> = report
         .results
         .iter()
@@ -395,6 +434,46 @@ metadata:
     assert_eq!(
         outcome(&report, &format!("/ConfigMap/{n}/after-deploy")),
         &Outcome::Created
+    );
+    // after-deploy was applied only once web was ready: its pod was running by then.
+    let after_deploy = Api::<ConfigMap>::namespaced(ns.client.clone(), n)
+        .get("after-deploy")
+        .await?;
+    let web = Api::<Deployment>::namespaced(ns.client.clone(), n)
+        .get("web")
+        .await?;
+    let available = web
+        .status
+        .and_then(|s| s.conditions)
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "Available" && c.status == "True")
+        .and_then(|c| c.last_transition_time)
+        .expect("web is available");
+    let created = after_deploy.metadata.creation_timestamp.expect("created");
+    assert!(
+        available.0 <= created.0,
+        "after-deploy created at {created:?}, before web was available at {available:?}"
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/needs-outside")),
+        &Outcome::Created
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/needs-missing")),
+        &Outcome::Skipped(format!(
+            "depends on /ConfigMap/{n}/not-there, which is neither in this set nor in the cluster"
+        ))
+    );
+    assert!(
+        matches!(
+            outcome(&report, &format!("/ConfigMap/{n}/needs-claim")),
+            Outcome::Skipped(m) if m.starts_with(&format!(
+                "depends on /PersistentVolumeClaim/{n}/never-bound which did not become ready within 10s (InProgress"
+            ))
+        ),
+        "{:?}",
+        outcome(&report, &format!("/ConfigMap/{n}/needs-claim"))
     );
     assert!(
         matches!(outcome(&report, &format!("/Service/{n}/bad")), Outcome::Failed(m) if m.contains("NotAType"))

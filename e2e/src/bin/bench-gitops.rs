@@ -1,13 +1,33 @@
-//! Apply benchmark: the engine against `kubectl apply --server-side`, same files, same apiserver, same run.
-//! 1,000 ConfigMaps and 100 Deployments into empty namespaces; then the unchanged re-sync.
+//! GitOps benchmark, everything in one run against one apiserver:
+//! 1. the engine against `kubectl apply --server-side`: the same 1,000 ConfigMaps and 100 Deployments into
+//!    empty namespaces, then the unchanged re-sync;
+//! 2. the product end to end: Gitea → push webhook → kas (release) → agentk (release) → apiserver. The same
+//!    1,100 objects pushed in one commit; agentk's peak RSS; the write requests the apiserver counted during
+//!    a periodic re-check of the unchanged commit; push→applied latency over repeated one-object pushes.
 //!
 //! Run: `cargo xtask bench gitops` (starts the local cluster, builds release, prints the figures last).
 
-use std::{path::Path, process::Command, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use e2e::process::{GitSource, KasProcess, Killed, peak_rss_kib};
 use gitops_engine::{ApplyOptions, InventoryOptions, InventoryRef, ManifestFile, apply};
-use test_support::{cluster::TestNamespace, env::test_env};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use test_support::{
+    cluster::TestNamespace,
+    env::test_env,
+    gitea::{Gitea, Repository, push_files},
+};
+
+/// One-object pushes timed for the push→applied latency.
+const LATENCY_PUSHES: usize = 15;
+/// agentk's periodic re-check in part 2: short, so the benchmark sees one.
+const DRIFT_CHECK: &str = "5s";
 
 fn manifests() -> Vec<ManifestFile> {
     let mut files = Vec::new();
@@ -50,15 +70,22 @@ fn kubectl_apply(dir: &Path, namespace: &str) -> anyhow::Result<()> {
     e2e::process::run_against_cluster(command, &env.kubernetes.kubeconfig, None).map(drop)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    test_support::cluster::install_crypto_provider();
-    let files = manifests();
-    let objects = 1100;
+/// Part 1's figures.
+struct EngineFigures {
+    kubectl_create: Duration,
+    kubectl_resync: Duration,
+    engine_create: Duration,
+    engine_resync: Duration,
+    changed: usize,
+}
 
+async fn engine_vs_kubectl(
+    files: &[ManifestFile],
+    objects: usize,
+) -> anyhow::Result<EngineFigures> {
     let baseline_ns = TestNamespace::create("bench-kubectl").await?;
     let dir = tempfile::tempdir()?;
-    for file in &files {
+    for file in files {
         std::fs::write(dir.path().join(&file.path), &file.data)?;
     }
     let started = Instant::now();
@@ -78,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         ..ApplyOptions::default()
     };
     let started = Instant::now();
-    let first = apply(&ns.client, &files, &options).await?;
+    let first = apply(&ns.client, files, &options).await?;
     let engine_create = started.elapsed();
     anyhow::ensure!(
         first.count("created") == objects,
@@ -87,40 +114,398 @@ async fn main() -> anyhow::Result<()> {
         first.results.iter().find(|r| !r.outcome.is_success())
     );
     let started = Instant::now();
-    let second = apply(&ns.client, &files, &options).await?;
+    let second = apply(&ns.client, files, &options).await?;
     let engine_resync = started.elapsed();
     let changed = second.count("created") + second.count("configured") + second.count("pruned");
 
     baseline_ns.delete().await?;
     ns.delete().await?;
+    Ok(EngineFigures {
+        kubectl_create,
+        kubectl_resync,
+        engine_create,
+        engine_resync,
+        changed,
+    })
+}
 
+/// A clone of a Gitea repository to commit and push from, timing each push.
+struct WorkTree {
+    dir: tempfile::TempDir,
+}
+
+impl WorkTree {
+    fn clone(repo: &Repository) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        git(dir.path(), &["init", "--quiet", "--initial-branch", "main"])?;
+        git(
+            dir.path(),
+            &["remote", "add", "origin", repo.authenticated_url()],
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// Writes `files`, commits and pushes; returns the commit and how long `git push` took.
+    fn push(&self, files: &[ManifestFile], message: &str) -> anyhow::Result<(String, Duration)> {
+        for file in files {
+            std::fs::write(self.dir.path().join(&file.path), &file.data)?;
+        }
+        git(self.dir.path(), &["add", "--all"])?;
+        git(
+            self.dir.path(),
+            &[
+                "-c",
+                "user.name=bench",
+                "-c",
+                "user.email=bench@example.invalid",
+                "commit",
+                "--quiet",
+                "-m",
+                message,
+            ],
+        )?;
+        let started = Instant::now();
+        git(
+            self.dir.path(),
+            &["push", "--quiet", "origin", "HEAD:refs/heads/main"],
+        )?;
+        let pushed = started.elapsed();
+        Ok((git(self.dir.path(), &["rev-parse", "HEAD"])?, pushed))
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+fn latency_file(value: usize) -> ManifestFile {
+    ManifestFile::new(
+        "latency.yaml",
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: latency\ndata:\n  value: \"{value}\"\n"
+        ),
+    )
+}
+
+/// Write requests (anything but GET, LIST and WATCH) to ConfigMaps and Deployments the apiserver has
+/// served, from its own `apiserver_request_total`. Status subresource writes (controllers) are not counted;
+/// nothing else writes these objects in this benchmark.
+async fn apiserver_writes(client: &kube::Client) -> anyhow::Result<u64> {
+    let metrics = client
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await?;
+    let mut writes = 0;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+        };
+        if matches!(label("resource"), "configmaps" | "deployments")
+            && label("subresource").is_empty()
+            && matches!(
+                label("verb"),
+                "APPLY" | "PATCH" | "POST" | "PUT" | "DELETE" | "DELETECOLLECTION"
+            )
+        {
+            writes += value.parse::<f64>().unwrap_or(0.0) as u64;
+        }
+    }
+    Ok(writes)
+}
+
+/// agentk's sync summary lines so far (JSON logs in `log`).
+fn sync_summaries(log: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(log)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["msg"] == "Cluster successfully synced")
+        .collect())
+}
+
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            bail!("{what}: not within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Part 2's figures.
+struct PipelineFigures {
+    push_to_synced: Duration,
+    push_duration: Duration,
+    agentk_peak_kib: u64,
+    recheck_writes: u64,
+    recheck_took_ms: u64,
+    latencies_from_push_start: Vec<Duration>,
+    latencies_after_push: Vec<Duration>,
+}
+
+async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<PipelineFigures> {
+    let env = test_env();
+    let gitea = Gitea::from_env();
+    let ns = TestNamespace::create("bench-agentk").await?;
+    let config_repo = gitea.create_repository("bench-config").await?;
+    let manifests_repo = gitea.create_repository("bench-manifests").await?;
+    let config = format!(
+        "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n",
+        manifests_repo.full_name, ns.name
+    );
+    {
+        let repo = config_repo.clone();
+        tokio::task::spawn_blocking(move || {
+            push_files(
+                &repo,
+                "main",
+                &[(".gitlab/agents/bench/config.yaml", &config)],
+                "config",
+            )
+        })
+        .await??;
+    }
+    let work = WorkTree::clone(&manifests_repo)?;
+    work.push(&[latency_file(0)], "start small")?;
+
+    let dir = tempfile::tempdir()?;
+    let secret = "bench-webhook-secret";
+    let source = GitSource {
+        base_url: env.gitea.url.clone(),
+        username: env.gitea.admin_user.clone(),
+        password: env.gitea.admin_password.clone(),
+        // Only the webhook can make a push arrive quickly.
+        poll_period: "1h".into(),
+        webhook_secret: Some(secret.into()),
+    };
+    let kas = KasProcess::start_with(&source, dir.path(), "warn", true).await?;
+    gitea
+        .add_push_webhook(
+            &manifests_repo,
+            &format!("http://127.0.0.1:{}/api/webhooks/gitea", kas.api_port),
+            secret,
+        )
+        .await?;
+    let agent = kas
+        .admin
+        .create_agent(&config_repo.full_name, "bench")
+        .await?;
+    let agent_id = agent["clusterAgent"]["id"]
+        .as_str()
+        .context("agent id")?
+        .to_owned();
+    let token = kas.admin.create_token(&agent_id, "bench", "").await?["secret"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let log: PathBuf = dir.path().join("agentk.log");
+    let mut command = kas.agentk_command("grpc", &token)?;
+    command
+        .arg(format!("--drift-check-interval={DRIFT_CHECK}"))
+        .env("KUBECONFIG", &env.kubernetes.kubeconfig)
+        .env("POD_NAMESPACE", &ns.name)
+        .stderr(Stdio::from(std::fs::File::create(&log)?));
+    let agentk = Killed(command.spawn().context("starting agentk")?);
+
+    let configmaps: Api<ConfigMap> = ns.api();
+    let value = |name: &'static str| {
+        let configmaps = configmaps.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                configmaps
+                    .get_opt(name)
+                    .await?
+                    .and_then(|c| c.data)
+                    .and_then(|mut d| d.remove("value")),
+            )
+        }
+    };
+    wait_until(Duration::from_secs(60), "the first sync", || async {
+        Ok(value("latency").await?.as_deref() == Some("0"))
+    })
+    .await?;
+
+    // 1,100 objects in one push, until agentk reports the commit applied (readiness not included).
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ commitApplied }} }} }} }}"#
+    );
+    let http = reqwest::Client::new();
+    let graphql_url = format!("http://127.0.0.1:{}/api/graphql", kas.api_port);
+    let started = Instant::now();
+    let (commit, push_duration) = work.push(files, "1,100 objects")?;
+    wait_until(
+        Duration::from_secs(300),
+        "1,100 objects applied",
+        || async {
+            let view: serde_json::Value = http
+                .post(&graphql_url)
+                .bearer_auth(&kas.admin_token)
+                .json(&serde_json::json!({ "query": query }))
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(
+                view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"]["commitApplied"]
+                    == commit.as_str(),
+            )
+        },
+    )
+    .await?;
+    let push_to_synced = started.elapsed();
+    let listed = configmaps.list(&Default::default()).await?.items.len();
+    anyhow::ensure!(
+        listed > objects - 100,
+        "only {listed} ConfigMaps in the namespace after the sync"
+    );
+
+    // A periodic re-check of the unchanged commit: the apiserver counts the writes.
+    let summaries = sync_summaries(&log)?.len();
+    let writes_before = apiserver_writes(&ns.client).await?;
+    wait_until(Duration::from_secs(60), "a periodic re-check", || async {
+        Ok(sync_summaries(&log)?.len() > summaries)
+    })
+    .await?;
+    let recheck = sync_summaries(&log)?.pop().context("summary")?;
+    let recheck_writes = apiserver_writes(&ns.client).await? - writes_before;
+    let recheck_took_ms = recheck["took_ms"].as_u64().unwrap_or_default();
+
+    // One object changed per push, through the webhook.
+    let mut latencies_from_push_start = Vec::new();
+    let mut latencies_after_push = Vec::new();
+    for i in 1..=LATENCY_PUSHES {
+        let started = Instant::now();
+        let (_, pushed) = work.push(&[latency_file(i)], &format!("latency {i}"))?;
+        let expected = i.to_string();
+        wait_until(
+            Duration::from_secs(30),
+            "the pushed value applied",
+            || async { Ok(value("latency").await?.as_deref() == Some(expected.as_str())) },
+        )
+        .await?;
+        let total = started.elapsed();
+        latencies_from_push_start.push(total);
+        latencies_after_push.push(total.saturating_sub(pushed));
+    }
+    let agentk_peak_kib = peak_rss_kib(agentk.pid())?;
+
+    drop(agentk);
+    drop(kas);
+    gitea.delete_repository(&config_repo).await?;
+    gitea.delete_repository(&manifests_repo).await?;
+    ns.delete().await?;
+    Ok(PipelineFigures {
+        push_to_synced,
+        push_duration,
+        agentk_peak_kib,
+        recheck_writes,
+        recheck_took_ms,
+        latencies_from_push_start,
+        latencies_after_push,
+    })
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    test_support::cluster::install_crypto_provider();
+    let files = manifests();
+    let objects = 1100;
+    let e = engine_vs_kubectl(&files, objects).await?;
+    let p = pipeline(&files, objects).await?;
+
+    let secs = |d: Duration| d.as_secs_f64();
     println!(
         "== bench-gitops: {objects} objects (1,000 ConfigMaps, 100 Deployments), same apiserver, same run =="
     );
+    println!("-- the engine alone, against kubectl");
     println!(
         "kubectl apply --server-side, create:  {:>7.2} s",
-        kubectl_create.as_secs_f64()
+        secs(e.kubectl_create)
     );
     println!(
         "engine (agentk), create:              {:>7.2} s",
-        engine_create.as_secs_f64()
+        secs(e.engine_create)
     );
     println!(
         "ratio engine/kubectl, create:         {:>7.2}x (target <= 0.5x)",
-        engine_create.as_secs_f64() / kubectl_create.as_secs_f64()
+        secs(e.engine_create) / secs(e.kubectl_create)
     );
     println!(
         "kubectl apply --server-side, re-sync: {:>7.2} s",
-        kubectl_resync.as_secs_f64()
+        secs(e.kubectl_resync)
     );
     println!(
         "engine (agentk), unchanged re-sync:   {:>7.2} s",
-        engine_resync.as_secs_f64()
+        secs(e.engine_resync)
     );
     println!(
         "ratio engine/kubectl, re-sync:        {:>7.2}x",
-        engine_resync.as_secs_f64() / kubectl_resync.as_secs_f64()
+        secs(e.engine_resync) / secs(e.kubectl_resync)
     );
-    println!("objects changed by the unchanged re-sync: {changed} (target 0)");
+    println!("objects changed by the unchanged re-sync: {}", e.changed);
+    println!(
+        "-- the product: Gitea push -> webhook -> kas -> agentk -> apiserver (release builds)"
+    );
+    println!(
+        "push of {objects} objects -> applied (reported to kas): {:>7.2} s (git push itself {:.2} s)",
+        secs(p.push_to_synced),
+        secs(p.push_duration)
+    );
+    println!(
+        "ratio (push -> applied)/kubectl create: {:>7.2}x (target <= 0.5x)",
+        secs(p.push_to_synced) / secs(e.kubectl_create)
+    );
+    println!(
+        "periodic re-check of the unchanged commit: {} write requests at the apiserver (target 0), took {} ms",
+        p.recheck_writes, p.recheck_took_ms
+    );
+    println!(
+        "push -> applied, one object changed, {LATENCY_PUSHES} pushes: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms after git push returned (target p50 <= 1000 ms)",
+        percentile(&p.latencies_after_push, 0.5).as_secs_f64() * 1000.0,
+        percentile(&p.latencies_after_push, 0.9).as_secs_f64() * 1000.0,
+        percentile(&p.latencies_after_push, 1.0).as_secs_f64() * 1000.0,
+    );
+    println!(
+        "  the same including git push: p50 {:.0} ms, p90 {:.0} ms",
+        percentile(&p.latencies_from_push_start, 0.5).as_secs_f64() * 1000.0,
+        percentile(&p.latencies_from_push_start, 0.9).as_secs_f64() * 1000.0,
+    );
+    println!(
+        "agentk peak RSS over the whole run: {:.1} MiB (target <= 64 MiB)",
+        p.agentk_peak_kib as f64 / 1024.0
+    );
     Ok(())
 }
