@@ -118,7 +118,7 @@ pub(crate) async fn await_ready(
 
 fn humanize(duration: Duration) -> String {
     let secs = duration.as_secs();
-    if secs >= 60 && secs % 60 == 0 {
+    if secs >= 60 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{}s", duration.as_secs_f64())
