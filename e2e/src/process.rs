@@ -105,15 +105,20 @@ impl KasProcess {
             poll_period: "2s".into(),
             webhook_secret: None,
         };
-        Self::start_with(&source, dir, log_level, quiet).await
+        let logs = if quiet {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        };
+        Self::start_with(&source, dir, log_level, logs).await
     }
 
-    /// Starts kas against any Git server (e.g. the test environment's Gitea).
+    /// Starts kas against any Git server (e.g. the test environment's Gitea), its logs going to `logs`.
     pub async fn start_with(
         git: &GitSource,
         dir: &Path,
         log_level: &str,
-        quiet: bool,
+        logs: Stdio,
     ) -> anyhow::Result<Self> {
         let admin_token = "local-admin-token".to_owned();
         std::fs::write(dir.join("admin-token"), &admin_token)?;
@@ -141,10 +146,10 @@ impl KasProcess {
             ),
         )?;
         let mut command = Command::new(sibling_binary("kas")?);
-        command.args(["serve", "--config"]).arg(&config);
-        if quiet {
-            command.stderr(Stdio::null());
-        }
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(logs);
         let process = Killed(command.spawn().context("starting kas")?);
         let admin = AdminClient::new(&format!("http://127.0.0.1:{api_port}"), admin_token.clone());
         let started = Instant::now();

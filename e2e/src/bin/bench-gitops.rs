@@ -8,15 +8,16 @@
 //! Run: `cargo xtask bench gitops` (starts the local cluster, builds release, prints the figures last).
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
 use e2e::process::{GitSource, KasProcess, Killed, peak_rss_kib};
 use gitops_engine::{ApplyOptions, InventoryOptions, InventoryRef, ManifestFile, apply};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
 use kube::Api;
 use test_support::{
     cluster::TestNamespace,
@@ -200,11 +201,11 @@ fn latency_file(value: usize) -> ManifestFile {
 /// Write requests (anything but GET, LIST and WATCH) to ConfigMaps and Deployments the apiserver has
 /// served, from its own `apiserver_request_total`. Status subresource writes (controllers) are not counted;
 /// nothing else writes these objects in this benchmark.
-async fn apiserver_writes(client: &kube::Client) -> anyhow::Result<u64> {
+async fn apiserver_writes(client: &kube::Client) -> anyhow::Result<BTreeMap<String, u64>> {
     let metrics = client
         .request_text(http::Request::get("/metrics").body(Vec::new())?)
         .await?;
-    let mut writes = 0;
+    let mut writes = BTreeMap::new();
     for line in metrics
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
@@ -226,7 +227,10 @@ async fn apiserver_writes(client: &kube::Client) -> anyhow::Result<u64> {
                 "APPLY" | "PATCH" | "POST" | "PUT" | "DELETE" | "DELETECOLLECTION"
             )
         {
-            writes += value.parse::<f64>().unwrap_or(0.0) as u64;
+            let count = value.parse::<f64>().unwrap_or(0.0) as u64;
+            *writes
+                .entry(format!("{} {}", label("verb"), label("resource")))
+                .or_default() += count;
         }
     }
     Ok(writes)
@@ -263,10 +267,13 @@ struct PipelineFigures {
     push_to_synced: Duration,
     push_duration: Duration,
     agentk_peak_kib: u64,
-    recheck_writes: u64,
+    /// "VERB resource" → count.
+    recheck_writes: BTreeMap<String, u64>,
     recheck_took_ms: u64,
     latencies_from_push_start: Vec<Duration>,
     latencies_after_push: Vec<Duration>,
+    stages: Stages,
+    big_stages: Stages,
 }
 
 async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<PipelineFigures> {
@@ -304,7 +311,14 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         poll_period: "1h".into(),
         webhook_secret: Some(secret.into()),
     };
-    let kas = KasProcess::start_with(&source, dir.path(), "warn", true).await?;
+    let kas_log: PathBuf = dir.path().join("kas.log");
+    let kas = KasProcess::start_with(
+        &source,
+        dir.path(),
+        "info",
+        Stdio::from(std::fs::File::create(&kas_log)?),
+    )
+    .await?;
     gitea
         .add_push_webhook(
             &manifests_repo,
@@ -359,6 +373,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
     let graphql_url = format!("http://127.0.0.1:{}/api/graphql", kas.api_port);
     let started = Instant::now();
     let (commit, push_duration) = work.push(files, "1,100 objects")?;
+    let pushed_at = SystemTime::now();
     wait_until(
         Duration::from_secs(300),
         "1,100 objects applied",
@@ -379,29 +394,69 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
     )
     .await?;
     let push_to_synced = started.elapsed();
+    let big_push = Push {
+        commit: commit.clone(),
+        pushed_at,
+        applied_at: SystemTime::now(),
+    };
     let listed = configmaps.list(&Default::default()).await?.items.len();
     anyhow::ensure!(
         listed > objects - 100,
         "only {listed} ConfigMaps in the namespace after the sync"
     );
 
-    // A periodic re-check of the unchanged commit: the apiserver counts the writes.
+    // A periodic re-check of the unchanged commit: the apiserver counts the writes. First the
+    // Deployments settle (their controller writes a revision annotation on each), then a re-check starts
+    // and the writes are counted from one re-check's end to the next one's.
+    let deployments: Api<Deployment> = ns.api();
+    wait_until(
+        Duration::from_secs(120),
+        "100 Deployments available",
+        || async {
+            let list = deployments.list(&Default::default()).await?;
+            Ok(list.items.len() == 100
+                && list
+                    .items
+                    .iter()
+                    .all(|d| d.status.as_ref().and_then(|s| s.available_replicas) == Some(1)))
+        },
+    )
+    .await?;
     let summaries = sync_summaries(&log)?.len();
-    let writes_before = apiserver_writes(&ns.client).await?;
     wait_until(Duration::from_secs(60), "a periodic re-check", || async {
         Ok(sync_summaries(&log)?.len() > summaries)
     })
     .await?;
+    let writes_before = apiserver_writes(&ns.client).await?;
+    let summaries = sync_summaries(&log)?.len();
+    wait_until(
+        Duration::from_secs(60),
+        "another periodic re-check",
+        || async { Ok(sync_summaries(&log)?.len() > summaries) },
+    )
+    .await?;
     let recheck = sync_summaries(&log)?.pop().context("summary")?;
-    let recheck_writes = apiserver_writes(&ns.client).await? - writes_before;
+    let recheck_writes: BTreeMap<String, u64> = apiserver_writes(&ns.client)
+        .await?
+        .into_iter()
+        .map(|(what, n)| {
+            (
+                what.clone(),
+                n - writes_before.get(&what).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
     let recheck_took_ms = recheck["took_ms"].as_u64().unwrap_or_default();
 
     // One object changed per push, through the webhook.
     let mut latencies_from_push_start = Vec::new();
     let mut latencies_after_push = Vec::new();
+    let mut pushes = Vec::new();
     for i in 1..=LATENCY_PUSHES {
         let started = Instant::now();
-        let (_, pushed) = work.push(&[latency_file(i)], &format!("latency {i}"))?;
+        let (commit, pushed) = work.push(&[latency_file(i)], &format!("latency {i}"))?;
+        let pushed_at = SystemTime::now();
         let expected = i.to_string();
         wait_until(
             Duration::from_secs(30),
@@ -410,10 +465,17 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         )
         .await?;
         let total = started.elapsed();
+        pushes.push(Push {
+            commit,
+            pushed_at,
+            applied_at: SystemTime::now(),
+        });
         latencies_from_push_start.push(total);
         latencies_after_push.push(total.saturating_sub(pushed));
     }
     let agentk_peak_kib = peak_rss_kib(agentk.pid())?;
+    let stages = stages(&pushes, &kas_log, &log)?;
+    let big_stages = stages_of(std::slice::from_ref(&big_push), &kas_log, &log)?;
 
     drop(agentk);
     drop(kas);
@@ -428,6 +490,68 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         recheck_took_ms,
         latencies_from_push_start,
         latencies_after_push,
+        stages,
+        big_stages,
+    })
+}
+
+/// One timed push.
+struct Push {
+    commit: String,
+    pushed_at: SystemTime,
+    applied_at: SystemTime,
+}
+
+/// Where the push→applied time goes (medians): push done → kas got the webhook → agentk got the
+/// snapshot → the object changed in the cluster. From the wall-clock `time` of kas's and agentk's log lines.
+struct Stages {
+    to_webhook: Duration,
+    to_agent: Duration,
+    to_applied: Duration,
+}
+
+fn log_lines(path: &Path, msg: &str) -> anyhow::Result<Vec<(SystemTime, serde_json::Value)>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["msg"] == msg)
+        .filter_map(|l| Some((humantime::parse_rfc3339(l["time"].as_str()?).ok()?, l)))
+        .collect())
+}
+
+fn stages(pushes: &[Push], kas_log: &Path, agentk_log: &Path) -> anyhow::Result<Stages> {
+    stages_of(pushes, kas_log, agentk_log)
+}
+
+fn stages_of(pushes: &[Push], kas_log: &Path, agentk_log: &Path) -> anyhow::Result<Stages> {
+    let webhooks = log_lines(kas_log, "push webhook: re-checking the project")?;
+    let received = log_lines(agentk_log, "received manifests")?;
+    let between = |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default();
+    let (mut to_webhook, mut to_agent, mut to_applied) = (Vec::new(), Vec::new(), Vec::new());
+    for push in pushes {
+        // Log times have millisecond resolution: allow the webhook line to round down a little.
+        let earliest = push.pushed_at - Duration::from_millis(5);
+        let Some((hook, _)) = webhooks.iter().find(|(t, _)| *t >= earliest) else {
+            continue;
+        };
+        let Some((got, _)) = received
+            .iter()
+            .find(|(_, l)| l["commit_id"] == push.commit.as_str())
+        else {
+            continue;
+        };
+        to_webhook.push(between(push.pushed_at, *hook));
+        to_agent.push(between(*hook, *got));
+        to_applied.push(between(*got, push.applied_at));
+    }
+    anyhow::ensure!(
+        !to_webhook.is_empty(),
+        "no push could be followed through the logs"
+    );
+    Ok(Stages {
+        to_webhook: percentile(&to_webhook, 0.5),
+        to_agent: percentile(&to_agent, 0.5),
+        to_applied: percentile(&to_applied, 0.5),
     })
 }
 
@@ -484,13 +608,26 @@ async fn main() -> anyhow::Result<()> {
         secs(p.push_to_synced),
         secs(p.push_duration)
     );
+    let after_push = p.push_to_synced.saturating_sub(p.push_duration);
     println!(
-        "ratio (push -> applied)/kubectl create: {:>7.2}x (target <= 0.5x)",
-        secs(p.push_to_synced) / secs(e.kubectl_create)
+        "ratio (git push returned -> applied)/kubectl create: {:>7.2}x (target <= 0.5x)",
+        secs(after_push) / secs(e.kubectl_create)
     );
     println!(
-        "periodic re-check of the unchanged commit: {} write requests at the apiserver (target 0), took {} ms",
-        p.recheck_writes, p.recheck_took_ms
+        "  where it goes: push -> webhook at kas {:.0} ms, -> snapshot at agentk {:.0} ms, -> applied and reported {:.0} ms",
+        p.big_stages.to_webhook.as_secs_f64() * 1000.0,
+        p.big_stages.to_agent.as_secs_f64() * 1000.0,
+        p.big_stages.to_applied.as_secs_f64() * 1000.0
+    );
+    println!(
+        "ratio (snapshot at agentk -> applied)/kubectl create: {:>7.2}x",
+        secs(p.big_stages.to_applied) / secs(e.kubectl_create)
+    );
+    println!(
+        "periodic re-check of the unchanged commit: {} write requests at the apiserver {:?} (target 0), took {} ms",
+        p.recheck_writes.values().sum::<u64>(),
+        p.recheck_writes,
+        p.recheck_took_ms
     );
     println!(
         "push -> applied, one object changed, {LATENCY_PUSHES} pushes: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms after git push returned (target p50 <= 1000 ms)",
@@ -502,6 +639,13 @@ async fn main() -> anyhow::Result<()> {
         "  the same including git push: p50 {:.0} ms, p90 {:.0} ms",
         percentile(&p.latencies_from_push_start, 0.5).as_secs_f64() * 1000.0,
         percentile(&p.latencies_from_push_start, 0.9).as_secs_f64() * 1000.0,
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "  where it goes (medians): push -> webhook at kas {:.0} ms, -> snapshot at agentk {:.0} ms, -> applied {:.0} ms",
+        ms(p.stages.to_webhook),
+        ms(p.stages.to_agent),
+        ms(p.stages.to_applied)
     );
     println!(
         "agentk peak RSS over the whole run: {:.1} MiB (target <= 64 MiB)",

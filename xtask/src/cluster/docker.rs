@@ -111,6 +111,8 @@ async fn start_gitea() -> Result<(ContainerAsync<GenericImage>, GiteaState)> {
         .with_env_var("GITEA__database__DB_TYPE", "sqlite3")
         .with_env_var("GITEA__security__INSTALL_LOCK", "true")
         .with_env_var("GITEA__webhook__ALLOWED_HOST_LIST", "loopback")
+        // `[queue.webhook_sender] TYPE = channel`, as the local backend (see gitea.rs): `.` is `_0X2E_`.
+        .with_env_var("GITEA__queue_0X2E_webhook_sender__TYPE", "channel")
         .with_env_var("GITEA__repository__DEFAULT_BRANCH", "main")
         .start()
         .await

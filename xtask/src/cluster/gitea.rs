@@ -111,6 +111,12 @@ DISABLE_REGISTRATION = true
 ALLOWED_HOST_LIST = loopback
 DELIVER_TIMEOUT = 10
 
+[queue.webhook_sender]
+; Gitea's default on-disk queue is polled with a backoff of up to 2 s when idle, which alone delays each
+; webhook by about a second (measured by `cargo xtask bench gitops`); an in-memory queue hands it to a
+; worker at once. The same setting is recommended to users in the README.
+TYPE = channel
+
 [session]
 PROVIDER = memory
 
