@@ -285,3 +285,105 @@ async fn manifests_in_git_reach_the_cluster_and_changes_follow_by_themselves() -
     ns.delete().await?;
     Ok(())
 }
+
+/// One commit with everything at once in the worst file order: a custom resource before its CRD, objects
+/// before their Namespace, and a broken document among valid ones. Everything valid is applied; the broken
+/// document reaches kas's API with its file, document and line; nothing is pruned until it is fixed.
+#[tokio::test]
+async fn a_crd_a_namespace_and_a_broken_document_in_one_commit() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let ns = TestNamespace::create("gitops-mixed").await?;
+    let apps = format!("{}-apps", ns.name);
+    // CRDs are cluster-wide: a group of this test's own.
+    let group = format!("{}.e2e.example.com", ns.name);
+    let h = Harness::start(false).await?;
+    h.git.create_repo("group/manifests", true)?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("old.yaml", Some(&configmap("old", "one")))],
+        "old",
+    )?;
+    let (agent_id, agent) = start_agent(&h, &ns, Duration::from_secs(3600)).await?;
+    let configmaps: Api<ConfigMap> = ns.api();
+    eventually(Duration::from_secs(30), "old applied", || async {
+        Ok(configmaps.get_opt("old").await?.is_some())
+    })
+    .await?;
+
+    let widget = format!(
+        "apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: gear\n  namespace: {apps}\nspec:\n  size: 3\n"
+    );
+    let app = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app-settings\n  namespace: {apps}\ndata:\n  a: b\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: broken\ndata: {{unclosed: [\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: after-broken\n  namespace: {apps}\n"
+    );
+    let namespace = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {apps}\n");
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    h.git.commit_files(
+        "group/manifests",
+        &[
+            ("old.yaml", None),
+            ("a-widget.yaml", Some(&widget)),
+            ("b-app.yaml", Some(&app)),
+            ("c-namespace.yaml", Some(&namespace)),
+            ("d-crd.yaml", Some(&crd)),
+        ],
+        "everything at once, one document broken",
+    )?;
+    let key = |group: &str, kind: &str, ns: &str, name: &str| format!("{group}/{kind}/{ns}/{name}");
+    eventually(
+        Duration::from_secs(60),
+        "the valid objects applied, the broken one reported",
+        || async {
+            let (outcome, objects) = last_sync(&h, &agent_id).await?;
+            let result = |k: &str| objects.get(k).map(|o| o.0.clone()).unwrap_or_default();
+            let broken = objects.iter().find(|(_, (result, message))| {
+                result == "failed" && message.contains("b-app.yaml, document 1")
+            });
+            Ok(outcome == "partial"
+                && result(&key(&group, "Widget", &apps, "gear")) == "created"
+                && result(&key("", "ConfigMap", &apps, "app-settings")) == "created"
+                && result(&key("", "ConfigMap", &apps, "after-broken")) == "created"
+                && result(&key("", "Namespace", "", &apps)) == "created"
+                && result(&key(
+                    "apiextensions.k8s.io",
+                    "CustomResourceDefinition",
+                    "",
+                    &format!("widgets.{group}"),
+                )) == "created"
+                && broken.is_some_and(|(_, (_, message))| message.contains(", line ")))
+        },
+    )
+    .await?;
+    assert!(
+        configmaps.get_opt("old").await?.is_some(),
+        "nothing is pruned while a document is broken"
+    );
+
+    // Fixed: now the object that left Git is pruned.
+    let fixed = app.replace("data: {unclosed: [\n", "data: {fixed: \"yes\"}\n");
+    h.git
+        .commit_files("group/manifests", &[("b-app.yaml", Some(&fixed))], "fix")?;
+    eventually(
+        Duration::from_secs(30),
+        "old pruned once the render is whole",
+        || async {
+            Ok(configmaps.get_opt("old").await?.is_none()
+                && configmaps.get_opt("broken").await?.is_some())
+        },
+    )
+    .await?;
+    agent.shutdown().await;
+    // Cluster-wide leftovers of this test.
+    let client = ns.client.clone();
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    crds.delete(&format!("widgets.{group}"), &Default::default())
+        .await?;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .delete(&apps, &Default::default())
+        .await?;
+    ns.delete().await?;
+    Ok(())
+}

@@ -121,19 +121,7 @@ impl ClientConfig {
             .unwrap_or_else(|| self.address.host.clone());
         let server_name = ServerName::try_from(server_name.clone())
             .map_err(|e| Error::Tls(format!("invalid TLS server name {server_name:?}: {e}")))?;
-        let mut headers = HeaderMap::new();
-        for (name, value) in self.all_headers() {
-            let name_h = HeaderName::try_from(name.as_str()).map_err(|e| Error::InvalidHeader {
-                name: name.clone(),
-                reason: e.to_string(),
-            })?;
-            let value_h =
-                HeaderValue::try_from(value.as_str()).map_err(|e| Error::InvalidHeader {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
-            headers.insert(name_h, value_h);
-        }
+        let headers: HeaderMap = self.validated_headers()?.into_iter().collect();
         Ok(Connector(Arc::new(ConnectorInner {
             address: self.address.clone(),
             tls,
@@ -159,21 +147,34 @@ impl ClientConfig {
     /// Adds [`Self::all_headers`] to each gRPC call.
     pub fn interceptor(&self) -> Result<HeaderInterceptor, Error> {
         let mut headers = Vec::new();
-        for (name, value) in self.all_headers() {
-            let key = MetadataKey::from_bytes(name.to_lowercase().as_bytes()).map_err(|e| {
-                Error::InvalidHeader {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            let value =
-                AsciiMetadataValue::try_from(value.as_str()).map_err(|e| Error::InvalidHeader {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
+        for (name, value) in self.validated_headers()? {
+            // Valid HTTP names and values are valid ASCII metadata too (names are lowercase already).
+            let invalid = |e: &dyn std::fmt::Display| Error::InvalidHeader {
+                name: name.to_string(),
+                reason: e.to_string(),
+            };
+            let key = MetadataKey::from_bytes(name.as_str().as_bytes()).map_err(|e| invalid(&e))?;
+            let value = AsciiMetadataValue::try_from(value.as_bytes()).map_err(|e| invalid(&e))?;
             headers.push((key, value));
         }
         Ok(HeaderInterceptor(Arc::new(headers)))
+    }
+
+    /// The bearer token and extra headers, checked once for both places they go (the WebSocket handshake
+    /// and every gRPC call); an invalid one is an error naming it.
+    fn validated_headers(&self) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
+        self.all_headers()
+            .into_iter()
+            .map(|(name, value)| {
+                let invalid = |e: &dyn std::fmt::Display| Error::InvalidHeader {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                };
+                let name_h = HeaderName::try_from(name.as_str()).map_err(|e| invalid(&e))?;
+                let value_h = HeaderValue::try_from(value.as_str()).map_err(|e| invalid(&e))?;
+                Ok((name_h, value_h))
+            })
+            .collect()
     }
 
     fn tls_connector(&self) -> Result<TlsConnector, Error> {
