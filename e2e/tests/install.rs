@@ -101,6 +101,31 @@ async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyh
     let config = ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?;
     assert_eq!(config.git.base_url, "https://git.example");
     assert_eq!(config.listen.agent.port(), 8150);
+    assert_eq!(config.webhooks.secret_file, None, "webhooks are opt-in");
+
+    // Webhooks and a private CA for the Git server reach kas's configuration.
+    let configmap = helm(&[
+        "template",
+        "r",
+        "kas",
+        "--set",
+        "adminToken=x,webhooks.enabled=true,webhookSecret=s,git.caConfigMap=git-ca",
+        "--show-only",
+        "templates/configmap.yaml",
+    ])?;
+    let object: serde_json::Value = serde_saphyr::from_str(&configmap)?;
+    let kas_yaml = object["data"]["kas.yaml"]
+        .as_str()
+        .context("kas.yaml in the ConfigMap")?;
+    let config = ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?;
+    assert_eq!(
+        config.webhooks.secret_file.as_deref(),
+        Some(std::path::Path::new("/etc/kas/secrets/webhook-secret"))
+    );
+    assert_eq!(
+        config.git.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/kas/git-ca/ca.crt"))
+    );
 
     let kas = helm(&[
         "template",
@@ -109,7 +134,7 @@ async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyh
         "--namespace",
         &ns.name,
         "--set",
-        "adminToken=x",
+        "adminToken=x,webhooks.enabled=true,webhookSecret=s,git.caConfigMap=git-ca",
     ])?;
     let agentk = helm(&[
         "template",

@@ -79,6 +79,10 @@ pub struct GitServerConfig {
     /// Default `20s`; webhooks make changes instant anyway.
     #[serde(default = "default_poll_period", with = "crate::duration")]
     pub poll_period: Duration,
+    /// CA certificates (PEM) to trust for an `https://` Git server besides the system's, e.g. a private CA.
+    /// A proxy comes from `HTTPS_PROXY` / `NO_PROXY`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

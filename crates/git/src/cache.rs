@@ -25,6 +25,7 @@ struct Inner {
     /// Credential-free.
     base_url: String,
     credentials: Option<Credentials>,
+    extra_ca_pem: Option<Arc<Vec<u8>>>,
     cache_dir: PathBuf,
     limits: Limits,
     projects: Mutex<HashMap<String, Arc<ProjectCache>>>,
@@ -59,6 +60,7 @@ impl RepoCache {
             inner: Arc::new(Inner {
                 base_url: server.sanitized_base_url(),
                 credentials: server.credentials(),
+                extra_ca_pem: server.extra_ca_pem.clone().map(Arc::new),
                 cache_dir,
                 limits,
                 projects: Mutex::new(HashMap::new()),
@@ -268,6 +270,7 @@ impl RepoCache {
         Endpoint {
             url: format!("{}/{project}.git", self.inner.base_url),
             credentials: self.inner.credentials.clone(),
+            extra_ca_pem: self.inner.extra_ca_pem.clone(),
             connect_timeout: self.inner.limits.connect_timeout,
             http_timeout: self.inner.limits.http_timeout,
         }

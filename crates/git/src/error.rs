@@ -42,6 +42,9 @@ pub enum Error {
     #[error("local Git cache of project {project:?}: {message}")]
     Repository { project: String, message: String },
 
+    #[error("CA certificates for the Git server: {0}")]
+    CaCertificates(String),
+
     #[error("Git operation for project {project:?} was aborted: {message}")]
     Aborted { project: String, message: String },
 }

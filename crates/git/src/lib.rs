@@ -17,4 +17,4 @@ mod server;
 
 pub use cache::RepoCache;
 pub use error::Error;
-pub use server::{GitRef, GitServerConfig, Limits};
+pub use server::{GitRef, GitServerConfig, Limits, check_ca_certificates};

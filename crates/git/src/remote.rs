@@ -17,6 +17,8 @@ pub(crate) struct Endpoint {
     /// Credential-free repository URL.
     pub(crate) url: String,
     pub(crate) credentials: Option<Credentials>,
+    /// CA certificates (PEM) trusted besides the system's.
+    pub(crate) extra_ca_pem: Option<std::sync::Arc<Vec<u8>>>,
     pub(crate) connect_timeout: Duration,
     /// How long to wait for a response or for more data of a response.
     pub(crate) http_timeout: Duration,
@@ -167,9 +169,10 @@ fn connect<'remote, 'repo>(
     Ok(connection)
 }
 
-/// The transport options gitoxide would use, plus timeouts: the reqwest backend ignores gitoxide's
-/// timeout settings, and reqwest's blocking client would otherwise give up on any response (or read)
-/// after 30 seconds.
+/// The transport options gitoxide would use, plus timeouts (the reqwest backend ignores gitoxide's
+/// timeout settings, and reqwest's blocking client would otherwise give up on any response, or read,
+/// after 30 seconds) and the extra CA certificates. Proxies come from `HTTPS_PROXY` / `NO_PROXY`, which
+/// reqwest reads itself.
 fn transport_options(
     repo: &gix::Repository,
     endpoint: &Endpoint,
@@ -181,10 +184,21 @@ fn transport_options(
     };
     if let Some(http_options) = options.downcast_mut::<http::Options>() {
         let (connect_timeout, http_timeout) = (endpoint.connect_timeout, endpoint.http_timeout);
+        let extra_ca_pem = endpoint.extra_ca_pem.clone();
         let configure_client: Box<http::reqwest::ConfigureClientFn> = Box::new(move |builder| {
-            Ok(builder
+            let builder = builder
                 .connect_timeout(connect_timeout)
-                .timeout(http_timeout))
+                .timeout(http_timeout);
+            // Checked when kas starts (check_ca_certificates), so a bundle that fails here is empty.
+            let extra = extra_ca_pem
+                .as_deref()
+                .and_then(|pem| reqwest::Certificate::from_pem_bundle(pem).ok())
+                .unwrap_or_default();
+            Ok(if extra.is_empty() {
+                builder
+            } else {
+                builder.tls_certs_merge(extra)
+            })
         });
         http_options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(
             http::reqwest::Options {

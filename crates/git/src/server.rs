@@ -15,6 +15,9 @@ pub struct GitServerConfig {
     pub base_url: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// CA certificates (PEM) to trust for the Git server besides the system's: a self-hosted server behind
+    /// a private CA. Check them with [`crate::check_ca_certificates`].
+    pub extra_ca_pem: Option<Vec<u8>>,
 }
 
 // Hand-written so the password can never be printed.
@@ -24,8 +27,21 @@ impl fmt::Debug for GitServerConfig {
             .field("base_url", &strip_userinfo(&self.base_url).0)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("extra_ca_pem", &self.extra_ca_pem.as_ref().map(Vec::len))
             .finish()
     }
+}
+
+/// Checks a PEM bundle of CA certificates for [`GitServerConfig::extra_ca_pem`]; returns how many it holds.
+pub fn check_ca_certificates(pem: &[u8]) -> Result<usize, crate::Error> {
+    let certificates = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| crate::Error::CaCertificates(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(crate::Error::CaCertificates(
+            "no PEM certificate in the bundle".into(),
+        ));
+    }
+    Ok(certificates.len())
 }
 
 /// Basic-auth credentials for the Git server.
@@ -208,6 +224,7 @@ mod tests {
             base_url: "https://alice:p%40ss@git.example.com:8443/prefix/".to_owned(),
             username: None,
             password: None,
+            extra_ca_pem: None,
         };
         assert_eq!(
             config.sanitized_base_url(),
@@ -244,6 +261,7 @@ mod tests {
             base_url: "http://h".to_owned(),
             username: None,
             password: None,
+            extra_ca_pem: None,
         };
         assert_eq!(anonymous.credentials(), None);
     }

@@ -42,6 +42,7 @@ impl Fixture {
                 base_url: server.base_url(),
                 username: credentials.map(|(user, _)| user.to_owned()),
                 password: credentials.map(|(_, password)| password.to_owned()),
+                extra_ca_pem: None,
             },
             cache_dir.path().to_path_buf(),
         );
@@ -342,6 +343,7 @@ async fn unresponsive_server_times_out() -> anyhow::Result<()> {
             base_url: format!("http://{addr}"),
             username: None,
             password: None,
+            extra_ca_pem: None,
         },
         cache_dir.path().to_path_buf(),
         Limits {
@@ -486,6 +488,7 @@ async fn private_projects_need_the_right_credentials() -> anyhow::Result<()> {
             base_url: authorized.server.base_url(),
             username: Some(user.clone()),
             password: Some(wrong_password.to_owned()),
+            extra_ca_pem: None,
         },
         cache_dir.path().to_path_buf(),
     );
@@ -541,6 +544,7 @@ async fn credentials_in_the_base_url_are_used_but_never_shown() -> anyhow::Resul
             base_url,
             username: None,
             password: None,
+            extra_ca_pem: None,
         },
         cache_dir.path().to_path_buf(),
     );
@@ -596,6 +600,7 @@ async fn unreachable_server_is_a_transport_error() -> anyhow::Result<()> {
             base_url: format!("http://127.0.0.1:{port}"),
             username: None,
             password: None,
+            extra_ca_pem: None,
         },
         cache_dir.path().to_path_buf(),
     );
@@ -636,6 +641,7 @@ async fn cache_survives_a_restart() -> anyhow::Result<()> {
         base_url: f.server.base_url(),
         username: None,
         password: None,
+        extra_ca_pem: None,
     };
     let first = RepoCache::new(config.clone(), cache_dir.path().to_path_buf());
     first.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
@@ -652,5 +658,66 @@ async fn cache_survives_a_restart() -> anyhow::Result<()> {
     );
     restarted.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
     assert_eq!(f.counts().fetches, fetches);
+    Ok(())
+}
+
+/// A Git server behind a private CA: refused (a TLS error naming the certificate problem) until kas is
+/// given the CA, then used like any other; a bundle without certificates is refused up front.
+#[tokio::test]
+async fn https_servers_with_a_private_ca_need_that_ca() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let server = GitHttpServer::start_tls().await?;
+    server.create_repo(PROJECT, false)?;
+    let commit = server.commit_files(
+        PROJECT,
+        &[("app.yaml", Some("kind: ConfigMap\n"))],
+        "initial",
+    )?;
+    let ca = server
+        .tls_certificate()
+        .expect("TLS server")
+        .as_bytes()
+        .to_vec();
+    let cache_dir = tempfile::tempdir()?;
+    let cache = |extra_ca_pem: Option<Vec<u8>>| {
+        RepoCache::new(
+            GitServerConfig {
+                base_url: server.base_url(),
+                username: None,
+                password: None,
+                extra_ca_pem,
+            },
+            cache_dir.path().to_path_buf(),
+        )
+    };
+
+    let err = cache(None)
+        .resolve(PROJECT, &GitRef::DefaultBranch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    assert_eq!(gitops_git::check_ca_certificates(&ca)?, 1);
+    let trusted = cache(Some(ca));
+    assert_eq!(
+        trusted.resolve(PROJECT, &GitRef::DefaultBranch).await?,
+        commit
+    );
+    trusted
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &commit)
+        .await?;
+    assert_eq!(
+        trusted
+            .read_file(PROJECT, &commit, "app.yaml", 1024)
+            .await?,
+        Some(b"kind: ConfigMap\n".to_vec())
+    );
+
+    let err = gitops_git::check_ca_certificates(b"not a certificate").unwrap_err();
+    assert!(err.to_string().contains("CA certificates"), "{err}");
     Ok(())
 }

@@ -53,6 +53,8 @@ pub enum KasError {
         path: String,
         source: std::io::Error,
     },
+    #[error("git.ca_file {path}: {message}")]
+    GitCa { path: String, message: String },
 }
 
 /// Everything the modules share.
@@ -94,10 +96,25 @@ impl RunningKas {
 /// Opens storage, binds both listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
     let store = Store::open(&config.data_dir)?;
+    let extra_ca_pem = match &config.git.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| KasError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+            gitops_git::check_ca_certificates(&pem).map_err(|e| KasError::GitCa {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            Some(pem)
+        }
+        None => None,
+    };
     let git = GitServerConfig {
         base_url: config.git.base_url.clone(),
         username: config.git.username.clone(),
         password: config.read_git_password()?,
+        extra_ca_pem,
     };
     let repos = RepoCache::new(git, config.data_dir.join("git-cache"));
     let state = Arc::new(KasState {

@@ -61,6 +61,8 @@ struct Shared {
 pub struct GitHttpServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// With TLS: the PEM certificate clients must trust (self-signed, for `localhost`).
+    tls_certificate: Option<String>,
     accept_loop: JoinHandle<()>,
     // Keeps the repositories alive for the server's lifetime; declared last so it's dropped last.
     _root: tempfile::TempDir,
@@ -84,6 +86,21 @@ impl Drop for GitHttpServer {
 impl GitHttpServer {
     /// Starts the server on `127.0.0.1` with an ephemeral port. Must be called inside a tokio runtime.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Like [`Self::start`], serving HTTPS with a self-signed certificate for `localhost` (see
+    /// [`Self::tls_certificate`]): a Git server behind a private CA.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    /// The PEM certificate of a TLS server, for clients to trust.
+    pub fn tls_certificate(&self) -> Option<&str> {
+        self.tls_certificate.as_deref()
+    }
+
+    async fn start_with(tls: bool) -> anyhow::Result<Self> {
         let root = tempfile::tempdir().context("creating the repository root")?;
         let password = format!(
             "pw-{}-{}",
@@ -103,10 +120,17 @@ impl GitHttpServer {
             .await
             .context("binding the git HTTP server")?;
         let addr = listener.local_addr()?;
-        let accept_loop = tokio::spawn(accept_loop(listener, shared.clone()));
+        let (acceptor, tls_certificate) = if tls {
+            let (acceptor, pem) = tls_acceptor()?;
+            (Some(acceptor), Some(pem))
+        } else {
+            (None, None)
+        };
+        let accept_loop = tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
         Ok(Self {
             shared,
             addr,
+            tls_certificate,
             accept_loop,
             _root: root,
         })
@@ -114,7 +138,10 @@ impl GitHttpServer {
 
     /// E.g. `http://127.0.0.1:PORT`; repositories are at `{base_url}/{group}/{project}.git`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls_certificate {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// The URL of the repository at `path` ("group/project").
@@ -416,7 +443,25 @@ fn isolated_git_env() -> [(&'static str, &'static str); 3] {
     ]
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// A TLS acceptor with a fresh self-signed certificate for `localhost`, and that certificate (PEM).
+fn tls_acceptor() -> anyhow::Result<(tokio_rustls::TlsAcceptor, String)> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(generated.signing_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("test key: {e}"))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![generated.cert.der().clone()], key)?;
+    Ok((
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        generated.cert.pem(),
+    ))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -427,14 +472,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, remote, request).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => server.serve_connection(TokioIo::new(stream), service).await,
+                    // A client that does not trust us hangs up during the handshake.
+                    Err(_) => return,
+                },
+                None => server.serve_connection(TokioIo::new(stream), service).await,
+            };
         });
     }
 }
