@@ -40,10 +40,9 @@ async fn configuration_comes_from_an_https_git_server_with_a_private_ca() -> any
     // Not a certificate: kas refuses to start and says which file.
     std::fs::write(&ca_file, "not a certificate\n")?;
     let config = ServerConfig::parse("kas.yaml", &kas_yaml(dir.path(), &git, &ca_file))?;
-    let err = kas::start(config)
-        .await
-        .err()
-        .expect("kas must refuse the file");
+    let Err(err) = kas::start(config).await else {
+        anyhow::bail!("kas must refuse a CA file without certificates");
+    };
     assert!(
         err.to_string().contains("git.ca_file") && err.to_string().contains("git-ca.pem"),
         "{err}"

@@ -250,6 +250,7 @@ mod tests {
             base_url: "http://u:p@h".to_owned(),
             username: Some("x".to_owned()),
             password: Some("y".to_owned()),
+            extra_ca_pem: None,
         };
         let credentials = config.credentials().unwrap();
         assert_eq!(
