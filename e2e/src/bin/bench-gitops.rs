@@ -475,7 +475,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
     }
     let agentk_peak_kib = peak_rss_kib(agentk.pid())?;
     let stages = stages(&pushes, &kas_log, &log)?;
-    let big_stages = stages_of(std::slice::from_ref(&big_push), &kas_log, &log)?;
+    let big_stages = stages(std::slice::from_ref(&big_push), &kas_log, &log)?;
 
     drop(agentk);
     drop(kas);
@@ -520,24 +520,20 @@ fn log_lines(path: &Path, msg: &str) -> anyhow::Result<Vec<(SystemTime, serde_js
 }
 
 fn stages(pushes: &[Push], kas_log: &Path, agentk_log: &Path) -> anyhow::Result<Stages> {
-    stages_of(pushes, kas_log, agentk_log)
-}
-
-fn stages_of(pushes: &[Push], kas_log: &Path, agentk_log: &Path) -> anyhow::Result<Stages> {
     let webhooks = log_lines(kas_log, "push webhook: re-checking the project")?;
     let received = log_lines(agentk_log, "received manifests")?;
     let between = |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default();
     let (mut to_webhook, mut to_agent, mut to_applied) = (Vec::new(), Vec::new(), Vec::new());
     for push in pushes {
-        // Log times have millisecond resolution: allow the webhook line to round down a little.
-        let earliest = push.pushed_at - Duration::from_millis(5);
-        let Some((hook, _)) = webhooks.iter().find(|(t, _)| *t >= earliest) else {
-            continue;
-        };
+        // The snapshot is matched by its commit; the webhook that brought it is the last one kas logged
+        // before that (Gitea may deliver it before `git push` returns: then that stage counts as 0).
         let Some((got, _)) = received
             .iter()
             .find(|(_, l)| l["commit_id"] == push.commit.as_str())
         else {
+            continue;
+        };
+        let Some((hook, _)) = webhooks.iter().rev().find(|(t, _)| t <= got) else {
             continue;
         };
         to_webhook.push(between(push.pushed_at, *hook));
