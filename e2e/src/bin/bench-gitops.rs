@@ -474,8 +474,8 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         latencies_after_push.push(total.saturating_sub(pushed));
     }
     let agentk_peak_kib = peak_rss_kib(agentk.pid())?;
-    let stages = stages(&pushes, &kas_log, &log)?;
     let big_stages = stages(std::slice::from_ref(&big_push), &kas_log, &log)?;
+    let stages = stages(&pushes, &kas_log, &log)?;
 
     drop(agentk);
     drop(kas);
