@@ -49,9 +49,11 @@ pub async fn read_live(
             .iter()
             .map(|&i| (objects[i].1.name.as_str(), i))
             .collect();
-        for (i, result) in list_named(client, resource, key.namespace.as_deref(), wanted).await {
+        let (found, unread) = list_named(client, resource, key.namespace.as_deref(), wanted).await;
+        for (i, result) in found {
             live[i] = Some(result);
         }
+        singles.extend(unread);
     }
     let read: Vec<(usize, Result<Option<DynamicObject>, String>)> = futures::stream::iter(singles)
         .map(|i| async move {
@@ -71,14 +73,19 @@ pub async fn read_live(
     live.into_iter().map(|r| r.unwrap_or(Ok(None))).collect()
 }
 
-/// Lists `resource` in `namespace` page by page, keeping only the `wanted` names (so a namespace full
-/// of other objects costs time, not memory).
+/// Lists `resource` in `namespace` page by page, keeping only the `wanted` names. Returns what the LIST
+/// settled (found, absent, or its error) and the objects left to read one by one: when the first page
+/// shows the namespace holds far more objects of the kind than are wanted, GETs are cheaper than paging
+/// through all of them.
 async fn list_named(
     client: &Client,
     resource: &ApiResource,
     namespace: Option<&str>,
     mut wanted: HashMap<&str, usize>,
-) -> Vec<(usize, Result<Option<DynamicObject>, String>)> {
+) -> (
+    Vec<(usize, Result<Option<DynamicObject>, String>)>,
+    Vec<usize>,
+) {
     let api = api(client, resource, namespace);
     let mut found = Vec::new();
     let mut params = ListParams::default().limit(LIST_PAGE);
@@ -97,6 +104,11 @@ async fn list_named(
                 found.push((i, Ok(Some(object))));
             }
         }
+        let remaining = page.metadata.remaining_item_count.unwrap_or(0);
+        if remaining > (wanted.len() * 4) as i64 {
+            // Far more objects of the kind than wanted are left: the rest are read one by one.
+            return (found, wanted.into_values().collect());
+        }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => params = params.continue_token(&token),
             None => break Ok(()),
@@ -107,7 +119,7 @@ async fn list_named(
             .into_values()
             .map(|i| (i, listed.clone().map(|()| None))),
     );
-    found
+    (found, Vec::new())
 }
 
 fn api(client: &Client, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {

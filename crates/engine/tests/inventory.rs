@@ -387,3 +387,36 @@ async fn resync_writes_only_what_differs() -> anyhow::Result<()> {
     ns.delete().await?;
     Ok(())
 }
+
+/// In a namespace crowded with other objects of the same kind, the read-ahead stops listing after one
+/// page and reads the set's objects one by one; the outcome is the same (no writes for an unchanged set).
+#[tokio::test]
+async fn crowded_namespaces_are_read_by_get_and_still_write_nothing() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-crowded").await?;
+    let others: Vec<String> = (0..600)
+        .map(|i| configmap(&format!("other-{i:03}"), "team: b"))
+        .collect();
+    let plain = ApplyOptions {
+        default_namespace: ns.name.clone(),
+        ..Default::default()
+    };
+    let crowd = apply(&ns.client, &files(&others), &plain).await?;
+    assert_eq!(crowd.count("created"), 600);
+
+    let (client, counts) = test_support::cluster::counting_kube_client().await?;
+    let ours: Vec<String> = (0..10)
+        .map(|i| configmap(&format!("ours-{i}"), "team: a"))
+        .collect();
+    let opts = options(&ns, InventoryPolicy::MustMatch);
+    let first = apply(&client, &files(&ours), &opts).await?;
+    assert_eq!(first.count("created"), 10, "{:#?}", first.results);
+    let (reads, writes) = (counts.reads(), counts.writes());
+    let again = apply(&client, &files(&ours), &opts).await?;
+    assert_eq!(again.count("unchanged"), 10, "{:#?}", again.results);
+    assert_eq!(counts.writes(), writes, "an unchanged re-sync wrote");
+    // One LIST page, then a GET for each of ours (they sort after the 600 others): not 2 pages of 500.
+    let resync_reads = counts.reads() - reads;
+    assert!(resync_reads >= 11, "{resync_reads} reads: the LIST was not cut short");
+    ns.delete().await?;
+    Ok(())
+}
