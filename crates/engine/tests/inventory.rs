@@ -416,7 +416,10 @@ async fn crowded_namespaces_are_read_by_get_and_still_write_nothing() -> anyhow:
     assert_eq!(counts.writes(), writes, "an unchanged re-sync wrote");
     // One LIST page, then a GET for each of ours (they sort after the 600 others): not 2 pages of 500.
     let resync_reads = counts.reads() - reads;
-    assert!(resync_reads >= 11, "{resync_reads} reads: the LIST was not cut short");
+    assert!(
+        resync_reads >= 11,
+        "{resync_reads} reads: the LIST was not cut short"
+    );
     ns.delete().await?;
     Ok(())
 }

@@ -35,10 +35,18 @@ struct Inner {
 }
 
 struct ProjectCache {
-    /// Held while fetching, so concurrent callers wait for one fetch instead of doing their own.
+    /// Held while fetching (and compacting), so concurrent callers wait for one fetch instead of doing
+    /// their own. Never waited for while holding a read guard of `repo`: compaction, which holds this
+    /// lock, waits for every read guard.
     fetch_lock: tokio::sync::Mutex<()>,
-    repo: OnceCell<gix::ThreadSafeRepository>,
+    /// The open repository, once opened. Every use holds a read guard until it is done, so compaction
+    /// (under the write lock) never removes the directory under a reader.
+    repo: Arc<tokio::sync::RwLock<Option<gix::ThreadSafeRepository>>>,
 }
+
+/// A project's open repository, kept from being replaced while held.
+type RepoGuard =
+    tokio::sync::OwnedRwLockReadGuard<Option<gix::ThreadSafeRepository>, gix::ThreadSafeRepository>;
 
 impl std::fmt::Debug for RepoCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,11 +123,14 @@ impl RepoCache {
         validate_project(project)?;
         let commit = parse_commit(commit)?;
         let cache = self.project(project);
-        let repo = self.project_repo(project, &cache).await?;
-        if has_commit(project, &repo, commit).await? {
-            return Ok(());
+        {
+            let repo = self.project_repo(project, &cache).await?;
+            if has_commit(project, &repo, commit).await? {
+                return Ok(());
+            }
         }
         let _fetching = cache.fetch_lock.lock().await;
+        let repo = self.project_repo(project, &cache).await?;
         // Another caller may have fetched it while we waited.
         if has_commit(project, &repo, commit).await? {
             return Ok(());
@@ -128,7 +139,7 @@ impl RepoCache {
         let ref_name = reference.remote_ref_name();
         let local_ref = local_ref_name(reference);
         tracing::debug!(project, %reference, %commit, "fetching");
-        let fetch_repo = repo.clone();
+        let fetch_repo: gix::ThreadSafeRepository = (*repo).clone();
         let fetched = blocking(project, move || {
             let repo = fetch_repo.to_thread_local();
             // Nothing interrupts fetches: a cancelled caller's fetch still completes for the next caller.
@@ -173,13 +184,36 @@ impl RepoCache {
                 other => other,
             });
         }
-        if has_commit(project, &repo, commit).await? {
-            Ok(())
-        } else {
-            Err(Error::CommitNotFound {
+        if !has_commit(project, &repo, commit).await? {
+            return Err(Error::CommitNotFound {
                 project: project.to_owned(),
                 commit: commit.to_string(),
-            })
+            });
+        }
+        drop(repo);
+        if count_packs(&self.project_dir(project)) > self.inner.limits.max_packs {
+            self.compact(project, &cache).await;
+        }
+        Ok(())
+    }
+
+    /// Replaces the project's repository by a fresh one holding only the commits its local refs point at,
+    /// fetched again with depth 1 in one fetch (one pack). On failure the old repository stays.
+    async fn compact(&self, project: &str, cache: &ProjectCache) {
+        let mut slot = cache.repo.write().await;
+        let Some(old) = slot.clone() else { return };
+        let dir = self.project_dir(project);
+        let endpoint = self.endpoint(project);
+        let rebuilt = blocking(project, move || rebuild(&old, &dir, &endpoint)).await;
+        match rebuilt {
+            Ok(Ok(repo)) => {
+                tracing::debug!(project, "compacted the Git cache");
+                *slot = Some(repo);
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(project, error = %err, "compacting the Git cache failed; keeping it as it is")
+            }
+            Err(err) => tracing::warn!(project, error = %err, "compacting the Git cache failed"),
         }
     }
 
@@ -206,6 +240,7 @@ impl RepoCache {
             .map(str::to_owned)
             .collect();
         let repo = self.cached_repo(project, commit).await?;
+        // The guard moves into the blocking read: the repository is not replaced under it.
         let lookup = blocking(project, move || {
             let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
             read::read_file(&repo.to_thread_local(), commit_id, &segments, max_size)
@@ -287,7 +322,7 @@ impl RepoCache {
             .or_insert_with(|| {
                 Arc::new(ProjectCache {
                     fetch_lock: tokio::sync::Mutex::new(()),
-                    repo: OnceCell::new(),
+                    repo: Arc::default(),
                 })
             })
             .clone()
@@ -298,31 +333,30 @@ impl RepoCache {
     }
 
     /// The project's cached repository, created if it doesn't exist yet.
-    async fn project_repo(
-        &self,
-        project: &str,
-        cache: &ProjectCache,
-    ) -> Result<gix::ThreadSafeRepository, Error> {
-        let dir = self.project_dir(project);
-        let repo = cache
-            .repo
-            .get_or_try_init(|| async {
-                blocking(project, move || open_or_init(&dir))
+    async fn project_repo(&self, project: &str, cache: &ProjectCache) -> Result<RepoGuard, Error> {
+        loop {
+            let guard = cache.repo.clone().read_owned().await;
+            if guard.is_some() {
+                return Ok(tokio::sync::OwnedRwLockReadGuard::map(guard, |repo| {
+                    repo.as_ref().expect("checked above")
+                }));
+            }
+            drop(guard);
+            let mut slot = cache.repo.write().await;
+            if slot.is_none() {
+                let dir = self.project_dir(project);
+                let repo = blocking(project, move || open_or_init(&dir))
                     .await?
-                    .map_err(|err| Error::from_local(project, err))
-            })
-            .await?;
-        Ok(repo.clone())
+                    .map_err(|err| Error::from_local(project, err))?;
+                *slot = Some(repo);
+            }
+        }
     }
 
     /// The project's cached repository for reading `commit`; a project that was never fetched has none.
-    async fn cached_repo(
-        &self,
-        project: &str,
-        commit: &str,
-    ) -> Result<gix::ThreadSafeRepository, Error> {
+    async fn cached_repo(&self, project: &str, commit: &str) -> Result<RepoGuard, Error> {
         let cache = self.project(project);
-        if cache.repo.get().is_none() && !self.project_dir(project).exists() {
+        if cache.repo.read().await.is_none() && !self.project_dir(project).exists() {
             return Err(self.not_cached(project, commit));
         }
         self.project_repo(project, &cache).await
@@ -385,6 +419,69 @@ async fn has_commit(
     .await?
     .map_err(|err| Error::from_local(project, err))?;
     Ok(header.is_some_and(|header| header.kind() == gix::object::Kind::Commit))
+}
+
+/// How many packs the repository at `dir` has.
+fn count_packs(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("objects/pack"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// [`RepoCache::compact`]'s work: a new repository next to `dir` with the commits of `old`'s local refs,
+/// swapped in for `dir`.
+fn rebuild(
+    old: &gix::ThreadSafeRepository,
+    dir: &Path,
+    endpoint: &Endpoint,
+) -> gix::Result<gix::ThreadSafeRepository> {
+    let old = old.to_thread_local();
+    let mut tips = Vec::new();
+    for reference in old.references()?.prefixed("refs/kas/")? {
+        let mut reference = reference.map_err(gix::Error::from_error)?;
+        let name = reference.name().as_bstr().to_string();
+        tips.push((reference.peel_to_id()?.detach(), name));
+    }
+    let parent = dir
+        .parent()
+        .expect("project directories are inside the cache directory");
+    let scratch = tempfile_dir(parent)?;
+    let fresh = gix::ThreadSafeRepository::init_opts(
+        &scratch,
+        gix::create::Kind::Bare,
+        gix::create::Options::default(),
+        gix::open::Options::isolated(),
+    )?;
+    let never_interrupt = AtomicBool::new(false);
+    let fetched = if tips.is_empty() {
+        Ok(())
+    } else {
+        remote::fetch(
+            &fresh.to_thread_local(),
+            endpoint,
+            FetchTarget::Tips(&tips),
+            &never_interrupt,
+        )
+    };
+    if let Err(err) = fetched {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(err);
+    }
+    drop(fresh);
+    let retired = scratch.with_extension("retired");
+    std::fs::rename(dir, &retired).map_err(gix::Error::from_error)?;
+    if let Err(err) = std::fs::rename(&scratch, dir) {
+        // Put the old one back: a cache must never be left missing.
+        let _ = std::fs::rename(&retired, dir);
+        return Err(gix::Error::from_error(err));
+    }
+    let _ = std::fs::remove_dir_all(&retired);
+    gix::ThreadSafeRepository::open_opts(dir, gix::open::Options::isolated())
 }
 
 /// Opens the bare repository at `dir`, creating it if needed. Git configuration of the host (system,

@@ -84,6 +84,8 @@ pub(crate) enum FetchTarget<'a> {
         ref_name: Option<&'a str>,
         local_ref: &'a str,
     },
+    /// Each `(commit, local_ref)` with depth 1, in one fetch: rebuilding a compacted cache.
+    Tips(&'a [(gix::ObjectId, String)]),
     /// The remote ref `ref_name` with all history we don't have yet, recorded in `local_ref`. For servers
     /// that don't allow fetching commits by id (protocol v0/v1 without `uploadpack.allow*SHA1InWant`).
     Ref {
@@ -109,6 +111,12 @@ pub(crate) fn fetch(
             specs.extend(ref_name.map(str::to_owned));
             (specs, Shallow::DepthAtRemote(NonZeroU32::MIN))
         }
+        FetchTarget::Tips(tips) => (
+            tips.iter()
+                .map(|(commit, local_ref)| format!("+{commit}:{local_ref}"))
+                .collect(),
+            Shallow::DepthAtRemote(NonZeroU32::MIN),
+        ),
         FetchTarget::Ref {
             ref_name,
             local_ref,

@@ -201,6 +201,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// How long to wait for the server to answer a request, or to send more data of an answer.
     pub http_timeout: Duration,
+    /// Packs a project's cache may collect before it is compacted: every fetch adds one and gitoxide
+    /// cannot repack, so the cache is rebuilt from the commits its refs point at (fetched again, depth 1).
+    pub max_packs: usize,
 }
 
 impl Default for Limits {
@@ -210,6 +213,7 @@ impl Default for Limits {
             max_files: 50_000,
             connect_timeout: Duration::from_secs(10),
             http_timeout: Duration::from_secs(60),
+            max_packs: 32,
         }
     }
 }

@@ -721,3 +721,115 @@ async fn https_servers_with_a_private_ca_need_that_ca() -> anyhow::Result<()> {
     assert!(err.to_string().contains("CA certificates"), "{err}");
     Ok(())
 }
+
+/// Every fetch adds a pack and gitoxide cannot repack: past `max_packs` the cache is rebuilt from the
+/// commits its refs point at, so the pack count stays bounded while every followed ref keeps its commit.
+#[tokio::test]
+async fn the_cache_is_compacted_when_packs_pile_up() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let server = GitHttpServer::start().await?;
+    server.create_repo(PROJECT, false)?;
+    let first = server.commit_files(PROJECT, &[("app.yaml", Some("v: 0\n"))], "v0")?;
+    server.create_tag(PROJECT, "pinned", &first, false)?;
+    let cache_dir = tempfile::tempdir()?;
+    let cache = RepoCache::with_limits(
+        GitServerConfig {
+            base_url: server.base_url(),
+            username: None,
+            password: None,
+            extra_ca_pem: None,
+        },
+        cache_dir.path().to_path_buf(),
+        Limits {
+            max_packs: 3,
+            ..Limits::default()
+        },
+    );
+    let packs = || -> anyhow::Result<usize> {
+        Ok(
+            std::fs::read_dir(cache_dir.path().join("group/project.git/objects/pack"))?
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                .count(),
+        )
+    };
+    let tag = GitRef::Tag("pinned".into());
+    assert_eq!(cache.snapshot(PROJECT, &tag).await?, first);
+    let mut most = 0;
+    let mut last = first.clone();
+    for i in 1..=8 {
+        last = server.commit_files(PROJECT, &[("app.yaml", Some(&format!("v: {i}\n")))], "next")?;
+        assert_eq!(cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?, last);
+        assert_eq!(
+            cache.read_file(PROJECT, &last, "app.yaml", 1024).await?,
+            Some(format!("v: {i}\n").into_bytes())
+        );
+        most = most.max(packs()?);
+    }
+    assert!(most <= 3, "{most} packs: never compacted");
+    // The tag's commit survived every compaction, without fetching it again.
+    let fetches = server.request_count(PROJECT).fetches;
+    cache.ensure_commit(PROJECT, &tag, &first).await?;
+    assert_eq!(server.request_count(PROJECT).fetches, fetches);
+    assert_eq!(
+        cache.read_file(PROJECT, &first, "app.yaml", 1024).await?,
+        Some(b"v: 0\n".to_vec())
+    );
+    assert_ne!(first, last);
+    Ok(())
+}
+
+/// Compaction swaps the repository directory: readers running at the same time never see it missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_compaction_never_fail() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let server = GitHttpServer::start().await?;
+    server.create_repo(PROJECT, false)?;
+    let first = server.commit_files(PROJECT, &[("app.yaml", Some("v: 0\n"))], "v0")?;
+    server.create_tag(PROJECT, "pinned", &first, false)?;
+    let cache_dir = tempfile::tempdir()?;
+    let cache = RepoCache::with_limits(
+        GitServerConfig {
+            base_url: server.base_url(),
+            username: None,
+            password: None,
+            extra_ca_pem: None,
+        },
+        cache_dir.path().to_path_buf(),
+        Limits {
+            max_packs: 2,
+            ..Limits::default()
+        },
+    );
+    let tag = GitRef::Tag("pinned".into());
+    cache.snapshot(PROJECT, &tag).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, first, stop) = (cache.clone(), first.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut reads = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let data = cache.read_file(PROJECT, &first, "app.yaml", 1024).await?;
+                    anyhow::ensure!(data.as_deref() == Some(&b"v: 0\n"[..]), "{data:?}");
+                    reads += 1;
+                }
+                Ok::<_, anyhow::Error>(reads)
+            })
+        })
+        .collect();
+    for i in 1..=10 {
+        let commit =
+            server.commit_files(PROJECT, &[("app.yaml", Some(&format!("v: {i}\n")))], "next")?;
+        assert_eq!(
+            cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?,
+            commit
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for reader in readers {
+        let reads = reader.await??;
+        assert!(reads > 0);
+    }
+    Ok(())
+}
