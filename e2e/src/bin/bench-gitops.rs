@@ -267,6 +267,7 @@ struct PipelineFigures {
     push_to_synced: Duration,
     push_duration: Duration,
     agentk_peak_kib: u64,
+    kas_peak_kib: u64,
     /// "VERB resource" → count.
     recheck_writes: BTreeMap<String, u64>,
     recheck_took_ms: u64,
@@ -474,6 +475,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         latencies_after_push.push(total.saturating_sub(pushed));
     }
     let agentk_peak_kib = peak_rss_kib(agentk.pid())?;
+    let kas_peak_kib = peak_rss_kib(kas.process.pid())?;
     let big_stages = stages(std::slice::from_ref(&big_push), &kas_log, &log)?;
     let stages = stages(&pushes, &kas_log, &log)?;
 
@@ -486,6 +488,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         push_to_synced,
         push_duration,
         agentk_peak_kib,
+        kas_peak_kib,
         recheck_writes,
         recheck_took_ms,
         latencies_from_push_start,
@@ -646,6 +649,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "agentk peak RSS over the whole run: {:.1} MiB (target <= 64 MiB)",
         p.agentk_peak_kib as f64 / 1024.0
+    );
+    println!(
+        "kas peak RSS over the whole run: {:.1} MiB",
+        p.kas_peak_kib as f64 / 1024.0
     );
     Ok(())
 }
