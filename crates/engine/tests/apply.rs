@@ -263,6 +263,53 @@ async fn namespace_and_its_objects_in_one_set_whatever_the_file_order() -> anyho
     Ok(())
 }
 
+/// A misspelt field fails its object with the field's name instead of being dropped silently — server-side
+/// apply refuses fields missing from the schema, of built-in kinds and of custom resources alike (a CRD
+/// would otherwise prune them) — and the other objects are applied.
+#[tokio::test]
+async fn unknown_fields_fail_their_object_by_name() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-strict").await?;
+    let n = &ns.name;
+    let typo = deployment_yaml(n, "typo", 1).replace("  replicas: 1\n", "  replcas: 2\n");
+    // A custom resource whose structural schema would prune an unknown field on create or update.
+    let group = format!("{n}.strict.example.com");
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: gadgets, singular: gadget, kind: Gadget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        properties:\n          spec:\n            type: object\n            properties:\n              size: {{type: integer}}\n"
+    );
+    let text = format!(
+        "{typo}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: fine}}\ndata: {{a: b}}\n---\n{crd}---\napiVersion: {group}/v1\nkind: Gadget\nmetadata: {{name: g}}\nspec: {{sise: 3}}\n"
+    );
+    let report = apply(&ns.client, &[file("app.yaml", &text)], &options(n)).await?;
+    let gadget = outcome(&report, &format!("{group}/Gadget/{n}/g")).clone();
+    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(ns.client.clone())
+        .delete(&format!("gadgets.{group}"), &Default::default())
+        .await?;
+    assert!(
+        matches!(&gadget, Outcome::Failed(m) if m.contains(".spec.sise: field not declared in schema")),
+        "{gadget:?}"
+    );
+    assert!(
+        matches!(
+            outcome(&report, &format!("apps/Deployment/{n}/typo")),
+            Outcome::Failed(m) if m.contains(".spec.replcas: field not declared in schema")
+        ),
+        "{:?}",
+        outcome(&report, &format!("apps/Deployment/{n}/typo"))
+    );
+    assert_eq!(
+        outcome(&report, &format!("/ConfigMap/{n}/fine")),
+        &Outcome::Created
+    );
+    assert!(
+        Api::<Deployment>::namespaced(ns.client.clone(), n)
+            .get_opt("typo")
+            .await?
+            .is_none()
+    );
+    ns.delete().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_invalid_document_does_not_stop_the_valid_ones() -> anyhow::Result<()> {
     let ns = TestNamespace::create("engine-invalid").await?;
