@@ -1,11 +1,9 @@
 //! `cargo xtask codegen [--check]`: the protocol crate's generated code, from `proto/`.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, bail};
 
 pub fn run(check: bool) -> anyhow::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::repo_root();
     let proto_dir = root.join("proto");
     let committed = root.join("crates/protocol/src/generated");
     if check {

@@ -103,10 +103,19 @@ enum ToolsAction {
     GenKubernetes,
 }
 
-/// The repository root (xtask lives one level below it).
+/// The repository root (xtask lives one level below it). Taken from the environment `cargo run` sets,
+/// not from compile time: an xtask binary built from another checkout into a shared `CARGO_TARGET_DIR`
+/// would otherwise work on that checkout.
 pub fn repo_root() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let root = manifest_dir.join("..");
     root.canonicalize().unwrap_or(root)
+}
+
+/// Where cargo puts build output: `CARGO_TARGET_DIR`, else `<repo>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from)
 }
 
 fn main() -> anyhow::Result<ExitCode> {

@@ -38,9 +38,7 @@ fn build_and_run(
     if run(build)? != ExitCode::SUCCESS {
         return Ok(ExitCode::FAILURE);
     }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), Into::into);
-    let binary = target
+    let binary = crate::target_dir()
         .join(if release { "release" } else { "debug" })
         .join(scenario);
     let mut command = Command::new(binary);
@@ -51,7 +49,7 @@ fn build_and_run(
 /// The seed's scenario against a real cluster and Gitea-free Git server: starts the local cluster (tools from
 /// the cache, built when missing), runs steps 1-6, and tears the cluster down again.
 pub fn seed() -> anyhow::Result<ExitCode> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/seed-env");
+    let dir = crate::target_dir().join("seed-env");
     let state = crate::cluster::up_local(&dir)?;
     let state_file = crate::cluster::state_file(&dir.canonicalize()?);
     let result = build_and_run(
@@ -69,7 +67,7 @@ pub fn seed() -> anyhow::Result<ExitCode> {
 
 /// The apply benchmark needs the cluster: started here, torn down after.
 pub fn bench_gitops() -> anyhow::Result<ExitCode> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-env");
+    let dir = crate::target_dir().join("bench-env");
     let state = crate::cluster::up_local(&dir)?;
     let state_file = crate::cluster::state_file(&dir.canonicalize()?);
     let result = build_and_run(

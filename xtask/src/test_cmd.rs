@@ -15,9 +15,7 @@ pub fn run(backend: BackendChoice, cargo_args: &[String]) -> Result<ExitCode> {
     check_prerequisites()?;
     let backend = backend.resolve();
     // Its own run directory, so a `cluster up` environment of a developer is neither reused nor disturbed.
-    let dir = crate::repo_root()
-        .join("target")
-        .join(format!("test-env-run-{}", std::process::id()));
+    let dir = crate::target_dir().join(format!("test-env-run-{}", std::process::id()));
     let runtime = tokio::runtime::Runtime::new()?;
     let setup = Instant::now();
     let result = match backend {

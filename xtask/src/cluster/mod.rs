@@ -41,7 +41,7 @@ impl BackendChoice {
 
 /// The default run directory of `cluster up`.
 pub fn default_dir() -> PathBuf {
-    crate::repo_root().join("target").join("test-env")
+    crate::target_dir().join("test-env")
 }
 
 pub fn state_file(dir: &Path) -> PathBuf {
