@@ -44,11 +44,11 @@ async fn start_agent(
     h.git
         .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config))], "config")?;
     let (agent_id, _, secret) = h.register_agent().await?;
-    let applier = EngineApplier {
-        client: ns.client.clone(),
-        inventory_namespace: ns.name.clone(),
-        cluster_url: test_support::env::test_env().kubernetes.server.clone(),
-    };
+    let applier = EngineApplier::new(
+        ns.client.clone(),
+        ns.name.clone(),
+        test_support::env::test_env().kubernetes.server.clone(),
+    );
     // One replica, no election: the sender is gone at once, as in agentk's main (a regression once).
     let leading = watch::channel(true).1;
     let settings = ApplySettings {

@@ -1,14 +1,16 @@
 //! The [`Applier`] agentk runs with: the apply engine against the cluster agentk runs in, with an inventory
 //! per (agent, manifest project) in the agent's namespace, and kstatus readiness.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use gitops_config::agent::{
     DryRunStrategy, InventoryPolicy, ManifestProject, PrunePropagationPolicy,
 };
 use gitops_engine::{
-    ApplyOptions, Health, InventoryOptions, InventoryRef, ObjectKey, PropagationPolicy,
-    apply_decoded, decode_files, read_live,
+    AppliedForms, ApplyOptions, Health, InventoryOptions, InventoryRef, ObjectKey,
+    PropagationPolicy, apply_decoded, decode_files, read_live,
 };
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
@@ -17,11 +19,33 @@ use crate::gitops::{Applier, ObjectOutcome, SyncOutcome, SyncRequest};
 
 /// Applies with the engine as `agentk`.
 pub struct EngineApplier {
-    pub client: kube::Client,
+    client: kube::Client,
     /// Where inventories live: the agent's own namespace.
-    pub inventory_namespace: String,
+    inventory_namespace: String,
     /// For log lines: the API server URL.
-    pub cluster_url: String,
+    cluster_url: String,
+    /// Per manifest project, what the apiserver made of our applies (see [`AppliedForms`]).
+    applied_forms: std::sync::Mutex<HashMap<String, Arc<AppliedForms>>>,
+}
+
+impl EngineApplier {
+    /// Applies through `client`, keeping inventories in `inventory_namespace`; `cluster_url` is for logs.
+    pub fn new(client: kube::Client, inventory_namespace: String, cluster_url: String) -> Self {
+        Self {
+            client,
+            inventory_namespace,
+            cluster_url,
+            applied_forms: Default::default(),
+        }
+    }
+
+    fn applied_forms(&self, project: &str) -> Arc<AppliedForms> {
+        let mut forms = self
+            .applied_forms
+            .lock()
+            .expect("applied forms lock poisoned");
+        forms.entry(project.to_owned()).or_default().clone()
+    }
 }
 
 /// A ConfigMap name unique per (agent, project), readable, and within the 253-character limit. The agent
@@ -72,6 +96,7 @@ fn options(applier: &EngineApplier, agent_id: i64, project: &ManifestProject) ->
         },
         inventory: Some(inventory),
         dependency_timeout: project.reconcile_timeout,
+        applied_forms: Some(applier.applied_forms(&project.id)),
     }
 }
 

@@ -212,11 +212,7 @@ async fn apply_settings(
         let lease = agentk::leader::LeaseConfig::new(&namespace, "agentk-leader", pod_name);
         tokio::spawn(agentk::leader::run(client.clone(), lease, leading_tx, stop));
     }
-    let applier = agentk::apply::EngineApplier {
-        client,
-        inventory_namespace: namespace,
-        cluster_url,
-    };
+    let applier = agentk::apply::EngineApplier::new(client, namespace, cluster_url);
     Some(agentk::gitops::ApplySettings {
         applier: std::sync::Arc::new(applier),
         leading,

@@ -8,7 +8,9 @@ use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::discovery::{ApiResource, Discovery};
 
-use crate::change::{apply_changed, live_matches, manifest_digest};
+use crate::change::{
+    AppliedForms, apply_changed, live_form, live_matches, manifest_digest, shape_of,
+};
 use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 use crate::error::{EngineError, kube_error_message};
 use crate::inventory::{
@@ -57,6 +59,9 @@ pub struct ApplyOptions {
     /// How long an object waits for its `config.kubernetes.io/depends-on` targets to be ready before
     /// it is skipped (agentk: the project's `reconcile_timeout`).
     pub dependency_timeout: Duration,
+    /// What the apiserver made of earlier applies of this set (kept across syncs by the caller), so
+    /// objects whose manifests it normalises are not written again on every re-check either.
+    pub applied_forms: Option<std::sync::Arc<AppliedForms>>,
 }
 
 /// The inventory of one (agent, manifest project) and what it allows.
@@ -94,6 +99,7 @@ impl Default for ApplyOptions {
             dry_run: DryRunStrategy::None,
             inventory: None,
             dependency_timeout: Duration::from_secs(300),
+            applied_forms: None,
         }
     }
 }
@@ -329,6 +335,10 @@ pub async fn apply_decoded(
         }
     }
 
+    if let Some(forms) = &options.applied_forms {
+        let in_set: HashSet<&ObjectKey> = resolved.iter().map(|r| &r.key).collect();
+        forms.retain(|key| in_set.contains(key));
+    }
     if let Some(inventory) = &options.inventory {
         update_inventory(
             client,
@@ -506,9 +516,11 @@ async fn apply_one(
             .insert(OWNING_INVENTORY_ANNOTATION.to_string(), ours);
     }
     let digest = manifest_digest(&desired);
+    let shape = shape_of(&desired);
+    let forms = options.applied_forms.as_deref();
     if let Some(before) = before
         .as_ref()
-        .filter(|before| live_matches(before, &desired, &digest))
+        .filter(|before| live_matches(before, &r.key, &shape, &digest, forms))
     {
         let live = (options.dry_run == DryRunStrategy::None).then(|| before.clone());
         return Ok((Outcome::Unchanged, live));
@@ -517,7 +529,7 @@ async fn apply_one(
         .metadata
         .annotations
         .get_or_insert_default()
-        .insert(MANIFEST_DIGEST_ANNOTATION.to_string(), digest);
+        .insert(MANIFEST_DIGEST_ANNOTATION.to_string(), digest.clone());
     if options.dry_run == DryRunStrategy::Client {
         let outcome = if before.is_some() {
             Outcome::Configured
@@ -532,6 +544,9 @@ async fn apply_one(
         .patch(&r.key.name, &params, &Patch::Apply(&desired))
         .await
         .map_err(|e| kube_error_message(&e))?;
+    if let Some(forms) = forms.filter(|_| !params.dry_run) {
+        forms.remember(&r.key, &digest, &live_form(&after, &shape));
+    }
     let outcome = match before {
         None => Outcome::Created,
         Some(before) => {

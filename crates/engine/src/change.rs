@@ -4,7 +4,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 use kube::api::DynamicObject;
 use serde_json::Value;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use crate::inventory::MANIFEST_DIGEST_ANNOTATION;
+use crate::key::ObjectKey;
 
 /// Whether an apply that moved the resourceVersion (or was a dry run, which never moves it) changed what
 /// we manage. The resourceVersion alone over-reports: between our read and our apply, controllers write
@@ -23,30 +27,85 @@ pub(crate) fn apply_changed(
         || owned_fields(before, field_manager) != owned_fields(after, field_manager)
 }
 
-/// Whether `live` already holds everything `desired` sets, so a server-side apply would change nothing
-/// and need not be sent. Conservative: `desired` must have been applied before in exactly this form
-/// (`digest` equals the [`MANIFEST_DIGEST_ANNOTATION`] the last apply stored, which catches fields the
-/// manifest stopped setting), and every value it sets must be in the live object as written. Manifests
-/// the apiserver normalizes (`cpu: 0.5` stored as `500m`, `stringData`) never match and are simply
-/// applied every time, which is correct, only not free.
-pub(crate) fn live_matches(live: &DynamicObject, desired: &DynamicObject, digest: &str) -> bool {
-    let recorded = live
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MANIFEST_DIGEST_ANNOTATION));
-    if recorded.map(String::as_str) != Some(digest) {
-        return false;
-    }
-    let Ok(mut shape) = serde_json::to_value(desired) else {
-        return false;
-    };
-    // List items from the apiserver carry no apiVersion and kind; they are not ours to compare anyway.
+/// `desired` as the shape to compare live objects with: the fields the manifest sets, without apiVersion
+/// and kind (list items from the apiserver carry neither; they are not ours to compare anyway).
+pub(crate) fn shape_of(desired: &DynamicObject) -> Value {
+    let mut shape = serde_json::to_value(desired).unwrap_or_default();
     if let Some(shape) = shape.as_object_mut() {
         shape.remove("apiVersion");
         shape.remove("kind");
     }
-    serde_json::to_value(live).is_ok_and(|live| project(&live, &shape) == shape)
+    shape
+}
+
+/// The live object's values at the manifest's fields.
+pub(crate) fn live_form(live: &DynamicObject, shape: &Value) -> Value {
+    project(&serde_json::to_value(live).unwrap_or_default(), shape)
+}
+
+/// The manifest digest the last apply stored on the object.
+pub(crate) fn recorded_digest(live: &DynamicObject) -> Option<&str> {
+    live.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MANIFEST_DIGEST_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Whether `live` already holds everything `desired` (as `shape`) sets, so a server-side apply would
+/// change nothing and need not be sent. Conservative: the manifest must have been applied before in exactly
+/// this form (`digest` equals the [`MANIFEST_DIGEST_ANNOTATION`] the last apply stored, which catches fields
+/// the manifest stopped setting), and every value it sets must be in the live object — as written, or as
+/// `forms` recorded the apiserver's normalised form right after this process applied it (`cpu: 1` is
+/// stored as "1", `cpu: 0.5` as "500m").
+pub(crate) fn live_matches(
+    live: &DynamicObject,
+    key: &ObjectKey,
+    shape: &Value,
+    digest: &str,
+    forms: Option<&AppliedForms>,
+) -> bool {
+    if recorded_digest(live) != Some(digest) {
+        return false;
+    }
+    let form = live_form(live, shape);
+    &form == shape || forms.is_some_and(|forms| forms.matches(key, digest, &form))
+}
+
+/// What the apiserver made of the manifests this process applied: per object, the manifest digest and a
+/// hash of the object's values at the manifest's fields right after the apply. Until someone changes the
+/// object, a later check finds the same values, even where the apiserver normalised what the manifest
+/// says, and nothing needs writing. Kept in memory (after a restart, such objects are applied once more).
+#[derive(Debug, Default)]
+pub struct AppliedForms(Mutex<HashMap<ObjectKey, (String, u64)>>);
+
+impl AppliedForms {
+    fn matches(&self, key: &ObjectKey, digest: &str, form: &Value) -> bool {
+        let forms = self.0.lock().expect("applied forms lock poisoned");
+        forms
+            .get(key)
+            .is_some_and(|(d, hash)| d == digest && *hash == form_hash(form))
+    }
+
+    pub(crate) fn remember(&self, key: &ObjectKey, digest: &str, form: &Value) {
+        let mut forms = self.0.lock().expect("applied forms lock poisoned");
+        forms.insert(key.clone(), (digest.to_owned(), form_hash(form)));
+    }
+
+    /// Forgets objects no longer in the set.
+    pub(crate) fn retain(&self, keep: impl Fn(&ObjectKey) -> bool) {
+        let mut forms = self.0.lock().expect("applied forms lock poisoned");
+        forms.retain(|key, _| keep(key));
+    }
+}
+
+fn form_hash(form: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(form)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// A digest of the manifest as applied (without the digest annotation itself), stored on the object in
@@ -125,7 +184,8 @@ mod tests {
             "metadata": {"name": "x", "namespace": "ns", "annotations": {"a": "1"}},
             "data": {"k": "v"}
         }));
-        let digest = manifest_digest(&desired);
+        let key = ObjectKey::from_resource_key("/ConfigMap/ns/x").unwrap();
+        let (digest, shape) = (manifest_digest(&desired), shape_of(&desired));
         let live = |digest: &str, value: &str| {
             object(json!({
                 "metadata": {"name": "x", "namespace": "ns", "resourceVersion": "7",
@@ -133,20 +193,22 @@ mod tests {
                 "data": {"k": value}
             }))
         };
-        assert!(live_matches(&live(&digest, "v"), &desired, &digest));
-        assert!(
-            !live_matches(&live(&digest, "edited"), &desired, &digest),
-            "drift"
-        );
-        assert!(
-            !live_matches(&live("other", "v"), &desired, &digest),
-            "manifest changed"
-        );
+        let matches =
+            |live: &DynamicObject, forms| live_matches(live, &key, &shape, &digest, forms);
+        assert!(matches(&live(&digest, "v"), None));
+        assert!(!matches(&live(&digest, "edited"), None), "drift");
+        assert!(!matches(&live("other", "v"), None), "manifest changed");
         let mut without = live(&digest, "v");
         without.metadata.annotations = None;
-        assert!(
-            !live_matches(&without, &desired, &digest),
-            "never applied by us"
-        );
+        assert!(!matches(&without, None), "never applied by us");
+
+        // The apiserver stored "V" for "v" (as it normalises quantities): recorded right after the apply,
+        // that form matches until the object changes.
+        let forms = AppliedForms::default();
+        let normalised = live(&digest, "V");
+        assert!(!matches(&normalised, Some(&forms)));
+        forms.remember(&key, &digest, &live_form(&normalised, &shape));
+        assert!(matches(&normalised, Some(&forms)));
+        assert!(!matches(&live(&digest, "edited"), Some(&forms)), "drift");
     }
 }

@@ -47,6 +47,7 @@ mod resolve;
 pub mod result;
 
 pub use apply::{ApplyOptions, DryRunStrategy, InventoryOptions, apply, apply_decoded};
+pub use change::AppliedForms;
 pub use decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 pub use error::EngineError;
 pub use inventory::{InventoryPolicy, InventoryRef};

@@ -423,3 +423,80 @@ async fn crowded_namespaces_are_read_by_get_and_still_write_nothing() -> anyhow:
     ns.delete().await?;
     Ok(())
 }
+
+/// Manifests the apiserver normalises (`cpu: 1` is stored as "1", `cpu: 0.5` as "500m") are written once;
+/// with the applied forms kept across syncs, later re-checks write nothing — until someone changes them.
+#[tokio::test]
+async fn normalised_manifests_are_not_rewritten_on_every_check() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-normalised").await?;
+    let (client, counts) = test_support::cluster::counting_kube_client().await?;
+    let deployment = DEPLOYMENT.replace(
+        "image: registry.invalid/web:1}",
+        "image: registry.invalid/web:1, resources: {limits: {cpu: 1, memory: 0.5Gi}, requests: {cpu: 0.5}}}",
+    );
+    assert_ne!(deployment, DEPLOYMENT);
+    let docs = vec![deployment];
+    let forms = std::sync::Arc::new(gitops_engine::AppliedForms::default());
+    let opts = ApplyOptions {
+        applied_forms: Some(forms.clone()),
+        ..options(&ns, InventoryPolicy::MustMatch)
+    };
+    let first = apply(&client, &files(&docs), &opts).await?;
+    assert_eq!(first.count("created"), 1, "{:#?}", first.results);
+
+    // Without the forms (a fresh process) the normalised Deployment is applied again (a no-op)…
+    let without = ApplyOptions {
+        applied_forms: None,
+        ..opts.clone()
+    };
+    let writes = counts.writes();
+    let again = apply(&client, &files(&docs), &without).await?;
+    assert_eq!(again.count("unchanged"), 1);
+    assert_eq!(
+        counts.writes() - writes,
+        1,
+        "the form as written never matches"
+    );
+    // …with them, not at all.
+    let writes = counts.writes();
+    let again = apply(&client, &files(&docs), &opts).await?;
+    assert_eq!(again.count("unchanged"), 1);
+    assert_eq!(
+        counts.writes(),
+        writes,
+        "a normalised manifest was rewritten"
+    );
+
+    // Drift in a normalised field is still put back.
+    let deployments = ns.api::<Deployment>();
+    // A strategic merge patch: no resourceVersion to race the Deployment controller with.
+    let drift = serde_json::json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "web", "resources": {"limits": {"cpu": "2"}}}
+    ]}}}});
+    deployments
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(drift),
+        )
+        .await?;
+    let corrected = apply(&client, &files(&docs), &opts).await?;
+    assert_eq!(corrected.count("configured"), 1, "{:#?}", corrected.results);
+    let limits = deployments
+        .get("web")
+        .await?
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
+    assert_eq!(limits["cpu"].0, "1");
+    ns.delete().await?;
+    Ok(())
+}
