@@ -16,7 +16,9 @@
 //!    strategy. Each batch's live objects are read first ([`live`]: one LIST per resource and namespace
 //!    with many members); an object whose live state already holds the manifest, as recorded by the
 //!    `agentk/manifest-digest` annotation of the last apply, is not written at all, so a re-sync of an
-//!    unchanged set (the periodic drift check) writes nothing and a drifted object is put back. Consecutive objects of one kind that do not depend on each other form a batch applied
+//!    unchanged set (the periodic drift check) writes nothing and a drifted object is put back. With
+//!    [`AppliedForms`] kept across syncs, "holds the manifest" also accepts the apiserver's normalised form
+//!    of it as recorded right after this process applied it (`cpu: 1` stored as "1"). Consecutive objects of one kind that do not depend on each other form a batch applied
 //!    concurrently (16 in flight); batches go one after another, so the order holds. An object whose
 //!    dependency failed or was skipped is skipped with the reason. Created / configured / unchanged come
 //!    from comparing the object before and after (see `change.rs`: the resourceVersion alone lies).
