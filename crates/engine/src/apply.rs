@@ -544,7 +544,10 @@ async fn apply_one(
         .patch(&r.key.name, &params, &Patch::Apply(&desired))
         .await
         .map_err(|e| kube_error_message(&e))?;
-    if let Some(forms) = forms.filter(|_| !params.dry_run) {
+    // A Secret's `stringData` is written into `data` and never shows: its form would hide drift in
+    // `data`, so such Secrets are compared as written only (and applied on every check).
+    let form_reveals_drift = shape.get("stringData").is_none();
+    if let Some(forms) = forms.filter(|_| !params.dry_run && form_reveals_drift) {
         forms.remember(&r.key, &digest, &live_form(&after, &shape));
     }
     let outcome = match before {

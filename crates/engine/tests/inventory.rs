@@ -500,3 +500,32 @@ async fn normalised_manifests_are_not_rewritten_on_every_check() -> anyhow::Resu
     ns.delete().await?;
     Ok(())
 }
+
+/// `stringData` never shows in the live Secret, so a remembered form would hide drift in `data`: such
+/// Secrets are applied on every check, and drift is put back.
+#[tokio::test]
+async fn secrets_with_string_data_are_always_checked() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-stringdata").await?;
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData: {password: hunter2}\n---\n";
+    let docs = vec![secret.to_string()];
+    let opts = ApplyOptions {
+        applied_forms: Some(std::sync::Arc::default()),
+        ..options(&ns, InventoryPolicy::MustMatch)
+    };
+    apply(&ns.client, &files(&docs), &opts).await?;
+    apply(&ns.client, &files(&docs), &opts).await?;
+    let secrets = ns.api::<k8s_openapi::api::core::v1::Secret>();
+    let drift = serde_json::json!({"data": {"password": "ZHJpZnRlZA=="}});
+    secrets
+        .patch(
+            "creds",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(drift),
+        )
+        .await?;
+    apply(&ns.client, &files(&docs), &opts).await?;
+    let data = secrets.get("creds").await?.data.unwrap();
+    assert_eq!(data["password"].0, b"hunter2");
+    ns.delete().await?;
+    Ok(())
+}
