@@ -196,16 +196,48 @@ pub(crate) async fn refresh_after_crds(
         "customresourcedefinitions",
     );
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
+    let deadline = tokio::time::Instant::now() + CRD_ESTABLISH_TIMEOUT;
+    let mut served: Vec<GroupVersionKind> = Vec::new();
     for name in crds_applied.drain(..) {
-        wait_established(&api, &name)
+        let crd = wait_established(&api, &name)
             .await
             .map_err(|e| e.to_string())?;
+        served.extend(served_kinds(&crd));
     }
-    *discovery = discover(client, groups).await.map_err(|e| e.to_string())?;
-    Ok(())
+    // Discovery catches up with an Established CRD a moment later, more so on a busy apiserver: look
+    // again until its kinds show (or the same deadline passes; then they fail as not served).
+    loop {
+        *discovery = discover(client, groups).await.map_err(|e| e.to_string())?;
+        let all_served = served
+            .iter()
+            .all(|gvk| discovery.resolve_gvk(gvk).is_some());
+        if all_served || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
-async fn wait_established(api: &Api<DynamicObject>, name: &str) -> Result<(), EngineError> {
+/// The kinds a CRD serves: its group and kind in each served version.
+fn served_kinds(crd: &DynamicObject) -> Vec<GroupVersionKind> {
+    let spec = &crd.data["spec"];
+    let (Some(group), Some(kind)) = (spec["group"].as_str(), spec["names"]["kind"].as_str()) else {
+        return Vec::new();
+    };
+    spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["served"] == true)
+        .filter_map(|v| Some(GroupVersionKind::gvk(group, v["name"].as_str()?, kind)))
+        .collect()
+}
+
+/// Waits until the CRD `name` is Established; returns it.
+async fn wait_established(
+    api: &Api<DynamicObject>,
+    name: &str,
+) -> Result<DynamicObject, EngineError> {
     let deadline = tokio::time::Instant::now() + CRD_ESTABLISH_TIMEOUT;
     loop {
         let crd = api.get(name).await.map_err(EngineError::Kube)?;
@@ -215,7 +247,7 @@ async fn wait_established(api: &Api<DynamicObject>, name: &str) -> Result<(), En
             .flatten()
             .any(|c| c["type"] == "Established" && c["status"] == "True");
         if established {
-            return Ok(());
+            return Ok(crd);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(EngineError::CrdNotEstablished {
