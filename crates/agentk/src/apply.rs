@@ -9,8 +9,8 @@ use gitops_config::agent::{
     DryRunStrategy, InventoryPolicy, ManifestProject, PrunePropagationPolicy,
 };
 use gitops_engine::{
-    AppliedForms, ApplyOptions, Health, InventoryOptions, InventoryRef, ObjectKey,
-    PropagationPolicy, apply_decoded, decode_files, read_live,
+    AppliedForms, ApplyOptions, Health, InventoryOptions, InventoryRef, ObjectKey, Observed,
+    PropagationPolicy, apply_decoded, decode_files, poll_live,
 };
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
@@ -206,54 +206,55 @@ const READINESS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Waits (up to `timeout`) until every applied object is Current or Failed by kstatus' rules, recording each
 /// object's health. Objects the apply already found settled (a ConfigMap is Current at once) are not read
-/// again; the others are read in bulk ([`read_live`]). A sync whose objects never become ready is still a
-/// sync: their health says why.
+/// again; the others are read in bulk ([`poll_live`]), first after one poll period. A sync whose objects
+/// never become ready is still a sync: their health says why.
 async fn wait_for_readiness(
     client: &kube::Client,
     outcome: &mut SyncOutcome,
     timeout: std::time::Duration,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let pending: Vec<(usize, ObjectKey)> = outcome
-            .objects
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| {
-                o.resource.is_some()
-                    && matches!(o.result.as_str(), "created" | "configured" | "unchanged")
-                    && !matches!(o.health.as_str(), "Current" | "Failed")
-            })
-            .filter_map(|(i, o)| Some((i, ObjectKey::from_resource_key(&o.resource_key)?)))
-            .collect();
-        if pending.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            info!(
-                pending = pending.len(),
-                "reconcile_timeout reached with objects not ready"
-            );
-            return;
-        }
-        tokio::time::sleep(READINESS_POLL.min(deadline - tokio::time::Instant::now())).await;
+    let pending: Vec<(usize, ObjectKey)> = outcome
+        .objects
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| {
+            o.resource.is_some()
+                && matches!(o.result.as_str(), "created" | "configured" | "unchanged")
+                && !matches!(o.health.as_str(), "Current" | "Failed")
+        })
+        .filter_map(|(i, o)| Some((i, ObjectKey::from_resource_key(&o.resource_key)?)))
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    let settled =
+        |observed: &Observed| matches!(observed, Observed::Present(health) if health.is_settled());
+    let now = tokio::time::Instant::now();
+    let unsettled = if now < deadline {
+        tokio::time::sleep(READINESS_POLL.min(deadline - now)).await;
         let wanted: Vec<_> = pending
             .iter()
             .filter_map(|(i, key)| Some((outcome.objects[*i].resource.as_ref()?, key)))
             .collect();
-        let live = read_live(client, &wanted).await;
-        for ((i, _), live) in pending.iter().zip(live) {
+        let seen = poll_live(client, &wanted, READINESS_POLL, deadline, |_, o| settled(o)).await;
+        for ((i, _), observed) in pending.iter().zip(&seen) {
             let object = &mut outcome.objects[*i];
-            match live {
-                Ok(Some(live)) => {
-                    if let Some(health) = Health::of(&live) {
-                        set_health(object, &health);
-                    }
-                }
-                Ok(None) => object.health = "NotFound".into(),
-                Err(_) => object.health = "Unknown".into(),
+            match observed {
+                Observed::Present(health) => set_health(object, health),
+                Observed::NotFound => object.health = "NotFound".into(),
+                Observed::Unreadable(_) => object.health = "Unknown".into(),
             }
         }
+        seen.iter().filter(|o| !settled(o)).count()
+    } else {
+        pending.len()
+    };
+    if unsettled > 0 {
+        info!(
+            pending = unsettled,
+            "reconcile_timeout reached with objects not ready"
+        );
     }
 }
 

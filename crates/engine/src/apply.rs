@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::api::{DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::discovery::{ApiResource, Discovery};
 
 use crate::change::{
@@ -230,6 +230,8 @@ pub async fn apply_decoded(
         };
         // depends-on targets to be ready first: those of the set not yet Current, and those outside it.
         let mut targets: BTreeMap<ObjectKey, Target> = BTreeMap::new();
+        // Targets of the set waited for, to record them Current once they are.
+        let mut awaited: Vec<usize> = Vec::new();
         for &i in batch {
             for &d in &plan.awaits[i] {
                 let applied = outcome_of[d].as_ref().is_some_and(Outcome::is_success);
@@ -242,9 +244,14 @@ pub async fn apply_decoded(
                         external: false,
                     };
                     targets.insert(resolved[d].key.clone(), target);
+                    awaited.push(d);
                 }
             }
             for key in &plan.external[i] {
+                // Several dependents may name one target: discover its kind once.
+                if targets.contains_key(key) {
+                    continue;
+                }
                 let target = Target {
                     resource: served_resource(client, &discovery, key).await,
                     external: true,
@@ -257,6 +264,15 @@ pub async fn apply_decoded(
         } else {
             await_ready(client, targets, options.dependency_timeout, dry_run).await
         };
+        // Seen Current now: later batches' dependents need not wait for them again.
+        for d in awaited {
+            if readiness.get(&resolved[d].key).is_some_and(Result::is_ok) {
+                health_of[d] = Some(Health {
+                    status: gitops_kstatus::Status::Current,
+                    message: String::new(),
+                });
+            }
+        }
         // What each object of the batch gets: an API resource to apply to, or its outcome already.
         let prepared: Vec<(usize, Result<ApiResource, Outcome>)> = batch
             .iter()
@@ -487,10 +503,7 @@ async fn apply_one(
     before: Result<Option<DynamicObject>, String>,
     options: &ApplyOptions,
 ) -> Result<(Outcome, Option<DynamicObject>), String> {
-    let api: Api<DynamicObject> = match &r.key.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
-        None => Api::all_with(client.clone(), resource),
-    };
+    let api = crate::live::api(client, resource, r.key.namespace.as_deref());
     // agentk logs the seed's "Applying resource ... in cluster: ..." line; this is the engine's own detail.
     tracing::debug!(
         resource = %format!("{}/{}", r.key.kind, r.key.name),

@@ -55,5 +55,5 @@ pub use error::EngineError;
 pub use inventory::{InventoryPolicy, InventoryRef};
 pub use key::ObjectKey;
 pub use kube::api::PropagationPolicy;
-pub use live::read_live;
+pub use live::{Observed, poll_live, read_live};
 pub use result::{Health, ObjectResult, Outcome, SyncReport};

@@ -12,6 +12,7 @@ use kube::discovery::ApiResource;
 
 use crate::error::kube_error_message;
 use crate::key::ObjectKey;
+use crate::result::Health;
 
 /// Objects sharing a resource and namespace from which on one LIST reads them all.
 const LIST_THRESHOLD: usize = 8;
@@ -122,7 +123,65 @@ async fn list_named(
     (found, Vec::new())
 }
 
-fn api(client: &Client, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+/// What one read of an object saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// It exists; its readiness by kstatus' rules.
+    Present(Health),
+    NotFound,
+    /// The read failed: the apiserver's message.
+    Unreadable(String),
+}
+
+/// Reads `objects` in bulk ([`read_live`]) every `poll` until `settled(index, observation)` holds for each
+/// of them or `deadline` passes, and returns the last observation of each, in input order. Settled objects
+/// are not read again. The one polling loop behind waiting for readiness (agentk), for `depends-on`
+/// targets and for pruned objects to be gone.
+pub async fn poll_live(
+    client: &Client,
+    objects: &[(&ApiResource, &ObjectKey)],
+    poll: std::time::Duration,
+    deadline: tokio::time::Instant,
+    settled: impl Fn(usize, &Observed) -> bool,
+) -> Vec<Observed> {
+    let mut seen: Vec<Option<Observed>> = vec![None; objects.len()];
+    let mut pending: Vec<usize> = (0..objects.len()).collect();
+    while !pending.is_empty() {
+        let wanted: Vec<(&ApiResource, &ObjectKey)> = pending.iter().map(|&i| objects[i]).collect();
+        let live = read_live(client, &wanted).await;
+        let mut still = Vec::new();
+        for (&i, read) in pending.iter().zip(live) {
+            let observed = match read {
+                Ok(Some(object)) => Health::of(&object).map_or_else(
+                    || Observed::Unreadable("not a Kubernetes object".into()),
+                    Observed::Present,
+                ),
+                Ok(None) => Observed::NotFound,
+                Err(message) => Observed::Unreadable(message),
+            };
+            if !settled(i, &observed) {
+                still.push(i);
+            }
+            seen[i] = Some(observed);
+        }
+        pending = still;
+        let now = tokio::time::Instant::now();
+        if pending.is_empty() || now >= deadline {
+            break;
+        }
+        tokio::time::sleep(poll.min(deadline - now)).await;
+    }
+    seen.into_iter()
+        .map(|o| o.expect("every object is read at least once"))
+        .collect()
+}
+
+/// The API of `resource` in `namespace` (`None`: cluster-scoped).
+pub(crate) fn api(
+    client: &Client,
+    resource: &ApiResource,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
     match namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),

@@ -3,14 +3,18 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, PropagationPolicy};
-use kube::discovery::Discovery;
+use kube::api::{DeleteParams, PropagationPolicy};
+use kube::discovery::{ApiResource, Discovery};
 
 use crate::error::kube_error_message;
 use crate::inventory::{ON_REMOVE_ANNOTATION, OWNING_INVENTORY_ANNOTATION};
 use crate::key::ObjectKey;
+use crate::live::{Observed, poll_live};
 use crate::order::kind_rank;
 use crate::result::{ObjectResult, Outcome};
+
+/// How often pruned objects are read while waiting for them to be gone.
+const POLL: Duration = Duration::from_millis(200);
 
 pub(crate) struct Pruned {
     /// One result per object deleted (or, in a dry run, that would be) or that failed to delete.
@@ -41,8 +45,8 @@ pub(crate) async fn prune(
         results: Vec::new(),
         still_owned: Vec::new(),
     };
-    // Deleted objects and their APIs, to wait for when there is a timeout.
-    let mut deleted: Vec<(usize, Api<DynamicObject>)> = Vec::new();
+    // Deleted objects (their result's index) and their APIs, to wait for when there is a timeout.
+    let mut deleted: Vec<(usize, ApiResource)> = Vec::new();
     for key in gone {
         let Some((resource, _)) = discovery
             .get(&key.group)
@@ -51,10 +55,7 @@ pub(crate) async fn prune(
             tracing::debug!(resource_key = %key, "not pruning: kind no longer served");
             continue;
         };
-        let api: Api<DynamicObject> = match &key.namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
+        let api = crate::live::api(client, &resource, key.namespace.as_deref());
         let result = |outcome| ObjectResult {
             key: Some(key.clone()),
             origin: None,
@@ -97,7 +98,7 @@ pub(crate) async fn prune(
                 if dry_run {
                     pruned.still_owned.push(key.clone());
                 } else {
-                    deleted.push((pruned.results.len(), api));
+                    deleted.push((pruned.results.len(), resource.clone()));
                 }
                 pruned.results.push(result(Outcome::Pruned));
             }
@@ -112,7 +113,7 @@ pub(crate) async fn prune(
         }
     }
     if let Some(timeout) = timeout {
-        wait_until_gone(&mut pruned, deleted, timeout).await;
+        wait_until_gone(client, &mut pruned, deleted, timeout).await;
     }
     pruned
 }
@@ -120,39 +121,31 @@ pub(crate) async fn prune(
 /// `prune_timeout`: waits for deleted objects (finalizers, foreground propagation) to be gone. One still
 /// there at the deadline becomes a failure and stays in the inventory, so the next sync looks again.
 async fn wait_until_gone(
+    client: &Client,
     pruned: &mut Pruned,
-    mut waiting: Vec<(usize, Api<DynamicObject>)>,
+    deleted: Vec<(usize, ApiResource)>,
     timeout: Duration,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let mut still_there = Vec::new();
-        for (index, api) in waiting {
-            let name = &pruned.results[index]
-                .key
-                .as_ref()
-                .expect("pruned results have keys")
-                .name;
-            match api.get_opt(name).await {
-                Ok(None) => {}
-                // A failed read is treated as not gone yet; the deadline bounds it.
-                Ok(Some(_)) | Err(_) => still_there.push((index, api)),
-            }
+    let objects: Vec<(&ApiResource, &ObjectKey)> = deleted
+        .iter()
+        .map(|(index, resource)| {
+            let key = pruned.results[*index].key.as_ref();
+            (resource, key.expect("pruned results have keys"))
+        })
+        .collect();
+    // A failed read is treated as not gone yet; the deadline bounds it.
+    let seen = poll_live(client, &objects, POLL, deadline, |_, observed| {
+        *observed == Observed::NotFound
+    })
+    .await;
+    for ((index, _), observed) in deleted.iter().zip(seen) {
+        if observed != Observed::NotFound {
+            let result = &mut pruned.results[*index];
+            result.outcome = Outcome::Failed(format!(
+                "prune: still present after prune_timeout ({timeout:?})"
+            ));
+            pruned.still_owned.extend(result.key.clone());
         }
-        if still_there.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            for (index, _) in still_there {
-                let result = &mut pruned.results[index];
-                result.outcome = Outcome::Failed(format!(
-                    "prune: still present after prune_timeout ({timeout:?})"
-                ));
-                pruned.still_owned.extend(result.key.clone());
-            }
-            return;
-        }
-        waiting = still_there;
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

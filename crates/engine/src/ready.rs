@@ -10,8 +10,7 @@ use kube::Client;
 use kube::discovery::ApiResource;
 
 use crate::key::ObjectKey;
-use crate::live::read_live;
-use crate::result::Health;
+use crate::live::{Observed, poll_live};
 
 /// How often targets are read again while waiting.
 const POLL: Duration = Duration::from_millis(500);
@@ -46,72 +45,46 @@ pub(crate) async fn await_ready(
             }
         }
     }
-    // The last thing seen of each pending target, for the reason if time runs out.
-    let mut last_seen: HashMap<ObjectKey, String> = HashMap::new();
-    while !pending.is_empty() {
-        let wanted: Vec<(&ApiResource, &ObjectKey)> = pending
-            .iter()
-            .map(|(key, resource, _)| (resource, key))
-            .collect();
-        let live = read_live(client, &wanted).await;
-        let mut still = Vec::new();
-        for ((key, resource, external), live) in pending.into_iter().zip(live) {
-            let verdict = match live {
-                Ok(Some(_)) if existence_only => Some(Ok(())),
-                Ok(Some(object)) => match Health::of(&object) {
-                    Some(health) if health.status == gitops_kstatus::Status::Current => {
-                        Some(Ok(()))
-                    }
-                    Some(health) if health.status == gitops_kstatus::Status::Failed => {
-                        Some(Err(format!(
-                            "depends on {key} which is not ready (Failed: {})",
-                            health.message
-                        )))
-                    }
-                    Some(health) => {
-                        last_seen.insert(
-                            key.clone(),
-                            format!("{}: {}", health.status, health.message),
-                        );
-                        None
-                    }
-                    None => None,
-                },
-                Ok(None) if external => Some(Err(format!(
-                    "depends on {key}, which is neither in this set nor in the cluster"
-                ))),
-                Ok(None) => {
-                    last_seen.insert(key.clone(), "NotFound".into());
-                    None
-                }
-                Err(message) => {
-                    last_seen.insert(key.clone(), message);
-                    None
-                }
-            };
-            match verdict {
-                Some(verdict) => {
-                    verdicts.insert(key, verdict);
-                }
-                None => still.push((key, resource, external)),
+    let wanted: Vec<(&ApiResource, &ObjectKey)> = pending
+        .iter()
+        .map(|(key, resource, _)| (resource, key))
+        .collect();
+    let seen = poll_live(client, &wanted, POLL, deadline, |i, observed| {
+        match observed {
+            Observed::Present(_) if existence_only => true,
+            Observed::Present(health) => health.is_settled(),
+            // Nobody is going to create a target outside the set.
+            Observed::NotFound => pending[i].2,
+            Observed::Unreadable(_) => false,
+        }
+    })
+    .await;
+    for ((key, _, external), observed) in pending.iter().zip(seen) {
+        let verdict = match observed {
+            Observed::Present(_) if existence_only => Ok(()),
+            Observed::Present(health) if health.status == gitops_kstatus::Status::Current => Ok(()),
+            Observed::Present(health) if health.status == gitops_kstatus::Status::Failed => {
+                Err(format!(
+                    "depends on {key} which is not ready (Failed: {})",
+                    health.message
+                ))
             }
-        }
-        pending = still;
-        if pending.is_empty() {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            for (key, _, _) in pending {
-                let seen = last_seen.remove(&key).unwrap_or_default();
-                let reason = format!(
+            Observed::NotFound if *external => Err(format!(
+                "depends on {key}, which is neither in this set nor in the cluster"
+            )),
+            last => {
+                let seen = match last {
+                    Observed::Present(health) => format!("{}: {}", health.status, health.message),
+                    Observed::NotFound => "NotFound".into(),
+                    Observed::Unreadable(message) => message,
+                };
+                Err(format!(
                     "depends on {key} which did not become ready within {} ({seen})",
                     humanize(timeout)
-                );
-                verdicts.insert(key, Err(reason));
+                ))
             }
-            break;
-        }
-        tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
+        };
+        verdicts.insert(key.clone(), verdict);
     }
     verdicts
 }
