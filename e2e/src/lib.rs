@@ -18,6 +18,39 @@ pub const CONFIG_PROJECT: &str = "group/config";
 pub const AGENT_NAME: &str = "gitops";
 pub const CONFIG_FILE: &str = ".gitlab/agents/gitops/config.yaml";
 
+/// Registers agent [`AGENT_NAME`] for the configuration project `project` through kas's admin API and
+/// creates its token; returns (agent gid, token gid, secret).
+pub async fn register_agent(
+    admin: &AdminClient,
+    project: &str,
+) -> anyhow::Result<(String, String, String)> {
+    let agent = admin.create_agent(project, AGENT_NAME).await?;
+    let agent_id = agent["clusterAgent"]["id"]
+        .as_str()
+        .context("agent id")?
+        .to_owned();
+    let token = admin.create_token(&agent_id, "test", "e2e").await?;
+    let secret = token["secret"].as_str().context("secret")?.to_owned();
+    let token_id = token["token"]["id"]
+        .as_str()
+        .context("token id")?
+        .to_owned();
+    Ok((agent_id, token_id, secret))
+}
+
+/// For tests that start kas themselves: registers an agent for `project` and connects a receiving
+/// agentk to `kas` over `grpc://`.
+pub async fn connect_new_agent(
+    kas: &RunningKas,
+    admin: &AdminClient,
+    project: &str,
+) -> anyhow::Result<RunningAgent> {
+    let (_, _, secret) = register_agent(admin, project).await?;
+    let address = KasAddress::parse(&format!("grpc://{}", kas.agent_addr))?;
+    let client = ClientConfig::new(address, secret);
+    Ok(agentk::start(client, AgentOptions::default(), None)?)
+}
+
 /// kas (with TLS on its agent port when asked), a Git server with the configuration project, and an admin
 /// client. Agents are started per test with [`Harness::agent`].
 pub struct Harness {
@@ -104,18 +137,7 @@ impl Harness {
 
     /// Registers the agent and returns (agent gid, token gid, secret).
     pub async fn register_agent(&self) -> anyhow::Result<(String, String, String)> {
-        let agent = self.admin.create_agent(CONFIG_PROJECT, AGENT_NAME).await?;
-        let agent_id = agent["clusterAgent"]["id"]
-            .as_str()
-            .context("agent id")?
-            .to_owned();
-        let token = self.admin.create_token(&agent_id, "test", "e2e").await?;
-        let secret = token["secret"].as_str().context("secret")?.to_owned();
-        let token_id = token["token"]["id"]
-            .as_str()
-            .context("token id")?
-            .to_owned();
-        Ok((agent_id, token_id, secret))
+        register_agent(&self.admin, CONFIG_PROJECT).await
     }
 
     /// Client settings for an agent connecting over `scheme` with `token`.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{AGENT_NAME, CONFIG_FILE, CONFIG_PROJECT};
+use e2e::{CONFIG_FILE, CONFIG_PROJECT};
 use gitops_config::ServerConfig;
 use kas::cli::AdminClient;
 use test_support::git_http::GitHttpServer;
@@ -52,18 +52,7 @@ async fn configuration_comes_from_an_https_git_server_with_a_private_ca() -> any
     let config = ServerConfig::parse("kas.yaml", &kas_yaml(dir.path(), &git, &ca_file))?;
     let kas = kas::start(config).await?;
     let admin = AdminClient::new(&format!("http://{}", kas.api_addr), "admin".into());
-    let agent = admin.create_agent(CONFIG_PROJECT, AGENT_NAME).await?;
-    let agent_id = agent["clusterAgent"]["id"].as_str().unwrap().to_owned();
-    let token = admin.create_token(&agent_id, "t", "").await?["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let address = gitops_tunnel::KasAddress::parse(&format!("grpc://{}", kas.agent_addr))?;
-    let agent = agentk::start(
-        gitops_tunnel::client::ClientConfig::new(address, token),
-        agentk::AgentOptions::default(),
-        None,
-    )?;
+    let agent = e2e::connect_new_agent(&kas, &admin, CONFIG_PROJECT).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while agent.state.borrow().commit_id != commit {
         anyhow::ensure!(

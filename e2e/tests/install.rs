@@ -80,17 +80,14 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test]
-async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyhow::Result<()> {
-    let ns = TestNamespace::create("charts").await?;
+/// The `kas.yaml` the kas chart renders with `--set values`, parsed by kas's own parser.
+fn kas_config_from_chart(values: &str) -> anyhow::Result<ServerConfig> {
     let configmap = helm(&[
         "template",
         "r",
         "kas",
         "--set",
-        "adminToken=x",
-        "--set",
-        "git.baseUrl=https://git.example",
+        values,
         "--show-only",
         "templates/configmap.yaml",
     ])?;
@@ -98,26 +95,21 @@ async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyh
     let kas_yaml = object["data"]["kas.yaml"]
         .as_str()
         .context("kas.yaml in the ConfigMap")?;
-    let config = ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?;
+    Ok(ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?)
+}
+
+#[tokio::test]
+async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("charts").await?;
+    let config = kas_config_from_chart("adminToken=x,git.baseUrl=https://git.example")?;
     assert_eq!(config.git.base_url, "https://git.example");
     assert_eq!(config.listen.agent.port(), 8150);
     assert_eq!(config.webhooks.secret_file, None, "webhooks are opt-in");
 
     // Webhooks and a private CA for the Git server reach kas's configuration.
-    let configmap = helm(&[
-        "template",
-        "r",
-        "kas",
-        "--set",
+    let config = kas_config_from_chart(
         "adminToken=x,webhooks.enabled=true,webhookSecret=s,git.caConfigMap=git-ca",
-        "--show-only",
-        "templates/configmap.yaml",
-    ])?;
-    let object: serde_json::Value = serde_saphyr::from_str(&configmap)?;
-    let kas_yaml = object["data"]["kas.yaml"]
-        .as_str()
-        .context("kas.yaml in the ConfigMap")?;
-    let config = ServerConfig::parse("charts/kas ConfigMap", kas_yaml)?;
+    )?;
     assert_eq!(
         config.webhooks.secret_file.as_deref(),
         Some(std::path::Path::new("/etc/kas/secrets/webhook-secret"))

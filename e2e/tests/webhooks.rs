@@ -75,18 +75,7 @@ async fn a_gitea_push_webhook_syncs_at_once_and_forged_ones_are_refused() -> any
         .await?;
 
     let admin = AdminClient::new(&api, "admin".into());
-    let agent = admin.create_agent(&config_repo.full_name, "gitops").await?;
-    let agent_id = agent["clusterAgent"]["id"].as_str().unwrap().to_owned();
-    let token = admin.create_token(&agent_id, "t", "").await?["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let address = gitops_tunnel::KasAddress::parse(&format!("grpc://{}", kas.agent_addr))?;
-    let agent = agentk::start(
-        gitops_tunnel::client::ClientConfig::new(address, token),
-        agentk::AgentOptions::default(),
-        None,
-    )?;
+    let agent = e2e::connect_new_agent(&kas, &admin, &config_repo.full_name).await?;
     let project = manifests_repo.full_name.as_str();
     let deadline = Instant::now() + Duration::from_secs(20);
     while snapshot_commit(&agent, project).as_deref() != Some(first.as_str()) {

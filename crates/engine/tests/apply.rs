@@ -300,12 +300,7 @@ async fn unknown_fields_fail_their_object_by_name() -> anyhow::Result<()> {
         outcome(&report, &format!("/ConfigMap/{n}/fine")),
         &Outcome::Created
     );
-    assert!(
-        Api::<Deployment>::namespaced(ns.client.clone(), n)
-            .get_opt("typo")
-            .await?
-            .is_none()
-    );
+    assert!(ns.api::<Deployment>().get_opt("typo").await?.is_none());
     ns.delete().await?;
     Ok(())
 }
@@ -454,7 +449,7 @@ metadata:
         deployment_yaml(n, "web", 1)
     );
     // A dependency outside the set, already in the cluster.
-    Api::<ConfigMap>::namespaced(ns.client.clone(), n)
+    ns.api::<ConfigMap>()
         .create(
             &Default::default(),
             &serde_json::from_value(
@@ -483,12 +478,8 @@ metadata:
         &Outcome::Created
     );
     // after-deploy was applied only once web was ready: its pod was running by then.
-    let after_deploy = Api::<ConfigMap>::namespaced(ns.client.clone(), n)
-        .get("after-deploy")
-        .await?;
-    let web = Api::<Deployment>::namespaced(ns.client.clone(), n)
-        .get("web")
-        .await?;
+    let after_deploy = ns.api::<ConfigMap>().get("after-deploy").await?;
+    let web = ns.api::<Deployment>().get("web").await?;
     let available = web
         .status
         .and_then(|s| s.conditions)
@@ -537,12 +528,7 @@ metadata:
         outcome(&report, &format!("/ConfigMap/{n}/needs-unknown")),
         &Outcome::Skipped("depends on nothing.example.com/Gadget//unknown which failed".into())
     );
-    assert!(
-        Api::<ConfigMap>::namespaced(ns.client.clone(), n)
-            .get_opt("needs-bad")
-            .await?
-            .is_none()
-    );
+    assert!(ns.api::<ConfigMap>().get_opt("needs-bad").await?.is_none());
     ns.delete().await?;
     Ok(())
 }

@@ -10,7 +10,7 @@ const PROJECT: &str = "group/project";
 struct Fixture {
     server: GitHttpServer,
     cache: RepoCache,
-    _cache_dir: tempfile::TempDir,
+    cache_dir: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -36,8 +36,16 @@ impl Fixture {
         server: GitHttpServer,
         credentials: Option<(&str, &str)>,
     ) -> anyhow::Result<Self> {
+        Self::with_limits(server, credentials, Limits::default())
+    }
+
+    fn with_limits(
+        server: GitHttpServer,
+        credentials: Option<(&str, &str)>,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
         let cache_dir = tempfile::tempdir()?;
-        let cache = RepoCache::new(
+        let cache = RepoCache::with_limits(
             GitServerConfig {
                 base_url: server.base_url(),
                 username: credentials.map(|(user, _)| user.to_owned()),
@@ -45,12 +53,28 @@ impl Fixture {
                 extra_ca_pem: None,
             },
             cache_dir.path().to_path_buf(),
+            limits,
         );
         Ok(Self {
             server,
             cache,
-            _cache_dir: cache_dir,
+            cache_dir,
         })
+    }
+
+    /// `PROJECT` with one commit (`app.yaml` = `v: 0`) tagged `pinned`, and a cache compacted past
+    /// `max_packs`; returns the commit too.
+    async fn pinned_with_max_packs(max_packs: usize) -> anyhow::Result<(Self, String)> {
+        install_crypto_provider();
+        let server = GitHttpServer::start().await?;
+        server.create_repo(PROJECT, false)?;
+        let first = server.commit_files(PROJECT, &[("app.yaml", Some("v: 0\n"))], "v0")?;
+        server.create_tag(PROJECT, "pinned", &first, false)?;
+        let limits = Limits {
+            max_packs,
+            ..Limits::default()
+        };
+        Ok((Self::with_limits(server, None, limits)?, first))
     }
 
     fn counts(&self) -> RequestCounts {
@@ -726,28 +750,11 @@ async fn https_servers_with_a_private_ca_need_that_ca() -> anyhow::Result<()> {
 /// commits its refs point at, so the pack count stays bounded while every followed ref keeps its commit.
 #[tokio::test]
 async fn the_cache_is_compacted_when_packs_pile_up() -> anyhow::Result<()> {
-    install_crypto_provider();
-    let server = GitHttpServer::start().await?;
-    server.create_repo(PROJECT, false)?;
-    let first = server.commit_files(PROJECT, &[("app.yaml", Some("v: 0\n"))], "v0")?;
-    server.create_tag(PROJECT, "pinned", &first, false)?;
-    let cache_dir = tempfile::tempdir()?;
-    let cache = RepoCache::with_limits(
-        GitServerConfig {
-            base_url: server.base_url(),
-            username: None,
-            password: None,
-            extra_ca_pem: None,
-        },
-        cache_dir.path().to_path_buf(),
-        Limits {
-            max_packs: 3,
-            ..Limits::default()
-        },
-    );
+    let (f, first) = Fixture::pinned_with_max_packs(3).await?;
+    let (server, cache) = (&f.server, &f.cache);
     let packs = || -> anyhow::Result<usize> {
         Ok(
-            std::fs::read_dir(cache_dir.path().join("group/project.git/objects/pack"))?
+            std::fs::read_dir(f.cache_dir.path().join("group/project.git/objects/pack"))?
                 .flatten()
                 .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
                 .count(),
@@ -782,25 +789,8 @@ async fn the_cache_is_compacted_when_packs_pile_up() -> anyhow::Result<()> {
 /// Compaction swaps the repository directory: readers running at the same time never see it missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_compaction_never_fail() -> anyhow::Result<()> {
-    install_crypto_provider();
-    let server = GitHttpServer::start().await?;
-    server.create_repo(PROJECT, false)?;
-    let first = server.commit_files(PROJECT, &[("app.yaml", Some("v: 0\n"))], "v0")?;
-    server.create_tag(PROJECT, "pinned", &first, false)?;
-    let cache_dir = tempfile::tempdir()?;
-    let cache = RepoCache::with_limits(
-        GitServerConfig {
-            base_url: server.base_url(),
-            username: None,
-            password: None,
-            extra_ca_pem: None,
-        },
-        cache_dir.path().to_path_buf(),
-        Limits {
-            max_packs: 2,
-            ..Limits::default()
-        },
-    );
+    let (f, first) = Fixture::pinned_with_max_packs(2).await?;
+    let (server, cache) = (&f.server, &f.cache);
     let tag = GitRef::Tag("pinned".into());
     cache.snapshot(PROJECT, &tag).await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -150,45 +150,71 @@ pub fn push_files(
     files: &[(&str, &str)],
     message: &str,
 ) -> Result<String, GiteaError> {
-    let work = tempfile::tempdir()?;
-    let dir = work.path();
-    git(dir, &["init", "--quiet", "--initial-branch", branch])?;
-    git(dir, &["remote", "add", "origin", repo.authenticated_url()])?;
-    // An empty repository has no branch to fetch; then this commit is the first.
-    if git(dir, &["fetch", "--quiet", "origin", branch]).is_ok() {
-        git(dir, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
-    }
-    for (path, content) in files {
-        let file = dir.join(path);
-        if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent)?;
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, c)| (*p, c.as_bytes())).collect();
+    Ok(Checkout::new(repo, branch)?
+        .commit_and_push(&files, message)?
+        .0)
+}
+
+/// A local clone of one branch of a repository, to commit and push from again and again (benchmarks time
+/// the pushes).
+pub struct Checkout {
+    dir: tempfile::TempDir,
+    branch: String,
+}
+
+impl Checkout {
+    /// Clones `branch` of `repo`; of an empty repository, an empty checkout (the first push creates it).
+    pub fn new(repo: &Repository, branch: &str) -> Result<Self, GiteaError> {
+        let work = tempfile::tempdir()?;
+        let dir = work.path();
+        git(dir, &["init", "--quiet", "--initial-branch", branch])?;
+        git(dir, &["remote", "add", "origin", repo.authenticated_url()])?;
+        // An empty repository has no branch to fetch; then the first commit starts it.
+        if git(dir, &["fetch", "--quiet", "origin", branch]).is_ok() {
+            git(dir, &["reset", "--quiet", "--hard", "FETCH_HEAD"])?;
         }
-        std::fs::write(file, content)?;
+        Ok(Self {
+            dir: work,
+            branch: branch.to_owned(),
+        })
     }
-    git(dir, &["add", "--all"])?;
-    git(
-        dir,
-        &[
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.invalid",
-            "commit",
-            "--quiet",
-            "-m",
-            message,
-        ],
-    )?;
-    git(
-        dir,
-        &[
-            "push",
-            "--quiet",
-            "origin",
-            &format!("HEAD:refs/heads/{branch}"),
-        ],
-    )?;
-    git(dir, &["rev-parse", "HEAD"])
+
+    /// Writes `files` (path, content), commits and pushes; returns the new commit id and how long
+    /// `git push` took.
+    pub fn commit_and_push(
+        &self,
+        files: &[(&str, &[u8])],
+        message: &str,
+    ) -> Result<(String, std::time::Duration), GiteaError> {
+        let dir = self.dir.path();
+        for (path, content) in files {
+            let file = dir.join(path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(file, content)?;
+        }
+        git(dir, &["add", "--all"])?;
+        git(
+            dir,
+            &[
+                "-c",
+                "user.name=test",
+                "-c",
+                "user.email=test@example.invalid",
+                "commit",
+                "--quiet",
+                "-m",
+                message,
+            ],
+        )?;
+        let started = std::time::Instant::now();
+        let target = format!("HEAD:refs/heads/{}", self.branch);
+        git(dir, &["push", "--quiet", "origin", &target])?;
+        let pushed = started.elapsed();
+        Ok((git(dir, &["rev-parse", "HEAD"])?, pushed))
+    }
 }
 
 fn git(dir: &Path, args: &[&str]) -> Result<String, GiteaError> {

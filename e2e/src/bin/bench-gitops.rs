@@ -22,7 +22,7 @@ use kube::Api;
 use test_support::{
     cluster::TestNamespace,
     env::test_env,
-    gitea::{Gitea, Repository, push_files},
+    gitea::{Checkout, Gitea, push_files},
 };
 
 /// One-object pushes timed for the push→applied latency.
@@ -130,63 +130,17 @@ async fn engine_vs_kubectl(
     })
 }
 
-/// A clone of a Gitea repository to commit and push from, timing each push.
-struct WorkTree {
-    dir: tempfile::TempDir,
-}
-
-impl WorkTree {
-    fn clone(repo: &Repository) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        git(dir.path(), &["init", "--quiet", "--initial-branch", "main"])?;
-        git(
-            dir.path(),
-            &["remote", "add", "origin", repo.authenticated_url()],
-        )?;
-        Ok(Self { dir })
-    }
-
-    /// Writes `files`, commits and pushes; returns the commit and how long `git push` took.
-    fn push(&self, files: &[ManifestFile], message: &str) -> anyhow::Result<(String, Duration)> {
-        for file in files {
-            std::fs::write(self.dir.path().join(&file.path), &file.data)?;
-        }
-        git(self.dir.path(), &["add", "--all"])?;
-        git(
-            self.dir.path(),
-            &[
-                "-c",
-                "user.name=bench",
-                "-c",
-                "user.email=bench@example.invalid",
-                "commit",
-                "--quiet",
-                "-m",
-                message,
-            ],
-        )?;
-        let started = Instant::now();
-        git(
-            self.dir.path(),
-            &["push", "--quiet", "origin", "HEAD:refs/heads/main"],
-        )?;
-        let pushed = started.elapsed();
-        Ok((git(self.dir.path(), &["rev-parse", "HEAD"])?, pushed))
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+/// Commits and pushes `files` from `checkout`; returns the commit and how long `git push` took.
+fn push(
+    checkout: &Checkout,
+    files: &[ManifestFile],
+    message: &str,
+) -> anyhow::Result<(String, Duration)> {
+    let files: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|f| (f.path.as_str(), f.data.as_slice()))
+        .collect();
+    Ok(checkout.commit_and_push(&files, message)?)
 }
 
 fn latency_file(value: usize) -> ManifestFile {
@@ -299,8 +253,8 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
         })
         .await??;
     }
-    let work = WorkTree::clone(&manifests_repo)?;
-    work.push(&[latency_file(0)], "start small")?;
+    let work = Checkout::new(&manifests_repo, "main")?;
+    push(&work, &[latency_file(0)], "start small")?;
 
     let dir = tempfile::tempdir()?;
     let secret = "bench-webhook-secret";
@@ -373,7 +327,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
     let http = reqwest::Client::new();
     let graphql_url = format!("http://127.0.0.1:{}/api/graphql", kas.api_port);
     let started = Instant::now();
-    let (commit, push_duration) = work.push(files, "1,100 objects")?;
+    let (commit, push_duration) = push(&work, files, "1,100 objects")?;
     let pushed_at = SystemTime::now();
     wait_until(
         Duration::from_secs(300),
@@ -456,7 +410,7 @@ async fn pipeline(files: &[ManifestFile], objects: usize) -> anyhow::Result<Pipe
     let mut pushes = Vec::new();
     for i in 1..=LATENCY_PUSHES {
         let started = Instant::now();
-        let (commit, pushed) = work.push(&[latency_file(i)], &format!("latency {i}"))?;
+        let (commit, pushed) = push(&work, &[latency_file(i)], &format!("latency {i}"))?;
         let pushed_at = SystemTime::now();
         let expected = i.to_string();
         wait_until(
