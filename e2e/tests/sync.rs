@@ -2,12 +2,11 @@
 //! a newer commit cancels the sync in flight, and every sync is reported to kas and shown in GraphQL.
 
 use std::{
-    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use agentk::gitops::{Applier, ApplySettings, ObjectOutcome, SyncOutcome, SyncRequest};
+use agentk::gitops::{Applier, ApplySettings, BoxFuture, ObjectOutcome, SyncOutcome, SyncRequest};
 use e2e::{CONFIG_FILE, CONFIG_PROJECT, Harness, eventually};
 use tokio::sync::watch;
 
@@ -19,10 +18,7 @@ struct Recording {
 }
 
 impl Applier for Recording {
-    fn apply<'a>(
-        &'a self,
-        request: SyncRequest<'a>,
-    ) -> Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>> {
+    fn apply<'a>(&'a self, request: SyncRequest<'a>) -> BoxFuture<'a, SyncOutcome> {
         let snapshot = request.snapshot;
         Box::pin(async move {
             self.calls.lock().unwrap().push(snapshot.commit_id.clone());

@@ -2,7 +2,6 @@
 //! per (agent, manifest project) in the agent's namespace, and kstatus readiness.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use gitops_config::agent::{
@@ -15,7 +14,7 @@ use gitops_engine::{
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use crate::gitops::{Applier, ObjectOutcome, SyncOutcome, SyncRequest};
+use crate::gitops::{Applier, BoxFuture, ObjectOutcome, SyncOutcome, SyncRequest};
 
 /// Applies with the engine as `agentk`.
 pub struct EngineApplier {
@@ -114,10 +113,7 @@ fn set_health(outcome: &mut ObjectOutcome, health: &Health) {
 }
 
 impl Applier for EngineApplier {
-    fn apply<'a>(
-        &'a self,
-        request: SyncRequest<'a>,
-    ) -> Pin<Box<dyn std::future::Future<Output = SyncOutcome> + Send + 'a>> {
+    fn apply<'a>(&'a self, request: SyncRequest<'a>) -> BoxFuture<'a, SyncOutcome> {
         Box::pin(async move {
             let SyncRequest {
                 agent_id,
@@ -192,7 +188,7 @@ impl Applier for EngineApplier {
         &'a self,
         project: &'a ManifestProject,
         outcome: &'a mut SyncOutcome,
-    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if project.dry_run_strategy == DryRunStrategy::None {
                 wait_for_readiness(&self.client, outcome, project.reconcile_timeout).await;

@@ -283,7 +283,8 @@ pub struct SyncRequest<'a> {
     pub recheck: bool,
 }
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+/// What [`Applier`]'s methods return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Applies snapshots to the cluster. The engine implements it; agentk owns when it runs (only on the leader,
 /// the newest snapshot only, cancelled when a newer commit arrives) and the reporting to kas.
