@@ -3,6 +3,7 @@
 mod cluster;
 mod codegen;
 mod kubernetes_gomod;
+mod lint;
 mod process;
 mod scenarios;
 #[path = "../../crates/test-support/src/state.rs"]
@@ -34,6 +35,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The lint gate: `cargo fmt --check`, clippy with `-D warnings`, `codegen --check`. `test` runs it first.
+    Lint,
     /// The test environment: a Kubernetes cluster and Gitea.
     Cluster {
         #[command(subcommand)]
@@ -51,8 +54,12 @@ enum Command {
         #[command(subcommand)]
         which: BenchWhich,
     },
-    /// The project's tests: starts the test environment, runs `cargo test --workspace`, tears it down.
+    /// The project's tests: the lint gate, then starts the test environment, runs `cargo test --workspace`,
+    /// tears it down.
     Test {
+        /// Skip the lint gate (for quick local runs of a subset; CI never passes this).
+        #[arg(long)]
+        no_lint: bool,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
         /// Passed on to `cargo test` (after `--`).
@@ -121,6 +128,7 @@ pub fn target_dir() -> PathBuf {
 fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Codegen { check } => codegen::run(check)?,
+        Command::Lint => lint::run()?,
         Command::Cluster { action } => match action {
             ClusterAction::Up { backend, dir } => {
                 cluster::up_command(backend, &dir.unwrap_or_else(cluster::default_dir))?
@@ -146,8 +154,14 @@ fn main() -> anyhow::Result<ExitCode> {
         } => return scenarios::bench_gitops(),
         Command::Test {
             backend,
+            no_lint,
             cargo_args,
-        } => return test_cmd::run(backend, &cargo_args),
+        } => {
+            if !no_lint {
+                lint::run()?;
+            }
+            return test_cmd::run(backend, &cargo_args);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
