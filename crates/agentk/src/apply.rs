@@ -79,6 +79,7 @@ fn options(applier: &EngineApplier, agent_id: i64, project: &ManifestProject) ->
         InventoryPolicy::AdoptAll => gitops_engine::InventoryPolicy::AdoptAll,
     };
     inventory.prune = project.prune;
+    inventory.allow_empty = project.allow_empty;
     inventory.prune_timeout = Some(project.prune_timeout);
     inventory.prune_propagation_policy = match project.prune_propagation_policy {
         PrunePropagationPolicy::Orphan => PropagationPolicy::Orphan,

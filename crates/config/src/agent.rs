@@ -67,6 +67,11 @@ pub struct ManifestProject {
     /// Default `must_match`.
     #[serde(default)]
     pub inventory_policy: InventoryPolicy,
+    /// An extension of GitLab's schema (after Argo CD's `allowEmpty`): let a sync whose set of objects is
+    /// empty prune everything this project applied. Default `false`: such a sync is refused with an error
+    /// and nothing is pruned, so a glob that matches nothing or an emptied repository cannot wipe a cluster.
+    #[serde(default)]
+    pub allow_empty: bool,
 }
 
 /// Exactly one of `branch`, `tag` or `commit`.

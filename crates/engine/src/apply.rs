@@ -76,6 +76,9 @@ pub struct InventoryOptions {
     pub prune_propagation_policy: PropagationPolicy,
     /// `prune_timeout`: how long to wait for pruned objects to be gone (`None`: do not wait).
     pub prune_timeout: Option<Duration>,
+    /// `allow_empty`: a set with no objects may prune a non-empty inventory. Off by default: such a sync is
+    /// refused and nothing is pruned.
+    pub allow_empty: bool,
 }
 
 impl InventoryOptions {
@@ -87,6 +90,7 @@ impl InventoryOptions {
             prune: true,
             prune_propagation_policy: PropagationPolicy::Foreground,
             prune_timeout: None,
+            allow_empty: false,
         }
     }
 }

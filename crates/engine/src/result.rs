@@ -15,6 +15,9 @@ pub enum Outcome {
     Failed(String),
     /// Not attempted because an object it depends on failed or was skipped.
     Skipped(String),
+    /// Left the set but not pruned, because deleting it would destroy what is still in use (a Namespace
+    /// holding objects, a CRD with custom resources): "kept: still in use by …". It stays in the inventory.
+    Kept(String),
 }
 
 impl Outcome {
@@ -27,6 +30,7 @@ impl Outcome {
             Outcome::Pruned => "pruned",
             Outcome::Failed(_) => "failed",
             Outcome::Skipped(_) => "skipped",
+            Outcome::Kept(_) => "kept",
         }
     }
 
@@ -113,7 +117,9 @@ impl ObjectResult {
     /// The failure or skip reason, if any.
     pub fn message(&self) -> Option<&str> {
         match &self.outcome {
-            Outcome::Failed(message) | Outcome::Skipped(message) => Some(message),
+            Outcome::Failed(message) | Outcome::Skipped(message) | Outcome::Kept(message) => {
+                Some(message)
+            }
             _ => None,
         }
     }
