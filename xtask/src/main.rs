@@ -2,6 +2,7 @@
 
 mod cluster;
 mod codegen;
+mod fuzz;
 mod kubernetes_gomod;
 mod lint;
 mod process;
@@ -37,6 +38,14 @@ enum Command {
     },
     /// The lint gate: `cargo fmt --check`, clippy with `-D warnings`, `codegen --check`. `test` runs it first.
     Lint,
+    /// Runs each fuzz target of `fuzz/` (cargo-fuzz) for the given time; a failure found fails the command.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The test environment: a Kubernetes cluster and Gitea.
     Cluster {
         #[command(subcommand)]
@@ -129,6 +138,7 @@ fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Codegen { check } => codegen::run(check)?,
         Command::Lint => lint::run()?,
+        Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref())?,
         Command::Cluster { action } => match action {
             ClusterAction::Up { backend, dir } => {
                 cluster::up_command(backend, &dir.unwrap_or_else(cluster::default_dir))?
