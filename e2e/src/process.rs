@@ -32,10 +32,15 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// A binary built into the same target directory as the running one.
+/// A binary built into the same target directory as the running one (a test runs from `deps/`, one level
+/// below the binaries).
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let path = exe.parent().context("binary directory")?.join(name);
+    let mut dir = exe.parent().context("binary directory")?;
+    if dir.file_name().is_some_and(|d| d == "deps") {
+        dir = dir.parent().context("target directory")?;
+    }
+    let path = dir.join(name);
     if !path.exists() {
         bail!(
             "{} is missing: build it with `cargo build -p kas -p agentk` (same profile)",
@@ -86,6 +91,8 @@ pub struct KasProcess {
     pub agent_port: u16,
     pub api_port: u16,
     pub admin_token: String,
+    /// Its `kas.yaml`, to restart it as it was.
+    config: PathBuf,
 }
 
 impl KasProcess {
@@ -145,27 +152,31 @@ impl KasProcess {
                 git.poll_period,
             ),
         )?;
-        let mut command = Command::new(sibling_binary("kas")?);
-        command
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(logs);
-        let process = Killed(command.spawn().context("starting kas")?);
+        let process = spawn_kas(&config, logs)?;
         let admin = AdminClient::new(&format!("http://127.0.0.1:{api_port}"), admin_token.clone());
-        let started = Instant::now();
-        while admin.list_agents(None).await.is_err() {
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!("kas did not start within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_api(&admin).await?;
         Ok(Self {
             process,
             admin,
             agent_port,
             api_port,
             admin_token,
+            config,
         })
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.0.kill()?;
+        self.process.0.wait()?;
+        Ok(())
+    }
+
+    /// Starts kas again with the same configuration, ports and data (after [`Self::kill`]); its logs are
+    /// discarded.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process = spawn_kas(&self.config, Stdio::null())?;
+        wait_for_api(&self.admin).await
     }
 
     /// Starts an agentk process connecting with `token` over `scheme`.
@@ -234,6 +245,27 @@ impl KasProcess {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+fn spawn_kas(config: &Path, logs: Stdio) -> anyhow::Result<Killed> {
+    let mut command = Command::new(sibling_binary("kas")?);
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(logs);
+    Ok(Killed(command.spawn().context("starting kas")?))
+}
+
+/// Waits until kas's admin API answers.
+async fn wait_for_api(admin: &AdminClient) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while admin.list_agents(None).await.is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("kas did not start within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Runs `command` against the test cluster (its kubeconfig in `KUBECONFIG`), feeding `stdin`; its stdout, or an
