@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod env;
+pub mod fault_proxy;
 pub mod git_http;
 pub mod gitea;
 pub mod state;
