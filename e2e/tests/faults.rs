@@ -1,6 +1,8 @@
-//! `kill -9` of agentk and kas at the worst moments, as real processes against the real apiserver and a real
-//! Git smart-HTTP server: after a restart everything converges, and the objects are counted — none lost (in Git,
-//! missing from the cluster), none orphaned (ours in the cluster, unknown to the inventory, so never pruned).
+//! Faults at the worst moments, with kas and agentk as real processes against the real apiserver and a real
+//! Git smart-HTTP server: `kill -9` of agentk and kas, and the apiserver answering 503, resetting connections or
+//! stalling in the middle of a sync (through `test_support::fault_proxy`). Afterwards everything converges, and
+//! the objects are counted — none lost (in Git, missing from the cluster), none orphaned (ours in the cluster,
+//! unknown to the inventory, so never pruned), none deleted in between.
 
 use std::{
     collections::BTreeSet,
@@ -16,6 +18,7 @@ use kube::api::ListParams;
 use test_support::{
     cluster::{TestNamespace, install_crypto_provider},
     env::test_env,
+    fault_proxy::{Fault, FaultProxy, UpstreamIdentity},
     git_http::GitHttpServer,
 };
 
@@ -90,10 +93,15 @@ impl World {
 
     /// An agentk process applying into the namespace, its log in the test's directory.
     fn agentk(&self, run: usize) -> anyhow::Result<Killed> {
+        self.agentk_with(run, &test_env().kubernetes.kubeconfig)
+    }
+
+    /// [`Self::agentk`] reaching the apiserver through `kubeconfig`.
+    fn agentk_with(&self, run: usize, kubeconfig: &std::path::Path) -> anyhow::Result<Killed> {
         let log = std::fs::File::create(self.dir.path().join(format!("agentk-{run}.log")))?;
         let mut command = self.kas.agentk_command("grpc", &self.secret)?;
         command
-            .env("KUBECONFIG", &test_env().kubernetes.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", &self.ns.name)
             .stderr(Stdio::from(log));
         Ok(Killed(command.spawn().context("starting agentk")?))
@@ -286,4 +294,69 @@ async fn kas_killed_during_status_writes_restarts_with_agents_and_tokens_intact(
         .and_then(|mut d| d.remove("value"));
     assert_eq!(value.as_deref(), Some("two"));
     Ok(())
+}
+
+/// Records every ConfigMap deleted in `ns` from now on (by anyone), through a watch of the real apiserver.
+fn record_deletions(ns: &TestNamespace) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let deleted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = deleted.clone();
+    let api = ns.api::<ConfigMap>();
+    tokio::spawn(async move {
+        let mut events = watcher(api, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            if let Ok(watcher::Event::Delete(cm)) = event {
+                let name = cm.metadata.name.unwrap_or_default();
+                sink.lock().expect("lock").push(name);
+            }
+        }
+    });
+    deleted
+}
+
+/// K1 and friends: the apiserver fails (`fault`) for `outage` while agentk is half-way through creating 1,000
+/// objects. The sync in flight fails those objects (nothing is pruned: nothing may be while anything failed),
+/// the failed sync is retried with backoff without waiting for the 5-minute drift check, and it converges
+/// once the apiserver is back. No object is deleted at any point.
+async fn apiserver_outage_mid_sync(prefix: &str, fault: Fault, outage: Duration) -> anyhow::Result<()> {
+    let world = World::start(prefix, 1000).await?;
+    let proxy = FaultProxy::in_front_of_apiserver(UpstreamIdentity::KubeconfigClientCertificate).await?;
+    let kubeconfig = world.dir.path().join("kubeconfig-through-proxy");
+    std::fs::write(&kubeconfig, proxy.kubeconfig(None)?)?;
+    let deleted = record_deletions(&world.ns);
+    let _agentk = world.agentk_with(1, &kubeconfig)?;
+    world
+        .wait_for_moment("mid-sync", |n| n >= 100 && n < 900, |n| n >= 1000)
+        .await?;
+    proxy.set(fault);
+    tokio::time::sleep(outage).await;
+    let during = world.ours().await?.len();
+    proxy.set(Fault::PassThrough);
+    assert!(during < 1000, "the outage came too late: {during} objects already applied");
+    world
+        .converged(&names(0..1000), Duration::from_secs(90))
+        .await
+        .with_context(|| format!("after a {fault:?} outage of {outage:?} at {during} objects"))?;
+    let deleted = deleted.lock().expect("lock").clone();
+    assert!(deleted.is_empty(), "objects were deleted: {deleted:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn apiserver_503s_mid_sync_are_retried_and_converge_without_deleting_anything()
+-> anyhow::Result<()> {
+    apiserver_outage_mid_sync("fault-503", Fault::ServiceUnavailable, Duration::from_secs(8)).await
+}
+
+#[tokio::test]
+async fn apiserver_resets_mid_sync_are_retried_and_converge_without_deleting_anything()
+-> anyhow::Result<()> {
+    apiserver_outage_mid_sync("fault-reset", Fault::Reset, Duration::from_secs(5)).await
+}
+
+#[tokio::test]
+async fn apiserver_stalls_mid_sync_resume_and_converge_without_deleting_anything()
+-> anyhow::Result<()> {
+    apiserver_outage_mid_sync("fault-stall", Fault::Stall, Duration::from_secs(10)).await
 }
