@@ -33,6 +33,19 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         let corpus = target_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let seeds = root.join("fuzz/seeds").join(target);
+        eprintln!("==> fuzz {target}: building");
+        let built = Command::new("cargo")
+            .args(["fuzz", "build", "--sanitizer", "none", "--debug-assertions"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .arg(target)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .current_dir(&root)
+            .status()
+            .with_context(|| format!("run cargo fuzz build for {target}"))?;
+        if !built.success() {
+            bail!("could not build the fuzz target {target} (see the compiler output above)");
+        }
         eprintln!("==> fuzz {target} for {seconds} s");
         let output = Command::new("cargo")
             .args(["fuzz", "run", "--sanitizer", "none", "--debug-assertions"])
