@@ -71,7 +71,7 @@ pub struct Health {
 impl Health {
     /// kstatus on an object as the apiserver returned it.
     pub fn of(object: &kube::api::DynamicObject) -> Option<Self> {
-        let result = gitops_kstatus::compute(&serde_json::to_value(object).ok()?);
+        let result = gitops_kstatus::compute(&serde_json::to_value(object).ok()?, std::time::SystemTime::now());
         Some(Self {
             status: result.status,
             message: result.message,
