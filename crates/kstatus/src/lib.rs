@@ -8,8 +8,8 @@
 //! conditions that would describe it.
 //!
 //! This crate is a pure port of those rules: [`compute`] takes the full object
-//! (spec *and* status) as a [`serde_json::Value`] and the time to judge it at, and
-//! does no I/O, reads no clock and talks to no cluster. It covers:
+//! (spec *and* status) as a [`serde_json::Value`] and ([`compute_at`]) the time to
+//! judge it at, and does no I/O, reads no clock and talks to no cluster. It covers:
 //!
 //! - the generic rules every object gets first (`generic.rs`): a
 //!   `metadata.deletionTimestamp` means `Terminating`; an unobserved
@@ -179,7 +179,17 @@ fn standard_condition(condition_type: &str, reason: &str, message: &str) -> Cond
 /// replica counts say). Kinds without specific rules are `Current` unless the
 /// generic rules or their `Ready` condition say otherwise. Never panics; malformed
 /// input yields [`Status::Unknown`].
-pub fn compute(object: &Value, now: SystemTime) -> Result {
+pub fn compute_at(object: &Value, now: SystemTime) -> Result {
+    compute_with(object, Some(now))
+}
+
+/// [`compute_at`] without a clock: every grace period counts as over (an unschedulable Pod is `Failed`
+/// at once). Callers that poll live objects should use [`compute_at`] with the current time.
+pub fn compute(object: &Value) -> Result {
+    compute_with(object, None)
+}
+
+fn compute_with(object: &Value, now: Option<SystemTime>) -> Result {
     if !object.is_object() {
         return Result::unknown("Object is not a JSON object");
     }

@@ -20,9 +20,9 @@ pub const SCHEDULE_WINDOW: Duration = Duration::from_secs(15);
 /// is in `CrashLoopBackOff`, else `InProgress`. A `Pending` pod whose
 /// `PodScheduled=False` has reason `Unschedulable` is `InProgress` for
 /// [`SCHEDULE_WINDOW`] after its `creationTimestamp` (as of `now`, passed in so the
-/// crate reads no clock), then `Failed`. A pod without a readable creation time
-/// is past the window, as in kstatus (its zero time).
-pub fn pod(object: &Value, now: SystemTime) -> RuleResult {
+/// crate reads no clock; `None`: the window is over), then `Failed`. A pod without
+/// a readable creation time is past the window, as in kstatus (its zero time).
+pub fn pod(object: &Value, now: Option<SystemTime>) -> RuleResult {
     let conditions = fields::conditions(object)?;
     match fields::str_or(object, &["status", "phase"], "") {
         "Succeeded" => Ok(Result::current("Pod has completed successfully")),
@@ -54,7 +54,8 @@ pub fn pod(object: &Value, now: SystemTime) -> RuleResult {
             let created = fields::timestamp(object, &["metadata", "creationTimestamp"]);
             let within_window = created
                 .and_then(|created| created.checked_add(SCHEDULE_WINDOW))
-                .is_some_and(|window_end| now < window_end);
+                .zip(now)
+                .is_some_and(|(window_end, now)| now < window_end);
             if unschedulable && within_window {
                 return Ok(Result::in_progress(
                     "PodNotScheduled",

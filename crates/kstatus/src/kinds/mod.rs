@@ -18,10 +18,10 @@ use crate::fields::{self, Malformed};
 pub type Rule = fn(&Value) -> std::result::Result<Result, Malformed>;
 
 /// The verdict of the rule for the object's group and kind, if kstatus has one. `now` is for the rules
-/// that have a grace period (Pod scheduling).
+/// that have a grace period (Pod scheduling); `None`: every grace period is over.
 pub fn evaluate(
     object: &Value,
-    now: SystemTime,
+    now: Option<SystemTime>,
 ) -> Option<std::result::Result<Result, Malformed>> {
     let rule: Rule = match (fields::group(object), fields::kind(object)) {
         ("", "Pod") => return Some(core::pod(object, now)),

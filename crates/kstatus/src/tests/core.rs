@@ -93,7 +93,7 @@ fn pod_unschedulable_is_in_progress_for_the_schedule_window() {
     ]});
     let object = pod(status);
     let created = crate::fields::timestamp(&object, &["metadata", "creationTimestamp"]).unwrap();
-    let at = |seconds| crate::compute(&object, created + std::time::Duration::from_secs(seconds));
+    let at = |seconds| crate::compute_at(&object, created + std::time::Duration::from_secs(seconds));
     let result = at(5);
     assert_result(&result, Status::InProgress, "Pod has not been scheduled");
     assert_eq!(reason(&result), "PodNotScheduled");
@@ -102,7 +102,9 @@ fn pod_unschedulable_is_in_progress_for_the_schedule_window() {
     // No readable creation time: past the window, as kstatus' zero time is.
     let mut undated = object.clone();
     undated["metadata"]["creationTimestamp"] = json!("yesterday");
-    assert_eq!(crate::compute(&undated, created).status, Status::Failed);
+    assert_eq!(crate::compute_at(&undated, created).status, Status::Failed);
+    // No clock: the window is over.
+    assert_eq!(crate::compute(&object).status, Status::Failed);
 }
 
 #[test]

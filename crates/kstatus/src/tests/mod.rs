@@ -22,7 +22,7 @@ fn now() -> SystemTime {
 
 /// [`crate::compute`] at [`now`].
 fn compute(object: &Value) -> Result {
-    crate::compute(object, now())
+    crate::compute_at(object, now())
 }
 
 /// Asserts status and message, and that the standard condition matches the status.
