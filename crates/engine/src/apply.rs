@@ -11,9 +11,9 @@ use kube::discovery::{ApiResource, Discovery};
 use crate::change::{
     AppliedForms, apply_changed, live_form, live_matches, manifest_digest, shape_of,
 };
-use crate::guard::{InventoryPlan, is_crd, plan_inventory, refuse_empty_set};
 use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 use crate::error::{EngineError, kube_error_message};
+use crate::guard::{InventoryPlan, is_crd, plan_inventory, refuse_empty_set};
 use crate::inventory::{
     InventoryPolicy, InventoryRef, MANIFEST_DIGEST_ANNOTATION, OWNING_INVENTORY_ANNOTATION,
 };
@@ -154,7 +154,9 @@ pub async fn apply_decoded(
     let discovery = discover(client, &groups).await?;
     let (resolved, duplicates) = resolve_objects(decoded, &discovery, &options.default_namespace);
     for (key, origin, e) in duplicates {
-        report.results.push(failed(Some(key), origin, e.to_string(), dry_run));
+        report
+            .results
+            .push(failed(Some(key), origin, e.to_string(), dry_run));
     }
     let mut slots: Vec<Slot> = resolved.into_iter().map(Slot::new).collect();
     let recorded = pre_record(client, options, &previous, &slots).await?;
@@ -576,8 +578,7 @@ fn batch_end(
     let mut end = start + 1;
     while end < sequence.len() && members.len() < MAX_BATCH {
         let next = sequence[end];
-        if &slots[next].key().kind != kind
-            || dependencies[next].iter().any(|d| members.contains(d))
+        if &slots[next].key().kind != kind || dependencies[next].iter().any(|d| members.contains(d))
         {
             break;
         }

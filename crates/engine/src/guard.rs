@@ -250,10 +250,26 @@ mod tests {
         let foreign = key("", "Secret", Some("ns"), "someone-elses");
         let objects = vec![
             live(ours_pruned.clone(), false, false),
-            live(key("apps", "Deployment", Some("ns"), "deleting"), true, false),
-            live(key("apps", "ReplicaSet", Some("ns"), "web-1234"), false, true),
-            live(key("", "ServiceAccount", Some("ns"), "default"), false, false),
-            live(key("", "ConfigMap", Some("ns"), "kube-root-ca.crt"), false, false),
+            live(
+                key("apps", "Deployment", Some("ns"), "deleting"),
+                true,
+                false,
+            ),
+            live(
+                key("apps", "ReplicaSet", Some("ns"), "web-1234"),
+                false,
+                true,
+            ),
+            live(
+                key("", "ServiceAccount", Some("ns"), "default"),
+                false,
+                false,
+            ),
+            live(
+                key("", "ConfigMap", Some("ns"), "kube-root-ca.crt"),
+                false,
+                false,
+            ),
             live(key("", "Event", Some("ns"), "web.1"), false, false),
             live(key("", "Endpoints", Some("ns"), "web"), false, false),
             live(foreign.clone(), false, false),

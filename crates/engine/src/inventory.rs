@@ -156,9 +156,9 @@ impl InventoryRef {
                 .as_ref()
                 .and_then(|l| l.get(SHARD_LABEL))
                 .is_some_and(|l| *l == self.label());
-            let older = name
-                .strip_prefix(&older_layout)
-                .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()));
+            let older = name.strip_prefix(&older_layout).is_some_and(|index| {
+                !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
+            });
             if labelled || older {
                 parse_into(&shard, keys);
             }

@@ -10,9 +10,7 @@ use kube::discovery::{ApiResource, Discovery, verbs};
 
 use crate::apply::InventoryOptions;
 use crate::error::kube_error_message;
-use crate::guard::{
-    LiveObject, blockers, is_crd, is_namespace, kept_reason, set_members_in,
-};
+use crate::guard::{LiveObject, blockers, is_crd, is_namespace, kept_reason, set_members_in};
 use crate::inventory::{ON_REMOVE_ANNOTATION, OWNING_INVENTORY_ANNOTATION};
 use crate::key::ObjectKey;
 use crate::live::{Observed, poll_live};
@@ -105,7 +103,8 @@ pub(crate) async fn prune(
             tracing::info!(resource_key = %key, "not pruning: annotated {ON_REMOVE_ANNOTATION}: keep");
             continue;
         }
-        if let Some(reason) = still_in_use(client, &key, &current, in_set, &going, inventory).await {
+        if let Some(reason) = still_in_use(client, &key, &current, in_set, &going, inventory).await
+        {
             tracing::info!(resource_key = %key, %reason, "not pruning");
             pruned.results.push(result(Outcome::Kept(reason)));
             pruned.still_owned.push(key.clone());
@@ -201,7 +200,9 @@ async fn still_in_use(
     };
     match live {
         Ok(live) => kept_reason(&blockers(&live, going)),
-        Err(reason) => Some(format!("kept: cannot tell whether it is still in use: {reason}")),
+        Err(reason) => Some(format!(
+            "kept: cannot tell whether it is still in use: {reason}"
+        )),
     }
 }
 

@@ -554,9 +554,8 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<S::Response, BoxError>> + Send>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, BoxError>> + Send>>;
 
     fn poll_ready(
         &mut self,
@@ -588,11 +587,9 @@ where
 /// A cluster-admin client whose writes after the first `writes` fail (or, with `hang`, never finish).
 async fn interrupted_client(writes: usize, hang: bool) -> anyhow::Result<kube::Client> {
     test_support::cluster::install_crypto_provider();
-    let kubeconfig = kube::config::Kubeconfig::read_from(
-        &test_support::env::test_env().kubernetes.kubeconfig,
-    )?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&test_support::env::test_env().kubernetes.kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     let layer = InterruptAfter {
         writes: std::sync::Arc::new(writes.into()),
         hang,
@@ -664,7 +661,11 @@ async fn an_interrupted_sharded_write_leaves_the_previous_inventory_whole() -> a
     let failing = interrupted_client(1, false).await?;
     let error = location.write(&failing, &bigger, "agentk").await;
     assert!(error.is_err(), "the write was not interrupted");
-    assert_eq!(location.read(&ns.client).await?, before, "interrupted write");
+    assert_eq!(
+        location.read(&ns.client).await?,
+        before,
+        "interrupted write"
+    );
 
     // A sync dropped while recording its set (a newer commit arrived) after one shard.
     let hanging = interrupted_client(1, true).await?;
@@ -674,7 +675,10 @@ async fn an_interrupted_sharded_write_leaves_the_previous_inventory_whole() -> a
         apply(&hanging, &with_c, &opts),
     )
     .await;
-    assert!(dropped.is_err(), "the sync was not interrupted: {dropped:?}");
+    assert!(
+        dropped.is_err(),
+        "the sync was not interrupted: {dropped:?}"
+    );
     assert_eq!(location.read(&ns.client).await?, before, "dropped sync");
 
     // The next sync: b left Git, c is new; the padding (no such objects) is dropped.

@@ -37,7 +37,11 @@ fn options(ns: &TestNamespace) -> ApplyOptions {
 }
 
 fn allowing_empty(mut options: ApplyOptions) -> ApplyOptions {
-    options.inventory.as_mut().expect("has an inventory").allow_empty = true;
+    options
+        .inventory
+        .as_mut()
+        .expect("has an inventory")
+        .allow_empty = true;
     options
 }
 
@@ -98,11 +102,17 @@ async fn an_empty_set_is_refused_until_allow_empty() -> anyhow::Result<()> {
             ManifestFile::new("b.yaml", "# apiVersion: v1\n# kind: ConfigMap\n---\n---\n"),
         ],
         // A List with no items.
-        &[ManifestFile::new("list.yaml", "apiVersion: v1\nkind: List\nitems: []\n")],
+        &[ManifestFile::new(
+            "list.yaml",
+            "apiVersion: v1\nkind: List\nitems: []\n",
+        )],
     ];
     for files in empty_sets {
         let error = apply(&ns.client, files, &opts).await.unwrap_err();
-        assert!(matches!(error, EngineError::EmptySet { objects: 2, .. }), "{error:?}");
+        assert!(
+            matches!(error, EngineError::EmptySet { objects: 2, .. }),
+            "{error:?}"
+        );
         let message = error.to_string();
         assert!(message.contains("empty"), "{message}");
         assert!(message.contains(&inventory_ref(&ns).id()), "{message}");
@@ -136,10 +146,7 @@ async fn an_empty_set_is_refused_until_allow_empty() -> anyhow::Result<()> {
         &allowing_empty(opts),
     )
     .await?;
-    assert_eq!(
-        verbs(&report),
-        ["configmap/a pruned", "configmap/b pruned"]
-    );
+    assert_eq!(verbs(&report), ["configmap/a pruned", "configmap/b pruned"]);
     assert!(ns.api::<ConfigMap>().get_opt("a").await?.is_none());
     assert!(inventory_names(&ns).await?.is_empty());
     ns.delete().await?;
@@ -214,9 +221,15 @@ async fn a_namespace_the_set_still_uses_is_kept() -> anyhow::Result<()> {
     );
     let namespace = Api::<Namespace>::all(ns.client.clone()).get(&app).await?;
     assert!(namespace.metadata.deletion_timestamp.is_none());
-    assert_eq!(deployments.get("web").await?.metadata.uid, uid, "Deployment replaced");
     assert_eq!(
-        report.get(&format!("apps/Deployment/{app}/web")).map(|r| &r.outcome),
+        deployments.get("web").await?.metadata.uid,
+        uid,
+        "Deployment replaced"
+    );
+    assert_eq!(
+        report
+            .get(&format!("apps/Deployment/{app}/web"))
+            .map(|r| &r.outcome),
         Some(&Outcome::Unchanged)
     );
     assert_eq!(inventory_names(&ns).await?, [app.clone(), "web".into()]);
@@ -281,7 +294,10 @@ async fn a_namespace_holding_foreign_objects_is_kept() -> anyhow::Result<()> {
     let report = apply(&ns.client, &only_configmap, &opts).await?;
     assert_eq!(
         verbs(&report),
-        ["configmap/stays unchanged", &format!("namespace/{app} pruned")]
+        [
+            "configmap/stays unchanged",
+            &format!("namespace/{app} pruned")
+        ]
     );
     assert_eq!(inventory_names(&ns).await?, ["stays"]);
     ns.delete().await?;
@@ -315,7 +331,9 @@ spec:
 }
 
 fn widget_yaml(group: &str, name: &str) -> String {
-    format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: {name}\nspec:\n  size: 1\n---\n")
+    format!(
+        "apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: {name}\nspec:\n  size: 1\n---\n"
+    )
 }
 
 fn crd_api(client: &kube::Client) -> Api<DynamicObject> {
@@ -327,10 +345,8 @@ fn crd_api(client: &kube::Client) -> Api<DynamicObject> {
 }
 
 fn widgets(client: &kube::Client, namespace: &str, group: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(group, "v1", "Widget"),
-        "widgets",
-    );
+    let resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", "Widget"), "widgets");
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
@@ -358,7 +374,10 @@ async fn a_crd_with_custom_resources_outside_the_set_is_kept() -> anyhow::Result
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Discovery needs a moment after the CRD is established.
     while let Err(e) = theirs.create(&PostParams::default(), &foreign).await {
-        assert!(std::time::Instant::now() < deadline, "cannot create a Widget: {e}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cannot create a Widget: {e}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 
@@ -373,7 +392,10 @@ async fn a_crd_with_custom_resources_outside_the_set_is_kept() -> anyhow::Result
     );
     assert!(crd_api(&ns.client).get_opt(&crd_name).await?.is_some());
     assert!(theirs.get_opt("theirs").await?.is_some());
-    assert_eq!(inventory_names(&ns).await?, ["stays".into(), crd_name.clone()]);
+    assert_eq!(
+        inventory_names(&ns).await?,
+        ["stays".into(), crd_name.clone()]
+    );
 
     crd_api(&ns.client)
         .delete(&crd_name, &DeleteParams::default())
@@ -390,8 +412,10 @@ async fn a_crd_leaving_with_all_its_custom_resources_is_pruned() -> anyhow::Resu
     let mut opts = options(&ns);
     // Foreground deletion of a custom resource waits for the garbage collector, which learns of a CRD
     // this young only at its next discovery resync (up to 30 s later); background does not.
-    opts.inventory.as_mut().expect("has an inventory").prune_propagation_policy =
-        gitops_engine::PropagationPolicy::Background;
+    opts.inventory
+        .as_mut()
+        .expect("has an inventory")
+        .prune_propagation_policy = gitops_engine::PropagationPolicy::Background;
     let group = format!("{}.example.com", unique_name("prune"));
     let crd_name = format!("widgets.{group}");
     let set = [

@@ -199,9 +199,7 @@ fn compute_with(object: &Value, now: Option<SystemTime>) -> Result {
         Err(malformed) => return Result::unknown(malformed.to_string()),
     }
     match kinds::evaluate(object, now) {
-        Some(verdict) => {
-            verdict.unwrap_or_else(|malformed| Result::unknown(malformed.to_string()))
-        }
+        Some(verdict) => verdict.unwrap_or_else(|malformed| Result::unknown(malformed.to_string())),
         None => match generic::not_ready(object) {
             Ok(Some(result)) => result,
             Ok(None) => Result::current("Resource is current"),

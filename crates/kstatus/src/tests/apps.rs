@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 
-use super::{assert_result, reason};
 use super::compute;
+use super::{assert_result, reason};
 use crate::Status;
 
 /// A Deployment with 2 replicas whose rollout finished.

@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 
-use super::{assert_result, reason};
 use super::compute;
+use super::{assert_result, reason};
 use crate::Status;
 
 fn pod(status: Value) -> Value {
@@ -93,7 +93,8 @@ fn pod_unschedulable_is_in_progress_for_the_schedule_window() {
     ]});
     let object = pod(status);
     let created = crate::fields::timestamp(&object, &["metadata", "creationTimestamp"]).unwrap();
-    let at = |seconds| crate::compute_at(&object, created + std::time::Duration::from_secs(seconds));
+    let at =
+        |seconds| crate::compute_at(&object, created + std::time::Duration::from_secs(seconds));
     let result = at(5);
     assert_result(&result, Status::InProgress, "Pod has not been scheduled");
     assert_eq!(reason(&result), "PodNotScheduled");

@@ -1,7 +1,7 @@
 use serde_json::json;
 
-use super::{assert_result, reason};
 use super::compute;
+use super::{assert_result, reason};
 use crate::Status;
 
 #[test]

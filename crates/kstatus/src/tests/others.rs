@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 
-use super::{assert_result, reason};
 use super::compute;
+use super::{assert_result, reason};
 use crate::Status;
 
 fn job(spec: Value, status: Value) -> Value {
