@@ -13,16 +13,17 @@ use crate::change::{
 };
 use crate::decode::{DecodedObject, ManifestFile, ObjectOrigin, decode_files};
 use crate::error::{EngineError, kube_error_message};
+use crate::guard::{InventoryPlan, is_crd, plan_inventory, refuse_empty_set};
 use crate::inventory::{
     InventoryPolicy, InventoryRef, MANIFEST_DIGEST_ANNOTATION, OWNING_INVENTORY_ANNOTATION,
 };
 use crate::key::{ObjectKey, split_api_version};
 use crate::live::read_live;
-use crate::order::order;
+use crate::order::{OrderPlan, order};
 use crate::prune::prune;
 use crate::ready::{Target, await_ready};
 use crate::resolve::{
-    CRD_GROUP, CRD_KIND, Resolution, Resolved, discover, refresh_after_crds, resolve_objects,
+    CRD_GROUP, Resolution, Resolved, discover, refresh_after_crds, resolve_objects,
     served_after_crds,
 };
 use crate::result::{Health, ObjectResult, Outcome, SyncReport};
@@ -79,6 +80,9 @@ pub struct InventoryOptions {
     /// `allow_empty`: a set with no objects may prune a non-empty inventory. Off by default: such a sync is
     /// refused and nothing is pruned.
     pub allow_empty: bool,
+    /// A Namespace that left the set is not pruned while it holds objects this prune does not delete
+    /// (made by others, or kept). On by default; off, only the set's own objects keep it.
+    pub keep_namespaces_with_other_objects: bool,
 }
 
 impl InventoryOptions {
@@ -91,6 +95,7 @@ impl InventoryOptions {
             prune_propagation_policy: PropagationPolicy::Foreground,
             prune_timeout: None,
             allow_empty: false,
+            keep_namespaces_with_other_objects: true,
         }
     }
 }
@@ -129,17 +134,118 @@ pub async fn apply_decoded(
     documents: Vec<Result<DecodedObject, EngineError>>,
     options: &ApplyOptions,
 ) -> Result<SyncReport, EngineError> {
-    let mut report = SyncReport::default();
     let dry_run = options.dry_run != DryRunStrategy::None;
-    let fail = |key: Option<ObjectKey>, origin: ObjectOrigin, message: String| ObjectResult {
+    let documents_in_set = documents.len();
+    let (decoded, mut report) = split_documents(documents, dry_run);
+    let previous = match &options.inventory {
+        Some(inventory) => {
+            let previous = inventory.location.read(client).await?;
+            refuse_empty_set(
+                documents_in_set,
+                &previous,
+                &inventory.location.id(),
+                inventory.allow_empty,
+            )?;
+            previous
+        }
+        None => BTreeSet::new(),
+    };
+    let groups = groups_of(&decoded, &previous);
+    let discovery = discover(client, &groups).await?;
+    let (resolved, duplicates) = resolve_objects(decoded, &discovery, &options.default_namespace);
+    for (key, origin, e) in duplicates {
+        report
+            .results
+            .push(failed(Some(key), origin, e.to_string(), dry_run));
+    }
+    let mut slots: Vec<Slot> = resolved.into_iter().map(Slot::new).collect();
+    let recorded = pre_record(client, options, &previous, &slots).await?;
+    let plan = plan(&mut slots, &mut report, dry_run);
+
+    let mut run = Run {
+        client,
+        options,
+        dry_run,
+        discovery,
+        groups,
+        crds_applied: Vec::new(),
+    };
+    let mut start = 0;
+    while start < plan.sequence.len() {
+        let end = batch_end(&plan.sequence, start, &slots, &plan.dependencies);
+        let batch = &plan.sequence[start..end];
+        start = end;
+        run.batch(batch, &plan, &mut slots, &mut report).await;
+    }
+
+    if let Some(forms) = &options.applied_forms {
+        let in_set: HashSet<&ObjectKey> = slots.iter().map(|s| &s.resolved.key).collect();
+        forms.retain(|key| in_set.contains(key));
+    }
+    if let Some(inventory) = &options.inventory {
+        update_inventory(&run, inventory, &previous, recorded, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// One object of the set through the sync: what it is, and what has happened to it so far.
+struct Slot {
+    resolved: Resolved,
+    /// Final outcome, once decided: for skipping dependents.
+    outcome: Option<Outcome>,
+    /// kstatus' verdict as the apply left it (or once seen Current): for depends-on, which waits for it.
+    health: Option<Health>,
+    /// The API it was applied through: for reading it again while waiting for it.
+    resource: Option<ApiResource>,
+}
+
+impl Slot {
+    fn new(resolved: Resolved) -> Self {
+        Self {
+            resolved,
+            outcome: None,
+            health: None,
+            resource: None,
+        }
+    }
+
+    fn key(&self) -> &ObjectKey {
+        &self.resolved.key
+    }
+
+    fn succeeded(&self) -> bool {
+        self.outcome.as_ref().is_some_and(Outcome::is_success)
+    }
+
+    fn is_current(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|h| h.status == gitops_kstatus::Status::Current)
+    }
+}
+
+fn failed(
+    key: Option<ObjectKey>,
+    origin: ObjectOrigin,
+    message: String,
+    dry_run: bool,
+) -> ObjectResult {
+    ObjectResult {
         key,
         origin: Some(origin),
         outcome: Outcome::Failed(message),
         dry_run,
         resource: None,
         health: None,
-    };
+    }
+}
 
+/// Valid objects to go on with, and a failed result for each document that is not one.
+fn split_documents(
+    documents: Vec<Result<DecodedObject, EngineError>>,
+    dry_run: bool,
+) -> (Vec<DecodedObject>, SyncReport) {
+    let mut report = SyncReport::default();
     let mut decoded = Vec::new();
     for item in documents {
         match item {
@@ -150,104 +256,168 @@ pub async fn apply_decoded(
                     document_index: 0,
                     list_item_index: None,
                 });
-                report.results.push(fail(None, origin, e.to_string()));
+                report
+                    .results
+                    .push(failed(None, origin, e.to_string(), dry_run));
             }
         }
     }
+    (decoded, report)
+}
 
-    let previous_inventory = match &options.inventory {
-        Some(inventory) => inventory.location.read(client).await?,
-        None => BTreeSet::new(),
-    };
+/// The API groups to discover: those of the set, of the inventory (to prune), and CRDs'.
+fn groups_of(decoded: &[DecodedObject], previous: &BTreeSet<ObjectKey>) -> BTreeSet<String> {
     let mut groups: BTreeSet<String> = decoded
         .iter()
         .filter_map(|o| o.object.types.as_ref())
         .map(|t| split_api_version(&t.api_version).0.to_string())
-        .chain(previous_inventory.iter().map(|k| k.group.clone()))
+        .chain(previous.iter().map(|k| k.group.clone()))
         .collect();
     groups.insert(CRD_GROUP.into());
-    let mut discovery = discover(client, &groups).await?;
+    groups
+}
 
-    let (resolved, duplicates) = resolve_objects(decoded, &discovery, &options.default_namespace);
-    for (key, origin, e) in duplicates {
-        report.results.push(fail(Some(key), origin, e.to_string()));
+/// Records everything this sync may create before creating it (as cli-utils does): a sync cancelled
+/// half-way (a newer commit arrived) then leaves no object the inventory does not know, so nothing can
+/// escape a later prune. Objects this sync fails to take over are dropped again at the end, and prune
+/// never deletes an object another inventory owns. Returns what the inventory in the cluster holds now:
+/// it is written only when that changes, so a re-sync of an unchanged set writes nothing.
+async fn pre_record(
+    client: &Client,
+    options: &ApplyOptions,
+    previous: &BTreeSet<ObjectKey>,
+    slots: &[Slot],
+) -> Result<BTreeSet<ObjectKey>, EngineError> {
+    let Some(inventory) = options
+        .inventory
+        .as_ref()
+        .filter(|_| options.dry_run == DryRunStrategy::None)
+    else {
+        return Ok(previous.clone());
+    };
+    let upcoming: BTreeSet<ObjectKey> = previous
+        .iter()
+        .cloned()
+        .chain(slots.iter().map(|s| s.key().clone()))
+        .collect();
+    if &upcoming != previous {
+        inventory
+            .location
+            .write(client, &upcoming, &options.field_manager)
+            .await?;
     }
+    Ok(upcoming)
+}
 
-    // What the inventory in the cluster holds now: it is written only when that changes, so a re-sync
-    // of an unchanged set writes nothing.
-    let mut recorded = previous_inventory.clone();
-    // Record everything this sync may create before creating it (as cli-utils does): a sync cancelled
-    // half-way (a newer commit arrived) then leaves no object the inventory does not know, so nothing can
-    // escape a later prune. Objects this sync fails to take over are dropped again at the end, and
-    // prune never deletes an object another inventory owns.
-    if let Some(inventory) = &options.inventory
-        && !dry_run
-    {
-        let upcoming: BTreeSet<ObjectKey> = previous_inventory
-            .iter()
-            .cloned()
-            .chain(resolved.iter().map(|r| r.key.clone()))
-            .collect();
-        if upcoming != recorded {
-            inventory
-                .location
-                .write(client, &upcoming, &options.field_manager)
-                .await?;
-            recorded = upcoming;
-        }
-    }
-
+/// Orders the set; objects that cannot be ordered (invalid depends-on, cycles) fail here.
+fn plan(slots: &mut [Slot], report: &mut SyncReport, dry_run: bool) -> OrderPlan {
     let plan = {
-        let items: Vec<(ObjectKey, &DynamicObject)> = resolved
+        let items: Vec<(ObjectKey, &DynamicObject)> = slots
             .iter()
-            .map(|r| (r.key.clone(), &r.object))
+            .map(|s| (s.key().clone(), &s.resolved.object))
             .collect();
         order(&items)
     };
-    // Final outcome per object, for skipping dependents; health and API of applied ones, for
-    // depends-on, which waits for readiness.
-    let mut outcome_of: Vec<Option<Outcome>> = vec![None; resolved.len()];
-    let mut health_of: Vec<Option<Health>> = vec![None; resolved.len()];
-    let mut resource_of: Vec<Option<ApiResource>> = vec![None; resolved.len()];
-    for (i, e) in plan.failed {
-        let r = &resolved[i];
-        outcome_of[i] = Some(Outcome::Failed(e.to_string()));
-        report
-            .results
-            .push(fail(Some(r.key.clone()), r.origin.clone(), e.to_string()));
+    for (i, e) in &plan.failed {
+        let slot = &mut slots[*i];
+        slot.outcome = Some(Outcome::Failed(e.to_string()));
+        report.results.push(failed(
+            Some(slot.key().clone()),
+            slot.resolved.origin.clone(),
+            e.to_string(),
+            dry_run,
+        ));
+    }
+    plan
+}
+
+/// The state of the sync shared by its batches.
+struct Run<'a> {
+    client: &'a Client,
+    options: &'a ApplyOptions,
+    dry_run: bool,
+    discovery: Discovery,
+    groups: BTreeSet<String>,
+    /// CRDs applied (for real) since the last discovery: their kinds are looked up again before use.
+    crds_applied: Vec<String>,
+}
+
+/// What an object of a batch gets: an API resource to apply to, or its outcome already.
+type Prepared = (usize, Result<ApiResource, Outcome>);
+/// An object's outcome, the API it went through and its health.
+type Applied = (usize, Outcome, Option<ApiResource>, Option<Health>);
+
+impl Run<'_> {
+    /// One batch: its kinds discovered if a CRD of the set defines them, its depends-on targets waited
+    /// for, then each object skipped, failed or applied, and the results recorded.
+    async fn batch(
+        &mut self,
+        batch: &[usize],
+        plan: &OrderPlan,
+        slots: &mut [Slot],
+        report: &mut SyncReport,
+    ) {
+        let refreshed = self.refresh_discovery(batch, slots).await;
+        let (targets, awaited) = self.dependency_targets(batch, plan, slots).await;
+        let readiness = if targets.is_empty() {
+            HashMap::new()
+        } else {
+            let timeout = self.options.dependency_timeout;
+            await_ready(self.client, targets, timeout, self.dry_run).await
+        };
+        // Seen Current now: later batches' dependents need not wait for them again.
+        for d in awaited {
+            if readiness.get(slots[d].key()).is_some_and(Result::is_ok) {
+                slots[d].health = Some(Health {
+                    status: gitops_kstatus::Status::Current,
+                    message: String::new(),
+                });
+            }
+        }
+        let prepared: Vec<Prepared> = batch
+            .iter()
+            .map(|&i| (i, prepare(i, plan, slots, &readiness, &refreshed, self)))
+            .collect();
+        let applied = self.apply_prepared(prepared, slots).await;
+        self.record(applied, slots, report);
     }
 
-    // CRDs applied (for real) since the last discovery: their kinds are looked up again before use.
-    let mut crds_applied: Vec<String> = Vec::new();
-    let mut start = 0;
-    while start < plan.sequence.len() {
-        let batch =
-            &plan.sequence[start..batch_end(&plan.sequence, start, &resolved, &plan.dependencies)];
-        start += batch.len();
+    /// Discovery again before a batch of kinds defined by CRDs applied since the last one.
+    async fn refresh_discovery(&mut self, batch: &[usize], slots: &[Slot]) -> Result<(), String> {
         let needs_refresh = batch
             .iter()
-            .any(|&i| matches!(resolved[i].resolution, Resolution::Pending(_)));
-        let refreshed = if needs_refresh && !crds_applied.is_empty() {
-            refresh_after_crds(client, &mut discovery, &groups, &mut crds_applied).await
-        } else {
-            Ok(())
-        };
-        // depends-on targets to be ready first: those of the set not yet Current, and those outside it.
+            .any(|&i| matches!(slots[i].resolved.resolution, Resolution::Pending(_)));
+        if !needs_refresh || self.crds_applied.is_empty() {
+            return Ok(());
+        }
+        refresh_after_crds(
+            self.client,
+            &mut self.discovery,
+            &self.groups,
+            &mut self.crds_applied,
+        )
+        .await
+    }
+
+    /// depends-on targets to be ready first: those of the set applied but not yet seen Current, and
+    /// those outside it. Also returns the targets of the set waited for, to record them Current once
+    /// they are.
+    async fn dependency_targets(
+        &self,
+        batch: &[usize],
+        plan: &OrderPlan,
+        slots: &[Slot],
+    ) -> (BTreeMap<ObjectKey, Target>, Vec<usize>) {
         let mut targets: BTreeMap<ObjectKey, Target> = BTreeMap::new();
-        // Targets of the set waited for, to record them Current once they are.
         let mut awaited: Vec<usize> = Vec::new();
         for &i in batch {
             for &d in &plan.awaits[i] {
-                let applied = outcome_of[d].as_ref().is_some_and(Outcome::is_success);
-                let current = health_of[d]
-                    .as_ref()
-                    .is_some_and(|h| h.status == gitops_kstatus::Status::Current);
-                if applied && !current && !dry_run {
+                if slots[d].succeeded() && !slots[d].is_current() && !self.dry_run {
                     let target = Target {
-                        resource: resource_of[d].clone(),
+                        resource: slots[d].resource.clone(),
                         external: false,
                     };
-                    targets.insert(resolved[d].key.clone(), target);
+                    targets.insert(slots[d].key().clone(), target);
                     awaited.push(d);
                 }
             }
@@ -257,71 +427,28 @@ pub async fn apply_decoded(
                     continue;
                 }
                 let target = Target {
-                    resource: served_resource(client, &discovery, key).await,
+                    resource: served_resource(self.client, &self.discovery, key).await,
                     external: true,
                 };
                 targets.insert(key.clone(), target);
             }
         }
-        let readiness = if targets.is_empty() {
-            HashMap::new()
-        } else {
-            await_ready(client, targets, options.dependency_timeout, dry_run).await
-        };
-        // Seen Current now: later batches' dependents need not wait for them again.
-        for d in awaited {
-            if readiness.get(&resolved[d].key).is_some_and(Result::is_ok) {
-                health_of[d] = Some(Health {
-                    status: gitops_kstatus::Status::Current,
-                    message: String::new(),
-                });
-            }
-        }
-        // What each object of the batch gets: an API resource to apply to, or its outcome already.
-        let prepared: Vec<(usize, Result<ApiResource, Outcome>)> = batch
-            .iter()
-            .map(|&i| {
-                let blocked = plan.dependencies[i]
-                    .iter()
-                    .find(|&&d| outcome_of[d].as_ref().is_some_and(|o| !o.is_success()));
-                if let Some(&d) = blocked {
-                    let verb = outcome_of[d]
-                        .as_ref()
-                        .map(Outcome::verb)
-                        .unwrap_or_default();
-                    let reason =
-                        format!("depends on {} which {verb}", resolved[d].key.resource_key());
-                    return (i, Err(Outcome::Skipped(reason)));
-                }
-                let not_ready = plan.awaits[i]
-                    .iter()
-                    .map(|&d| &resolved[d].key)
-                    .chain(&plan.external[i])
-                    .find_map(|key| readiness.get(key).and_then(|r| r.clone().err()));
-                if let Some(reason) = not_ready {
-                    return (i, Err(Outcome::Skipped(reason)));
-                }
-                let resource = match &resolved[i].resolution {
-                    Resolution::Served(resource) => Ok(resource.clone()),
-                    Resolution::Unknown(message) => Err(message.clone()),
-                    Resolution::Pending(gvk) => refreshed
-                        .clone()
-                        .and_then(|()| served_after_crds(&discovery, gvk, dry_run)),
-                };
-                (i, resource.map_err(Outcome::Failed))
-            })
-            .collect();
-        let mut live = read_batch(client, &prepared, &resolved).await;
-        type Applied = (usize, Outcome, Option<ApiResource>, Option<Health>);
-        let outcomes: Vec<Applied> = futures::stream::iter(prepared)
+        (targets, awaited)
+    }
+
+    /// Reads the batch's live objects in bulk, then applies those that got an API resource (16 in
+    /// flight), in batch order.
+    async fn apply_prepared(&self, prepared: Vec<Prepared>, slots: &[Slot]) -> Vec<Applied> {
+        let mut live = read_batch(self.client, &prepared, slots).await;
+        futures::stream::iter(prepared)
             .map(|(i, prepared)| {
-                let r = &resolved[i];
+                let r = &slots[i].resolved;
                 let before = live.remove(&i).unwrap_or(Ok(None));
                 async move {
                     match prepared {
                         Ok(resource) => {
                             let (outcome, health) =
-                                apply_object(client, &resource, r, before, options).await;
+                                apply_object(self.client, &resource, r, before, self.options).await;
                             (i, outcome, Some(resource), health)
                         }
                         Err(outcome) => (i, outcome, None, None),
@@ -330,83 +457,97 @@ pub async fn apply_decoded(
             })
             .buffered(APPLY_CONCURRENCY)
             .collect()
-            .await;
-        for (i, outcome, resource, health) in outcomes {
-            let r = &resolved[i];
-            tracing::debug!(resource_key = %r.key, origin = %r.origin, outcome = outcome.verb(), "applied object");
-            if outcome.is_success()
-                && !dry_run
-                && r.key.group == CRD_GROUP
-                && r.key.kind == CRD_KIND
-            {
-                crds_applied.push(r.key.name.clone());
+            .await
+    }
+
+    /// Keeps each outcome on its slot (for dependents) and in the report; notes CRDs applied.
+    fn record(&mut self, applied: Vec<Applied>, slots: &mut [Slot], report: &mut SyncReport) {
+        for (i, outcome, resource, health) in applied {
+            let slot = &mut slots[i];
+            let key = &slot.resolved.key;
+            tracing::debug!(resource_key = %key, origin = %slot.resolved.origin, outcome = outcome.verb(), "applied object");
+            if outcome.is_success() && !self.dry_run && is_crd(key) {
+                self.crds_applied.push(key.name.clone());
             }
-            outcome_of[i] = Some(outcome.clone());
-            health_of[i] = health.clone();
-            resource_of[i] = resource.clone();
+            slot.outcome = Some(outcome.clone());
+            slot.health = health.clone();
+            slot.resource = resource.clone();
             report.results.push(ObjectResult {
-                key: Some(r.key.clone()),
-                origin: Some(r.origin.clone()),
+                key: Some(key.clone()),
+                origin: Some(slot.resolved.origin.clone()),
                 outcome,
-                dry_run,
+                dry_run: self.dry_run,
                 resource,
                 health,
             });
         }
     }
-
-    if let Some(forms) = &options.applied_forms {
-        let in_set: HashSet<&ObjectKey> = resolved.iter().map(|r| &r.key).collect();
-        forms.retain(|key| in_set.contains(key));
-    }
-    if let Some(inventory) = &options.inventory {
-        update_inventory(
-            client,
-            &discovery,
-            inventory,
-            (previous_inventory, recorded),
-            &mut report,
-            options,
-        )
-        .await?;
-    }
-    Ok(report)
 }
 
-/// Prunes what left the set (only when everything else succeeded) and records what this inventory
-/// owns now: the objects applied, plus earlier ones still in the cluster that were not pruned.
+/// What object `i` of a batch gets: skipped when a dependency failed or was skipped or a depends-on
+/// target is not ready, failed when its kind is not served, else the API resource to apply it to.
+fn prepare(
+    i: usize,
+    plan: &OrderPlan,
+    slots: &[Slot],
+    readiness: &HashMap<ObjectKey, Result<(), String>>,
+    refreshed: &Result<(), String>,
+    run: &Run<'_>,
+) -> Result<ApiResource, Outcome> {
+    let blocked = plan.dependencies[i]
+        .iter()
+        .find(|&&d| slots[d].outcome.as_ref().is_some_and(|o| !o.is_success()));
+    if let Some(&d) = blocked {
+        let verb = slots[d]
+            .outcome
+            .as_ref()
+            .map(Outcome::verb)
+            .unwrap_or_default();
+        let reason = format!("depends on {} which {verb}", slots[d].key().resource_key());
+        return Err(Outcome::Skipped(reason));
+    }
+    let not_ready = plan.awaits[i]
+        .iter()
+        .map(|&d| slots[d].key())
+        .chain(&plan.external[i])
+        .find_map(|key| readiness.get(key).and_then(|r| r.clone().err()));
+    if let Some(reason) = not_ready {
+        return Err(Outcome::Skipped(reason));
+    }
+    let resource = match &slots[i].resolved.resolution {
+        Resolution::Served(resource) => Ok(resource.clone()),
+        Resolution::Unknown(message) => Err(message.clone()),
+        Resolution::Pending(gvk) => refreshed
+            .clone()
+            .and_then(|()| served_after_crds(&run.discovery, gvk, run.dry_run)),
+    };
+    resource.map_err(Outcome::Failed)
+}
+
+/// Prunes what left the set (only when everything else succeeded; Namespaces and CRDs still in use are
+/// kept) and records what this inventory owns now: the objects applied, plus earlier ones still in the
+/// cluster that were not pruned.
 async fn update_inventory(
-    client: &Client,
-    discovery: &Discovery,
+    run: &Run<'_>,
     inventory: &InventoryOptions,
-    (previous, recorded): (BTreeSet<ObjectKey>, BTreeSet<ObjectKey>),
+    previous: &BTreeSet<ObjectKey>,
+    recorded: BTreeSet<ObjectKey>,
     report: &mut SyncReport,
-    options: &ApplyOptions,
 ) -> Result<(), EngineError> {
-    let dry_run = options.dry_run != DryRunStrategy::None;
-    let in_set: BTreeSet<ObjectKey> = report
-        .results
-        .iter()
-        .filter_map(|r| r.key.clone())
-        .collect();
-    // A failed object is recorded only if it was ours before: it may still be in the cluster.
-    let mut owned: BTreeSet<ObjectKey> = report
-        .results
-        .iter()
-        .filter(|r| r.outcome.is_success())
-        .filter_map(|r| r.key.clone())
-        .collect();
-    owned.extend(in_set.iter().filter(|k| previous.contains(*k)).cloned());
-    let gone: Vec<ObjectKey> = previous.difference(&in_set).cloned().collect();
-    if inventory.prune && report.all_succeeded() {
+    let InventoryPlan {
+        in_set,
+        mut owned,
+        gone,
+        may_prune,
+    } = plan_inventory(previous, report);
+    if inventory.prune && may_prune {
         let pruned = prune(
-            client,
-            discovery,
+            run.client,
+            &run.discovery,
             gone,
-            &inventory.location.id(),
-            inventory.prune_propagation_policy.clone(),
-            inventory.prune_timeout,
-            dry_run,
+            &in_set,
+            inventory,
+            run.dry_run,
         )
         .await;
         owned.extend(pruned.still_owned);
@@ -414,10 +555,10 @@ async fn update_inventory(
     } else {
         owned.extend(gone);
     }
-    if !dry_run && owned != recorded {
+    if !run.dry_run && owned != recorded {
         inventory
             .location
-            .write(client, &owned, &options.field_manager)
+            .write(run.client, &owned, &run.options.field_manager)
             .await?;
     }
     Ok(())
@@ -429,16 +570,15 @@ async fn update_inventory(
 fn batch_end(
     sequence: &[usize],
     start: usize,
-    resolved: &[Resolved],
+    slots: &[Slot],
     dependencies: &[Vec<usize>],
 ) -> usize {
-    let kind = &resolved[sequence[start]].key.kind;
+    let kind = &slots[sequence[start]].key().kind;
     let mut members = HashSet::from([sequence[start]]);
     let mut end = start + 1;
     while end < sequence.len() && members.len() < MAX_BATCH {
         let next = sequence[end];
-        if &resolved[next].key.kind != kind
-            || dependencies[next].iter().any(|d| members.contains(d))
+        if &slots[next].key().kind != kind || dependencies[next].iter().any(|d| members.contains(d))
         {
             break;
         }
@@ -468,8 +608,8 @@ async fn served_resource(
 /// The live state of a batch's objects (those with an API to apply to), read in bulk.
 async fn read_batch(
     client: &Client,
-    batch: &[(usize, Result<ApiResource, Outcome>)],
-    resolved: &[Resolved],
+    batch: &[Prepared],
+    slots: &[Slot],
 ) -> HashMap<usize, Result<Option<DynamicObject>, String>> {
     let members: Vec<(usize, &ApiResource)> = batch
         .iter()
@@ -477,7 +617,7 @@ async fn read_batch(
         .collect();
     let wanted: Vec<(&ApiResource, &ObjectKey)> = members
         .iter()
-        .map(|&(i, resource)| (resource, &resolved[i].key))
+        .map(|&(i, resource)| (resource, slots[i].key()))
         .collect();
     let live = read_live(client, &wanted).await;
     members.iter().map(|&(i, _)| i).zip(live).collect()

@@ -34,6 +34,11 @@ pub enum EngineError {
     Kube(#[source] kube::Error),
     #[error("reading or writing the inventory failed: {0}")]
     Inventory(#[source] kube::Error),
+    /// A set with no objects at all while the inventory holds some: applying it would prune them all.
+    #[error(
+        "the manifest set is empty (no file yields an object) but inventory {inventory} holds {objects} object(s): refusing to sync, which would prune them all; if the project is meant to be emptied, set `allow_empty: true` on the manifest project"
+    )]
+    EmptySet { inventory: String, objects: usize },
     #[error("CustomResourceDefinition {name} did not become established: {reason}")]
     CrdNotEstablished { name: String, reason: String },
 }

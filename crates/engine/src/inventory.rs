@@ -1,17 +1,28 @@
 //! The inventory: which objects a (agent, manifest project) applied, kept in the cluster so objects that
 //! leave Git can be pruned even after a restart.
 //!
-//! Stored as ConfigMaps in the agent's namespace: `<name>` holds the first shard and the shard count,
-//! `<name>-1`, `<name>-2`, ... the rest, so the number of objects is not bounded by one ConfigMap's 1 MiB.
-//! Each shard's `objects` is the sorted resource keys, one a line.
+//! Stored as ConfigMaps in the agent's namespace, so the number of objects is not bounded by one
+//! ConfigMap's 1 MiB: the head `<name>` holds the first shard, the shard count and a generation; shards
+//! 1.. of generation `g` are `<name>-g<g>-<i>`, labelled as this inventory's. Each shard's `objects` is
+//! the sorted resource keys, one a line.
+//!
+//! Writes are crash-safe: a new generation's shards are written first and the head naming it last (one
+//! atomic write), then the other generations' shards are deleted. A write interrupted at any point (a
+//! newer commit drops the sync, `kill -9`, an apiserver error) leaves the previous generation whole, and
+//! the next write removes what an unfinished one left. The older layout (`<name>-<i>`, no generation) is
+//! still read and is replaced by the next write. A shard that is missing all the same (deleted by hand,
+//! or the older layout interrupted) does not wedge the project: the read then takes the union of every
+//! shard left for this inventory, a superset of what it owns, which is safe because prune deletes only
+//! objects annotated as owned by this inventory.
 
 use std::collections::BTreeSet;
 
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::error::EngineError;
 use crate::key::ObjectKey;
@@ -24,6 +35,13 @@ pub const MANIFEST_DIGEST_ANNOTATION: &str = "agentk/manifest-digest";
 pub const ON_REMOVE_ANNOTATION: &str = "cli-utils.sigs.k8s.io/on-remove";
 /// Keeps each shard well under the apiserver's 1 MiB object limit.
 const SHARD_BYTES: usize = 512 * 1024;
+/// Label on every shard but the head, with [`InventoryRef::label`]: how the shards of unfinished or old
+/// generations are found again.
+const SHARD_LABEL: &str = "agentk.gitlab.com/inventory-shard-of";
+/// Longest ConfigMap name kept whole in shard names (ConfigMap names end at 253 characters).
+const SHARD_PREFIX_MAX: usize = 220;
+/// Page size when listing shards.
+const SHARD_PAGE: u32 = 100;
 
 /// `inventory_policy`: what to do with an existing object not owned by this inventory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,12 +86,27 @@ impl InventoryRef {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    fn shard_name(&self, index: usize) -> String {
+    /// The name of shard `index` of `generation`; `None`: the older layout, `<name>-<index>`.
+    fn shard_name(&self, generation: Option<u64>, index: usize) -> String {
         if index == 0 {
+            return self.name.clone();
+        }
+        let Some(generation) = generation else {
+            return format!("{}-{index}", self.name);
+        };
+        let prefix = if self.name.len() <= SHARD_PREFIX_MAX {
             self.name.clone()
         } else {
-            format!("{}-{index}", self.name)
-        }
+            let cut = self.name.get(..200).unwrap_or(&self.name);
+            format!("{cut}-{}", self.label())
+        };
+        format!("{prefix}-g{generation}-{index}")
+    }
+
+    /// The value of [`SHARD_LABEL`] on this inventory's shards (a label value is at most 63 characters,
+    /// a name up to 253, so a digest of the name).
+    fn label(&self) -> String {
+        hex::encode(&Sha256::digest(self.name.as_bytes())[..12])
     }
 
     fn api(&self, client: &Client) -> Api<DynamicObject> {
@@ -85,26 +118,56 @@ impl InventoryRef {
     pub async fn read(&self, client: &Client) -> Result<BTreeSet<ObjectKey>, EngineError> {
         let api = self.api(client);
         let mut keys = BTreeSet::new();
-        let Some(first) = api
+        let Some(head) = api
             .get_opt(&self.name)
             .await
             .map_err(EngineError::Inventory)?
         else {
             return Ok(keys);
         };
-        let shards = shard_count(&first);
-        parse_into(&first, &mut keys);
-        for index in 1..shards {
-            let shard = api
-                .get(&self.shard_name(index))
-                .await
-                .map_err(EngineError::Inventory)?;
-            parse_into(&shard, &mut keys);
+        parse_into(&head, &mut keys);
+        let generation = generation_of(&head);
+        for index in 1..shard_count(&head) {
+            let name = self.shard_name(generation, index);
+            match api.get_opt(&name).await.map_err(EngineError::Inventory)? {
+                Some(shard) => parse_into(&shard, &mut keys),
+                None => {
+                    tracing::warn!(inventory = %self.id(), shard = %name, "an inventory shard is missing: reading every shard left for this inventory instead");
+                    self.read_every_shard(&api, &mut keys).await?;
+                    return Ok(keys);
+                }
+            }
         }
         Ok(keys)
     }
 
-    /// Replaces the inventory with `keys`, then deletes shards no longer needed.
+    /// Adds the keys of every shard left for this inventory, of any generation or layout.
+    async fn read_every_shard(
+        &self,
+        api: &Api<DynamicObject>,
+        keys: &mut BTreeSet<ObjectKey>,
+    ) -> Result<(), EngineError> {
+        let older_layout = format!("{}-", self.name);
+        for shard in list_all(api, &ListParams::default()).await? {
+            let name = shard.metadata.name.as_deref().unwrap_or_default();
+            let labelled = shard
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SHARD_LABEL))
+                .is_some_and(|l| *l == self.label());
+            let older = name.strip_prefix(&older_layout).is_some_and(|index| {
+                !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
+            });
+            if labelled || older {
+                parse_into(&shard, keys);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the inventory with `keys`: a new generation's shards first, the head naming it last, then
+    /// the shards no generation in use needs any more are deleted.
     pub async fn write(
         &self,
         client: &Client,
@@ -112,36 +175,74 @@ impl InventoryRef {
         field_manager: &str,
     ) -> Result<(), EngineError> {
         let api = self.api(client);
-        let previous_shards = match api
+        let head = api
             .get_opt(&self.name)
             .await
-            .map_err(EngineError::Inventory)?
-        {
-            Some(first) => shard_count(&first),
-            None => 0,
+            .map_err(EngineError::Inventory)?;
+        let previous_generation = head.as_ref().and_then(generation_of);
+        // Shards of the older layout, to delete once the head no longer names them.
+        let older_layout_shards = match &head {
+            Some(head) if previous_generation.is_none() => shard_count(head),
+            _ => 1,
         };
+        let generation = previous_generation.map_or(1, |g| g + 1);
         let shards = split_into_shards(keys);
         let params = PatchParams::apply(field_manager).force();
-        for (index, objects) in shards.iter().enumerate() {
-            let mut data = json!({ "objects": objects });
-            if index == 0 {
-                data["shards"] = json!(shards.len().to_string());
-            }
+        for (index, objects) in shards.iter().enumerate().skip(1) {
+            let name = self.shard_name(Some(generation), index);
             let configmap = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": self.shard_name(index), "namespace": self.namespace},
-                "data": data,
+                "metadata": {
+                    "name": name,
+                    "namespace": self.namespace,
+                    "labels": {SHARD_LABEL: self.label()},
+                },
+                "data": {"objects": objects, "generation": generation.to_string()},
             });
-            api.patch(&self.shard_name(index), &params, &Patch::Apply(&configmap))
+            api.patch(&name, &params, &Patch::Apply(&configmap))
                 .await
                 .map_err(EngineError::Inventory)?;
         }
-        for index in shards.len()..previous_shards {
-            match api
-                .delete(&self.shard_name(index), &DeleteParams::default())
-                .await
-            {
+        let head = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "data": {
+                "objects": shards[0],
+                "shards": shards.len().to_string(),
+                "generation": generation.to_string(),
+            },
+        });
+        api.patch(&self.name, &params, &Patch::Apply(&head))
+            .await
+            .map_err(EngineError::Inventory)?;
+        self.delete_unused_shards(&api, generation, shards.len(), older_layout_shards)
+            .await
+    }
+
+    /// Deletes the shards of other generations (an unfinished write's, or the one just replaced) and of
+    /// the older layout.
+    async fn delete_unused_shards(
+        &self,
+        api: &Api<DynamicObject>,
+        generation: u64,
+        shards: usize,
+        older_layout_shards: usize,
+    ) -> Result<(), EngineError> {
+        let in_use: BTreeSet<String> = (1..shards)
+            .map(|index| self.shard_name(Some(generation), index))
+            .collect();
+        let selector = ListParams::default().labels(&format!("{SHARD_LABEL}={}", self.label()));
+        let mut unused: Vec<String> = list_all(api, &selector)
+            .await?
+            .into_iter()
+            .filter_map(|shard| shard.metadata.name)
+            .filter(|name| !in_use.contains(name))
+            .collect();
+        unused.extend((1..older_layout_shards).map(|index| self.shard_name(None, index)));
+        for name in unused {
+            match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
                 Err(e) => return Err(EngineError::Inventory(e)),
@@ -149,6 +250,30 @@ impl InventoryRef {
         }
         Ok(())
     }
+}
+
+/// Every ConfigMap `params` selects, page by page.
+async fn list_all(
+    api: &Api<DynamicObject>,
+    params: &ListParams,
+) -> Result<Vec<DynamicObject>, EngineError> {
+    let mut params = params.clone().limit(SHARD_PAGE);
+    let mut all = Vec::new();
+    loop {
+        let page = api.list(&params).await.map_err(EngineError::Inventory)?;
+        all.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// The generation the head names; `None` for the older layout.
+fn generation_of(head: &DynamicObject) -> Option<u64> {
+    head.data["data"]["generation"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
 }
 
 fn shard_count(first: &DynamicObject) -> usize {

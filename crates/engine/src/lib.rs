@@ -39,6 +39,7 @@ pub mod apply;
 mod change;
 pub mod decode;
 pub mod error;
+mod guard;
 pub mod inventory;
 pub mod key;
 pub mod live;

@@ -69,9 +69,12 @@ pub struct Health {
 }
 
 impl Health {
-    /// kstatus on an object as the apiserver returned it.
+    /// kstatus on an object as the apiserver returned it, judged now (grace periods count from now).
     pub fn of(object: &kube::api::DynamicObject) -> Option<Self> {
-        let result = gitops_kstatus::compute(&serde_json::to_value(object).ok()?);
+        let result = gitops_kstatus::compute_at(
+            &serde_json::to_value(object).ok()?,
+            std::time::SystemTime::now(),
+        );
         Some(Self {
             status: result.status,
             message: result.message,

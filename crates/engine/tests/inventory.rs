@@ -278,26 +278,13 @@ async fn large_inventories_are_sharded_and_shrink_back() -> anyhow::Result<()> {
         .collect();
     location.write(&ns.client, &many, "agentk").await?;
     assert_eq!(location.read(&ns.client).await?, many);
-    let shards = ns.api::<ConfigMap>().list(&Default::default()).await?;
-    let shard_names: Vec<_> = shards
-        .items
-        .iter()
-        .filter_map(|c| c.metadata.name.clone())
-        .collect();
-    assert!(
-        shard_names.contains(&format!("{}-1", location.name)),
-        "{shard_names:?}"
-    );
+    let shards = inventory_configmaps(&ns).await?;
+    assert!(shards.len() > 1, "{shards:?}");
 
     let few: BTreeSet<ObjectKey> = many.iter().take(3).cloned().collect();
     location.write(&ns.client, &few, "agentk").await?;
     assert_eq!(location.read(&ns.client).await?, few);
-    assert!(
-        ns.api::<ConfigMap>()
-            .get_opt(&format!("{}-1", location.name))
-            .await?
-            .is_none()
-    );
+    assert_eq!(inventory_configmaps(&ns).await?, [location.name.clone()]);
     ns.delete().await?;
     Ok(())
 }
@@ -526,6 +513,247 @@ async fn secrets_with_string_data_are_always_checked() -> anyhow::Result<()> {
     apply(&ns.client, &files(&docs), &opts).await?;
     let data = secrets.get("creds").await?.data.unwrap();
     assert_eq!(data["password"].0, b"hunter2");
+    ns.delete().await?;
+    Ok(())
+}
+
+/// A layer over the kube client's service that lets `writes` requests other than GETs through and then
+/// interrupts every later one: fails it (an apiserver or network error) or, with `hang`, never answers
+/// (the sync is then dropped, as when a newer commit arrives).
+#[derive(Clone)]
+struct InterruptAfter {
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    hang: bool,
+}
+
+impl<S> tower::Layer<S> for InterruptAfter {
+    type Service = Interrupting<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Interrupting {
+            inner,
+            interrupt: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Interrupting<S> {
+    inner: S,
+    interrupt: InterruptAfter,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S> tower::Service<http::Request<kube::client::Body>> for Interrupting<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        use std::sync::atomic::Ordering::SeqCst;
+        let write = request.method() != http::Method::GET;
+        if write
+            && self
+                .interrupt
+                .writes
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
+            if self.interrupt.hang {
+                return Box::pin(futures::future::pending());
+            }
+            return Box::pin(async { Err("interrupted by the test".into()) });
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move { response.await.map_err(Into::into) })
+    }
+}
+
+/// A cluster-admin client whose writes after the first `writes` fail (or, with `hang`, never finish).
+async fn interrupted_client(writes: usize, hang: bool) -> anyhow::Result<kube::Client> {
+    test_support::cluster::install_crypto_provider();
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&test_support::env::test_env().kubernetes.kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let layer = InterruptAfter {
+        writes: std::sync::Arc::new(writes.into()),
+        hang,
+    };
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
+}
+
+/// Keys of objects that do not exist, long enough that a few thousand fill several 512 KiB shards.
+fn padding(ns: &TestNamespace, count: usize) -> BTreeSet<ObjectKey> {
+    (0..count)
+        .map(|i| ObjectKey {
+            group: String::new(),
+            kind: "ConfigMap".into(),
+            namespace: Some(ns.name.clone()),
+            name: format!("padding-{}-{i:05}", "x".repeat(200)),
+        })
+        .collect()
+}
+
+fn key(ns: &TestNamespace, name: &str) -> ObjectKey {
+    ObjectKey {
+        group: String::new(),
+        kind: "ConfigMap".into(),
+        namespace: Some(ns.name.clone()),
+        name: name.into(),
+    }
+}
+
+/// The ConfigMaps in the namespace that are not the objects of the set: the inventory's head and shards.
+async fn inventory_configmaps(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
+    let names = ns
+        .api::<ConfigMap>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .filter(|n| n.starts_with("agentk-inventory-test"))
+        .collect();
+    Ok(names)
+}
+
+/// M11, P3: a sharded inventory write interrupted after its first shard (an error, or a dropped sync) leaves
+/// the previous inventory whole and readable; the next sync converges with nothing lost (every object of
+/// the set there and recorded) and nothing orphaned (what left Git pruned, no stray shards).
+#[tokio::test]
+async fn an_interrupted_sharded_write_leaves_the_previous_inventory_whole() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-interrupt").await?;
+    let location = inventory_ref(&ns);
+    let opts = options(&ns, InventoryPolicy::MustMatch);
+    apply(
+        &ns.client,
+        &files(&[configmap("a", ""), configmap("b", "")]),
+        &opts,
+    )
+    .await?;
+    // Two shards, then three: the shape that wedged the older layout (head rewritten first, naming a
+    // third shard never written).
+    let mut before: BTreeSet<ObjectKey> = padding(&ns, 2_500);
+    before.extend([key(&ns, "a"), key(&ns, "b")]);
+    location.write(&ns.client, &before, "agentk").await?;
+    assert_eq!(location.read(&ns.client).await?, before);
+    assert!(inventory_configmaps(&ns).await?.len() >= 2, "not sharded");
+
+    let mut bigger = padding(&ns, 4_500);
+    bigger.extend([key(&ns, "a"), key(&ns, "b")]);
+    let failing = interrupted_client(1, false).await?;
+    let error = location.write(&failing, &bigger, "agentk").await;
+    assert!(error.is_err(), "the write was not interrupted");
+    assert_eq!(
+        location.read(&ns.client).await?,
+        before,
+        "interrupted write"
+    );
+
+    // A sync dropped while recording its set (a newer commit arrived) after one shard.
+    let hanging = interrupted_client(1, true).await?;
+    let with_c = files(&[configmap("a", ""), configmap("b", ""), configmap("c", "")]);
+    let dropped = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        apply(&hanging, &with_c, &opts),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "the sync was not interrupted: {dropped:?}"
+    );
+    assert_eq!(location.read(&ns.client).await?, before, "dropped sync");
+
+    // The next sync: b left Git, c is new; the padding (no such objects) is dropped.
+    let report = apply(
+        &ns.client,
+        &files(&[configmap("a", ""), configmap("c", "")]),
+        &opts,
+    )
+    .await?;
+    assert_eq!(report.count("failed"), 0, "{:#?}", report.results);
+    assert!(report.get(&format!("/ConfigMap/{}/b", ns.name)).is_some());
+    assert_eq!(inventory_names(&ns).await?, ["a", "c"]);
+    assert!(is_deleted(&ns, "b").await?);
+    assert!(!is_deleted(&ns, "a").await? && !is_deleted(&ns, "c").await?);
+    assert_eq!(inventory_configmaps(&ns).await?, [location.name.clone()]);
+    ns.delete().await?;
+    Ok(())
+}
+
+/// A shard missing all the same (deleted by hand, or left by the older layout's interrupted write) does
+/// not wedge the project: the read takes every shard left, and the next sync rewrites the inventory.
+#[tokio::test]
+async fn a_missing_shard_does_not_wedge_the_inventory() -> anyhow::Result<()> {
+    let ns = TestNamespace::create("engine-missing-shard").await?;
+    let location = inventory_ref(&ns);
+    let opts = options(&ns, InventoryPolicy::MustMatch);
+    apply(&ns.client, &files(&[configmap("a", "")]), &opts).await?;
+    let mut keys = padding(&ns, 4_500);
+    keys.insert(key(&ns, "a"));
+    location.write(&ns.client, &keys, "agentk").await?;
+    let shards = inventory_configmaps(&ns).await?;
+    assert!(shards.len() >= 3, "{shards:?}");
+    let last = shards.iter().max().expect("shards").clone();
+    ns.api::<ConfigMap>()
+        .delete(&last, &Default::default())
+        .await?;
+
+    // The older layout, interrupted: the head names three shards, the third was never written.
+    let head = ns.api::<ConfigMap>().get(&location.name).await?;
+    let read = location.read(&ns.client).await?;
+    assert!(read.contains(&key(&ns, "a")), "lost a");
+    assert!(read.is_subset(&keys));
+    let older = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(location.name.clone()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("objects".to_string(), format!("{}\n", key(&ns, "a"))),
+                ("shards".to_string(), "3".to_string()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    ns.api::<ConfigMap>()
+        .replace(
+            &location.name,
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    resource_version: head.metadata.resource_version,
+                    ..older.metadata.clone()
+                },
+                ..older
+            },
+        )
+        .await?;
+    assert!(location.read(&ns.client).await?.contains(&key(&ns, "a")));
+
+    let report = apply(&ns.client, &files(&[configmap("a", "")]), &opts).await?;
+    assert_eq!(report.count("failed"), 0, "{:#?}", report.results);
+    assert_eq!(inventory_names(&ns).await?, ["a"]);
+    assert_eq!(inventory_configmaps(&ns).await?, [location.name.clone()]);
     ns.delete().await?;
     Ok(())
 }

@@ -2,10 +2,12 @@
 //! (`checkGenericProperties`): deletion, observed generation, and the standard
 //! `Reconciling`/`Stalled` conditions.
 //!
-//! kstatus deliberately does not interpret `Ready` generically: its meaning
-//! varies between controllers (and `Ready=False` is normal while a resource is
-//! starting), so objects that only report `Ready` fall through to the
-//! kind-specific rules or to the `Current` default. This port keeps that.
+//! kstatus does not interpret `Ready` at all, so a custom resource whose
+//! controller reports `Ready=False` is Current to it. This port reads `Ready`
+//! only for kinds without a rule of their own ([`not_ready`], after the
+//! kind-specific rules were not found): `False` or `Unknown` there means the
+//! controller is not done, which is `InProgress` (it is normal while a resource
+//! starts; a controller that gives up says `Stalled`).
 
 use serde_json::Value;
 
@@ -96,4 +98,25 @@ pub(crate) fn require_generation_set(
         )));
     }
     Ok(None)
+}
+
+/// For kinds without a specific rule: `InProgress` when the `Ready` condition is
+/// `False` or `Unknown`. `Ok(None)` when there is no such condition or it is `True`.
+pub fn not_ready(object: &Value) -> std::result::Result<Option<Result>, Malformed> {
+    let ready = fields::conditions(object)?
+        .into_iter()
+        .find(|c| c.condition_type == "Ready");
+    let Some(ready) = ready.filter(|c| !c.is_true()) else {
+        return Ok(None);
+    };
+    let reason = if ready.reason.is_empty() {
+        "NotReady"
+    } else {
+        ready.reason.as_str()
+    };
+    let mut message = format!("Ready condition is not True ({reason})");
+    if !ready.message.is_empty() {
+        message = format!("{message}: {}", ready.message);
+    }
+    Ok(Some(Result::in_progress(reason, message)))
 }

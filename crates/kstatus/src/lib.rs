@@ -8,8 +8,8 @@
 //! conditions that would describe it.
 //!
 //! This crate is a pure port of those rules: [`compute`] takes the full object
-//! (spec *and* status) as a [`serde_json::Value`] and does no I/O, reads no clock
-//! and talks to no cluster. It covers:
+//! (spec *and* status) as a [`serde_json::Value`] and ([`compute_at`]) the time to
+//! judge it at, and does no I/O, reads no clock and talks to no cluster. It covers:
 //!
 //! - the generic rules every object gets first (`generic.rs`): a
 //!   `metadata.deletionTimestamp` means `Terminating`; an unobserved
@@ -20,11 +20,16 @@
 //!   CustomResourceDefinition, PodDisruptionBudget, and the always-ready
 //!   ConfigMap, Secret and CronJob;
 //! - everything else is `Current` once the generic rules have nothing to say,
-//!   as in kstatus: without `Reconciling`/`Stalled` there is no generic way to
-//!   tell a custom resource is still working.
+//!   unless its `Ready` condition is `False` or `Unknown`: then it is `InProgress`.
 //!
-//! Deliberate differences from kstatus are documented on the rule they touch
-//! (Pod scheduling grace period, Service load balancer, PodDisruptionBudget).
+//! Deliberate differences from kstatus are documented on the rule they touch:
+//! `Ready` on kinds without a rule of their own (kstatus ignores it and calls such
+//! a custom resource Current, so a `depends-on` dependent of a database that is
+//! not ready yet would be applied at once; Flux and Argo CD read `Ready` the same
+//! way this port does), and PodDisruptionBudget. Like kstatus, an unschedulable
+//! Pod gets a grace period before it is Failed (hence the clock argument), and a
+//! LoadBalancer Service is Current without an ingress address (see the Service
+//! rule for why).
 //!
 //! Input that does not look like a Kubernetes object never panics: it yields
 //! [`Status::Unknown`] with a message saying what was wrong.
@@ -34,6 +39,7 @@ mod generic;
 mod kinds;
 
 use std::fmt;
+use std::time::SystemTime;
 
 use serde_json::Value;
 
@@ -165,14 +171,25 @@ fn standard_condition(condition_type: &str, reason: &str, message: &str) -> Cond
 }
 
 /// Computes the status of a Kubernetes object given with its full state
-/// (`apiVersion`, `kind`, `metadata`, `spec`, `status`).
+/// (`apiVersion`, `kind`, `metadata`, `spec`, `status`), as of `now` (the caller's
+/// clock: only grace periods use it).
 ///
 /// The generic rules come first; if they decide, the kind-specific rules are not
 /// consulted (so a Deployment with `Stalled=True` is `Failed` whatever its
 /// replica counts say). Kinds without specific rules are `Current` unless the
-/// generic rules say otherwise. Never panics; malformed input yields
-/// [`Status::Unknown`].
+/// generic rules or their `Ready` condition say otherwise. Never panics; malformed
+/// input yields [`Status::Unknown`].
+pub fn compute_at(object: &Value, now: SystemTime) -> Result {
+    compute_with(object, Some(now))
+}
+
+/// [`compute_at`] without a clock: every grace period counts as over (an unschedulable Pod is `Failed`
+/// at once). Callers that poll live objects should use [`compute_at`] with the current time.
 pub fn compute(object: &Value) -> Result {
+    compute_with(object, None)
+}
+
+fn compute_with(object: &Value, now: Option<SystemTime>) -> Result {
     if !object.is_object() {
         return Result::unknown("Object is not a JSON object");
     }
@@ -181,11 +198,13 @@ pub fn compute(object: &Value) -> Result {
         Ok(None) => {}
         Err(malformed) => return Result::unknown(malformed.to_string()),
     }
-    match kinds::rules_for(object) {
-        Some(rule) => {
-            rule(object).unwrap_or_else(|malformed| Result::unknown(malformed.to_string()))
-        }
-        None => Result::current("Resource is current"),
+    match kinds::evaluate(object, now) {
+        Some(verdict) => verdict.unwrap_or_else(|malformed| Result::unknown(malformed.to_string())),
+        None => match generic::not_ready(object) {
+            Ok(Some(result)) => result,
+            Ok(None) => Result::current("Resource is current"),
+            Err(malformed) => Result::unknown(malformed.to_string()),
+        },
     }
 }
 

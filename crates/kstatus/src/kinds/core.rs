@@ -1,5 +1,7 @@
 //! Core (`v1`) kinds: Pod, Service, PersistentVolumeClaim.
 
+use std::time::{Duration, SystemTime};
+
 use serde_json::Value;
 
 use crate::Result;
@@ -7,16 +9,20 @@ use crate::fields::{self, Malformed};
 
 type RuleResult = std::result::Result<Result, Malformed>;
 
+/// How long a pod may be unschedulable before it is reported `Failed` (kstatus'
+/// `ScheduleWindow`): the scheduler often needs a moment, or a cluster autoscaler
+/// a node.
+pub const SCHEDULE_WINDOW: Duration = Duration::from_secs(15);
+
 /// Pod: finished pods (`Succeeded` or `Failed`) are `Current` — there is nothing
 /// left to wait for, and a failed pod is its owner's business (a Job reports
 /// it). A `Running` pod is `Current` once `Ready=True`, `Failed` if a container
 /// is in `CrashLoopBackOff`, else `InProgress`. A `Pending` pod whose
-/// `PodScheduled=False` has reason `Unschedulable` is `Failed`.
-///
-/// Difference from kstatus: kstatus waits 15 seconds after the pod's creation
-/// before reporting it unschedulable. This port reads no clock, so it reports
-/// `Failed` at once; callers that poll should allow their own grace period.
-pub fn pod(object: &Value) -> RuleResult {
+/// `PodScheduled=False` has reason `Unschedulable` is `InProgress` for
+/// [`SCHEDULE_WINDOW`] after its `creationTimestamp` (as of `now`, passed in so the
+/// crate reads no clock; `None`: the window is over), then `Failed`. A pod without
+/// a readable creation time is past the window, as in kstatus (its zero time).
+pub fn pod(object: &Value, now: Option<SystemTime>) -> RuleResult {
     let conditions = fields::conditions(object)?;
     match fields::str_or(object, &["status", "phase"], "") {
         "Succeeded" => Ok(Result::current("Pod has completed successfully")),
@@ -45,6 +51,17 @@ pub fn pod(object: &Value) -> RuleResult {
             let unschedulable = conditions.iter().any(|c| {
                 c.condition_type == "PodScheduled" && c.is_false() && c.reason == "Unschedulable"
             });
+            let created = fields::timestamp(object, &["metadata", "creationTimestamp"]);
+            let within_window = created
+                .and_then(|created| created.checked_add(SCHEDULE_WINDOW))
+                .zip(now)
+                .is_some_and(|(window_end, now)| now < window_end);
+            if unschedulable && within_window {
+                return Ok(Result::in_progress(
+                    "PodNotScheduled",
+                    "Pod has not been scheduled",
+                ));
+            }
             if unschedulable {
                 return Ok(Result::failed(
                     "PodUnschedulable",
@@ -82,16 +99,26 @@ fn crash_looping_containers(object: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// Service: `LoadBalancer` services are `InProgress` until the cloud provider
-/// has published an ingress IP or hostname; other types work once stored.
+/// Service: `Current` once stored, as in kstatus; a `LoadBalancer` service only
+/// needs its `spec.clusterIP` (assigned by the apiserver at once).
 ///
-/// Difference from kstatus: kstatus only checks `spec.clusterIP` for load
-/// balancers, which the apiserver assigns immediately, so it never waits for
-/// the load balancer itself. Waiting for `status.loadBalancer.ingress` is what
-/// "ready" means to a user of the service.
+/// Deliberately not waiting for `status.loadBalancer.ingress`: readiness decides
+/// when `depends-on` dependents are applied and how long agentk waits after a
+/// sync, so on a cluster without a load-balancer controller (kind, bare metal,
+/// many CI clusters) the address never comes and every sync would wait
+/// `reconcile_timeout` (1 h by default) and then skip the dependents. The service
+/// already routes in-cluster traffic, and kstatus (GitLab's agent, Flux,
+/// cli-utils) calls it Current too, so this port agrees. The message says when the
+/// address is still missing.
 pub fn service(object: &Value) -> RuleResult {
     if fields::str_or(object, &["spec", "type"], "ClusterIP") != "LoadBalancer" {
         return Ok(Result::current("Service is ready"));
+    }
+    if fields::str_or(object, &["spec", "clusterIP"], "").is_empty() {
+        return Ok(Result::in_progress(
+            "NoIPAssigned",
+            "ClusterIP not set. Service type: LoadBalancer",
+        ));
     }
     let ingress =
         fields::at(object, &["status", "loadBalancer", "ingress"]).and_then(Value::as_array);
@@ -103,9 +130,8 @@ pub fn service(object: &Value) -> RuleResult {
         })
     });
     if !has_address {
-        return Ok(Result::in_progress(
-            "NoIPAssigned",
-            "No ingress IP or hostname assigned. Service type: LoadBalancer",
+        return Ok(Result::current(
+            "Service is ready (its load balancer has no ingress address yet)",
         ));
     }
     Ok(Result::current("Service is ready"))

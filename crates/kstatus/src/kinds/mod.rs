@@ -7,6 +7,8 @@ mod core;
 mod crd;
 mod pdb;
 
+use std::time::SystemTime;
+
 use serde_json::Value;
 
 use crate::Result;
@@ -15,10 +17,14 @@ use crate::fields::{self, Malformed};
 /// A kind-specific rule: the object's status, or why its shape is unusable.
 pub type Rule = fn(&Value) -> std::result::Result<Result, Malformed>;
 
-/// The rule for the object's group and kind, if kstatus has one.
-pub fn rules_for(object: &Value) -> Option<Rule> {
+/// The verdict of the rule for the object's group and kind, if kstatus has one. `now` is for the rules
+/// that have a grace period (Pod scheduling); `None`: every grace period is over.
+pub fn evaluate(
+    object: &Value,
+    now: Option<SystemTime>,
+) -> Option<std::result::Result<Result, Malformed>> {
     let rule: Rule = match (fields::group(object), fields::kind(object)) {
-        ("", "Pod") => core::pod,
+        ("", "Pod") => return Some(core::pod(object, now)),
         ("", "Service") => core::service,
         ("", "PersistentVolumeClaim") => core::persistent_volume_claim,
         ("", "ConfigMap" | "Secret") | ("batch", "CronJob") => always_ready,
@@ -31,7 +37,7 @@ pub fn rules_for(object: &Value) -> Option<Rule> {
         ("apiextensions.k8s.io", "CustomResourceDefinition") => crd::custom_resource_definition,
         _ => return None,
     };
-    Some(rule)
+    Some(rule(object))
 }
 
 /// Kinds that have no status to wait for: they take effect once stored.

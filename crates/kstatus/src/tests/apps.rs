@@ -1,7 +1,8 @@
 use serde_json::{Value, json};
 
+use super::compute;
 use super::{assert_result, reason};
-use crate::{Status, compute};
+use crate::Status;
 
 /// A Deployment with 2 replicas whose rollout finished.
 fn available_deployment() -> Value {

@@ -1,6 +1,7 @@
 use serde_json::{Value, json};
 
-use crate::{Status, compute};
+use super::compute;
+use crate::Status;
 
 #[test]
 fn non_objects_are_unknown() {

@@ -1,7 +1,8 @@
 use serde_json::json;
 
+use super::compute;
 use super::{assert_result, reason};
-use crate::{Status, compute};
+use crate::Status;
 
 #[test]
 fn deletion_timestamp_is_terminating_whatever_the_status_says() {
@@ -97,13 +98,41 @@ fn false_standard_conditions_do_not_decide() {
 }
 
 #[test]
-fn ready_false_alone_is_not_interpreted_generically() {
-    // As in kstatus: Ready means different things to different controllers.
-    let object = json!({
+fn a_custom_resource_not_ready_is_in_progress() {
+    // Without a kind-specific rule, `Ready=False` (or `Unknown`) means the controller is not done: a
+    // dependent must not be applied yet.
+    for status in ["False", "Unknown"] {
+        let object = json!({
+            "apiVersion": "example.com/v1", "kind": "Widget", "metadata": {},
+            "status": {"conditions": [{"type": "Ready", "status": status, "reason": "Pending",
+                                       "message": "waiting for the database"}]},
+        });
+        let result = compute(&object);
+        assert_result(
+            &result,
+            Status::InProgress,
+            "Ready condition is not True (Pending): waiting for the database",
+        );
+        assert_eq!(reason(&result), "Pending");
+    }
+    let ready = json!({
         "apiVersion": "example.com/v1", "kind": "Widget", "metadata": {},
-        "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Pending"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
     });
-    assert_eq!(compute(&object).status, Status::Current);
+    assert_result(&compute(&ready), Status::Current, "Resource is current");
+    // Stalled still wins: the controller gave up.
+    let stalled = json!({
+        "apiVersion": "example.com/v1", "kind": "Widget", "metadata": {},
+        "status": {"conditions": [{"type": "Ready", "status": "False"},
+                                  {"type": "Stalled", "status": "True", "message": "bad spec"}]},
+    });
+    assert_eq!(compute(&stalled).status, Status::Failed);
+    // Kinds with their own rule keep it: a Pod's Ready is read by the Pod rule.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {},
+        "status": {"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "False"}]},
+    });
+    assert_eq!(compute(&pod).status, Status::Current);
 }
 
 #[test]

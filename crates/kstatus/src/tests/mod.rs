@@ -7,7 +7,23 @@ mod garbage;
 mod generic;
 mod others;
 
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
 use crate::{CONDITION_RECONCILING, CONDITION_STALLED, Result, Status};
+
+/// The time the tests judge objects at: 2026-11-27T02:00:00Z, an hour after the test pods were created.
+const NOW_UNIX: u64 = 1_795_744_800;
+
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(NOW_UNIX)
+}
+
+/// [`crate::compute`] at [`now`].
+fn compute(object: &Value) -> Result {
+    crate::compute_at(object, now())
+}
 
 /// Asserts status and message, and that the standard condition matches the status.
 #[track_caller]
