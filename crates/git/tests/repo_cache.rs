@@ -1173,9 +1173,11 @@ async fn a_500_from_upload_pack_fails_and_the_cache_stays_usable() -> anyhow::Re
     Ok(())
 }
 
-/// S4: a server that trickles one byte every few seconds during a fetch. `fetch_timeout` ends the fetch
-/// with a transport error naming the project and the limit, while reads of another project (and of the
-/// same project's cached commits) go on at full speed. When the server is healthy again, fetching works.
+/// S4: a server that trickles a pack at 2 KB/s (each read gets data well within `http_timeout`, so only a
+/// total deadline can end it). `fetch_timeout` ends the fetch with a transport error naming the project and
+/// the limit, the interrupted fetch stops soon after (its connection closes), and reads of another project
+/// (and of the same project's cached commits) go on at full speed meanwhile. Fetching works again when the
+/// server is healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> anyhow::Result<()> {
     install_crypto_provider();
@@ -1186,20 +1188,21 @@ async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> a
     let first = server.commit_files(PROJECT, &[("a.yaml", Some("a: 1\n"))], "first")?;
     let other_commit = server.commit_files(other, &[("b.yaml", Some("b: 1\n"))], "first")?;
     let limits = Limits {
-        fetch_timeout: Duration::from_secs(3),
+        fetch_timeout: Duration::from_secs(5),
         http_timeout: Duration::from_secs(10),
         ..Limits::default()
     };
     let (f, proxy) = Fixture::through_proxy(server, limits).await?;
     f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
     f.cache.snapshot(other, &GitRef::DefaultBranch).await?;
+    let big = random_text(400_000);
     let second = f
         .server
-        .commit_files(PROJECT, &[("a.yaml", Some("a: 2\n"))], "second")?;
+        .commit_files(PROJECT, &[("big.txt", Some(&big))], "second")?;
 
     proxy.set(Fault::Trickle {
-        bytes: 1,
-        every: Duration::from_secs(2),
+        bytes: 500,
+        every: Duration::from_millis(250),
     });
     let started = Instant::now();
     let fetch = tokio::spawn({
@@ -1229,6 +1232,7 @@ async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> a
             "reads waited {:?} for the slow fetch",
             read.elapsed()
         );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let err = fetch.await?.unwrap_err();
     let took = started.elapsed();
@@ -1238,22 +1242,39 @@ async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> a
     );
     assert!(err.to_string().contains("fetch_timeout"), "{err}");
     assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        took >= Duration::from_secs(5) && took < Duration::from_secs(8),
         "the deadline ended the fetch after {took:?}"
+    );
+    assert!(
+        proxy.stats().bytes_to_client > 0,
+        "the server sent nothing: {:?}",
+        proxy.stats()
+    );
+    // The interrupted fetch stops too, with the server still trickling.
+    let stopping = Instant::now();
+    while proxy.stats().open > 0 {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(15),
+            "the interrupted fetch is still running: {:?}",
+            proxy.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the interrupted fetch stopped {:?} after the deadline",
+        stopping.elapsed()
     );
 
     proxy.set(Fault::PassThrough);
-    let healed = Instant::now();
     f.cache
         .ensure_commit(PROJECT, &GitRef::DefaultBranch, &second)
         .await?;
-    eprintln!(
-        "fetch after the deadline: {:?} (the interrupted fetch ended first)",
-        healed.elapsed()
-    );
     assert_eq!(
-        f.cache.read_file(PROJECT, &second, "a.yaml", 100).await?,
-        Some(b"a: 2\n".to_vec())
+        f.cache
+            .read_file(PROJECT, &second, "big.txt", 1_000_000)
+            .await?
+            .map(|data| data.len()),
+        Some(big.len())
     );
     Ok(())
 }
