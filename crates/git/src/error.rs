@@ -16,6 +16,12 @@ pub enum Error {
     #[error("{reference} was not found in project {project:?}")]
     RefNotFound { project: String, reference: String },
 
+    #[error("{reference} is not a valid Git ref name: {reason}")]
+    InvalidRef {
+        reference: String,
+        reason: &'static str,
+    },
+
     #[error("{commit:?} is not a valid commit id (expected 40 hex characters)")]
     InvalidCommit { commit: String },
 

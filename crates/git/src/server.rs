@@ -167,7 +167,27 @@ pub enum GitRef {
     Commit(String),
 }
 
+/// Longest branch or tag name accepted, in bytes (Git itself has no limit, but refs become file names).
+pub const MAX_REF_NAME_LEN: usize = 255;
+
 impl GitRef {
+    /// Checks a branch or tag name (they come from agents) against `git check-ref-format`'s rules before it
+    /// is formatted into refspecs and local ref names, where `:`, `*`, `..` or a leading `-` would change
+    /// their meaning. Commits are checked when they are parsed.
+    pub fn validate(&self) -> Result<(), Error> {
+        let name = match self {
+            GitRef::Branch(name) | GitRef::Tag(name) => name,
+            GitRef::DefaultBranch | GitRef::Commit(_) => return Ok(()),
+        };
+        match ref_name_problem(name) {
+            None => Ok(()),
+            Some(reason) => Err(Error::InvalidRef {
+                reference: self.to_string(),
+                reason,
+            }),
+        }
+    }
+
     /// The full name of the remote ref to look up, or `None` for [`GitRef::Commit`].
     pub(crate) fn remote_ref_name(&self) -> Option<String> {
         match self {
@@ -190,6 +210,55 @@ impl fmt::Display for GitRef {
     }
 }
 
+/// Why `name` is not a valid branch or tag name (the rules of `git check-ref-format`, plus no leading `-`
+/// and a length cap), or `None` if it is.
+fn ref_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("the name is empty");
+    }
+    if name.len() > MAX_REF_NAME_LEN {
+        return Some("the name is longer than 255 bytes");
+    }
+    if name.starts_with('-') {
+        return Some("the name starts with '-'");
+    }
+    if name == "@" {
+        return Some("the name is '@'");
+    }
+    if let Some(c) = name.chars().find(|c| {
+        c.is_ascii_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    }) {
+        return Some(match c {
+            ':' => "the name contains ':'",
+            '*' => "the name contains '*'",
+            ' ' => "the name contains a space",
+            c if c.is_ascii_control() => "the name contains a control character",
+            _ => "the name contains one of '~', '^', '?', '[' or '\\'",
+        });
+    }
+    if name.contains("..") {
+        return Some("the name contains '..'");
+    }
+    if name.contains("@{") {
+        return Some("the name contains '@{'");
+    }
+    if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+        return Some("the name has an empty '/'-separated component");
+    }
+    if name.ends_with('.') {
+        return Some("the name ends with '.'");
+    }
+    for component in name.split('/') {
+        if component.starts_with('.') {
+            return Some("a '/'-separated component starts with '.'");
+        }
+        if component.ends_with(".lock") {
+            return Some("a '/'-separated component ends with '.lock'");
+        }
+    }
+    None
+}
+
 /// Limits that protect kas from huge or slow repositories.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -204,6 +273,10 @@ pub struct Limits {
     /// Packs a project's cache may collect before it is compacted: every fetch adds one and gitoxide
     /// cannot repack, so the cache is rebuilt from the commits its refs point at (fetched again, depth 1).
     pub max_packs: usize,
+    /// Total time one network operation (a ref lookup, a fetch, a compaction's fetch) may take, however
+    /// steadily the server trickles bytes (`http_timeout` only bounds each wait for more data). Past it the
+    /// caller gets [`crate::Error::Transport`] naming the project and this limit.
+    pub fetch_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -214,6 +287,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             http_timeout: Duration::from_secs(60),
             max_packs: 32,
+            fetch_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -269,6 +343,73 @@ mod tests {
             extra_ca_pem: None,
         };
         assert_eq!(anonymous.credentials(), None);
+    }
+
+    #[test]
+    fn accepts_valid_branch_and_tag_names() {
+        for ok in [
+            "main",
+            "release/1.x",
+            "feature/a-b_c",
+            "v1.0.0",
+            "user@host",
+            "a.b",
+            "ünïcode",
+            &"x".repeat(MAX_REF_NAME_LEN),
+        ] {
+            assert!(GitRef::Branch(ok.to_owned()).validate().is_ok(), "{ok}");
+            assert!(GitRef::Tag(ok.to_owned()).validate().is_ok(), "{ok}");
+        }
+        assert!(GitRef::DefaultBranch.validate().is_ok());
+    }
+
+    #[test]
+    fn refuses_invalid_branch_and_tag_names_naming_them() {
+        let cases = [
+            ("", "empty"),
+            ("a..b", "'..'"),
+            ("main:refs/heads/x", "':'"),
+            ("-delete", "'-'"),
+            ("feat*", "'*'"),
+            ("a\u{7}b", "control character"),
+            ("a\nb", "control character"),
+            ("a\u{7f}", "control character"),
+            ("a b", "space"),
+            ("a~1", "'~'"),
+            ("a^", "'~'"),
+            ("a?", "'~'"),
+            ("a[b", "'~'"),
+            ("a\\b", "'~'"),
+            ("a@{1}", "'@{'"),
+            ("@", "'@'"),
+            ("/a", "empty"),
+            ("a/", "empty"),
+            ("a//b", "empty"),
+            ("a.", "ends with '.'"),
+            (".hidden", "starts with '.'"),
+            ("a/.b", "starts with '.'"),
+            ("a.lock", "'.lock'"),
+            ("a.lock/b", "'.lock'"),
+        ];
+        for (name, reason) in cases {
+            for reference in [
+                GitRef::Branch(name.to_owned()),
+                GitRef::Tag(name.to_owned()),
+            ] {
+                let err = reference.validate().unwrap_err();
+                let text = err.to_string();
+                assert!(
+                    matches!(&err, Error::InvalidRef { .. }),
+                    "{name:?}: {err:?}"
+                );
+                assert!(text.contains(reason), "{name:?}: {text}");
+                // The message names the ref, escaped.
+                assert!(text.contains(&format!("{name:?}")), "{name:?}: {text}");
+            }
+        }
+        let long = "x".repeat(MAX_REF_NAME_LEN + 1);
+        let err = GitRef::Branch(long).validate().unwrap_err();
+        assert!(err.to_string().contains("longer than 255"), "{err}");
     }
 
     #[test]

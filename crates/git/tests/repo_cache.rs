@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use gitops_git::{Error, GitRef, GitServerConfig, Limits, RepoCache};
+use test_support::fault_proxy::{Fault, FaultProxy};
 use test_support::git_http::{GitHttpServer, RequestCounts};
 
 const PROJECT: &str = "group/project";
@@ -44,10 +45,30 @@ impl Fixture {
         credentials: Option<(&str, &str)>,
         limits: Limits,
     ) -> anyhow::Result<Self> {
+        let base_url = server.base_url();
+        Self::with_base_url(server, &base_url, credentials, limits)
+    }
+
+    /// A cache that reaches `server` through a [`FaultProxy`], returned too.
+    async fn through_proxy(
+        server: GitHttpServer,
+        limits: Limits,
+    ) -> anyhow::Result<(Self, FaultProxy)> {
+        let proxy = FaultProxy::for_url(&server.base_url()).await?;
+        let base_url = proxy.proxied_url(&server.base_url());
+        Ok((Self::with_base_url(server, &base_url, None, limits)?, proxy))
+    }
+
+    fn with_base_url(
+        server: GitHttpServer,
+        base_url: &str,
+        credentials: Option<(&str, &str)>,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
         let cache_dir = tempfile::tempdir()?;
         let cache = RepoCache::with_limits(
             GitServerConfig {
-                base_url: server.base_url(),
+                base_url: base_url.to_owned(),
                 username: credentials.map(|(user, _)| user.to_owned()),
                 password: credentials.map(|(_, password)| password.to_owned()),
                 extra_ca_pem: None,
@@ -80,6 +101,80 @@ impl Fixture {
     fn counts(&self) -> RequestCounts {
         self.server.request_count(PROJECT)
     }
+
+    /// The cached repository of `PROJECT`.
+    fn repo_dir(&self) -> std::path::PathBuf {
+        self.cache_dir.path().join("group/project.git")
+    }
+
+    fn packs(&self) -> usize {
+        std::fs::read_dir(self.repo_dir().join("objects/pack"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// A new cache over the same directory and server: kas restarted.
+    fn restarted(&self, limits: Limits) -> RepoCache {
+        RepoCache::with_limits(
+            GitServerConfig {
+                base_url: self.server.base_url(),
+                username: None,
+                password: None,
+                extra_ca_pem: None,
+            },
+            self.cache_dir.path().to_path_buf(),
+            limits,
+        )
+    }
+
+    /// Commits `count` changes of `app.yaml` to `main`, fetching each through the default branch.
+    async fn push_and_fetch(&self, count: usize) -> anyhow::Result<String> {
+        let mut last = String::new();
+        for i in 0..count {
+            last = self.server.commit_files(
+                PROJECT,
+                &[("app.yaml", Some(&format!("pushed: {i}\n")))],
+                "next",
+            )?;
+            assert_eq!(
+                self.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?,
+                last
+            );
+        }
+        Ok(last)
+    }
+}
+
+/// Names of the `.tmp-*` directories anywhere under `dir`.
+fn leftovers(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            found.push(name);
+        } else if entry.path().is_dir() && !name.ends_with(".git") {
+            found.extend(leftovers(&entry.path()));
+        }
+    }
+    found
+}
+
+/// Incompressible content, so a pack is about as large as the file.
+fn random_text(len: usize) -> String {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect()
 }
 
 fn install_crypto_provider() {
@@ -821,5 +916,391 @@ async fn reads_during_compaction_never_fail() -> anyhow::Result<()> {
         let reads = reader.await??;
         assert!(reads > 0);
     }
+    Ok(())
+}
+
+/// S7: several agents pin different commits of one project. Each pinned commit has its own local ref, so
+/// every one of them survives compaction and stays readable without a fetch (kas's watcher of a pinned
+/// commit never fetches again).
+#[tokio::test]
+async fn every_pinned_commit_survives_compaction() -> anyhow::Result<()> {
+    let (f, first) = Fixture::pinned_with_max_packs(3).await?;
+    let second =
+        f.server
+            .commit_files(PROJECT, &[("app.yaml", Some("v: pinned 2\n"))], "second")?;
+    for commit in [&first, &second] {
+        f.cache
+            .ensure_commit(PROJECT, &GitRef::Commit(commit.clone()), commit)
+            .await?;
+    }
+    f.push_and_fetch(8).await?;
+    assert!(f.packs() <= 3, "{} packs: never compacted", f.packs());
+    let fetches = f.counts().fetches;
+    for (commit, content) in [(&first, "v: 0\n"), (&second, "v: pinned 2\n")] {
+        assert_eq!(
+            f.cache.read_file(PROJECT, commit, "app.yaml", 1024).await?,
+            Some(content.as_bytes().to_vec()),
+            "pinned commit {commit} lost by compaction"
+        );
+        f.cache
+            .ensure_commit(PROJECT, &GitRef::Commit(commit.clone()), commit)
+            .await?;
+    }
+    assert_eq!(
+        f.counts().fetches,
+        fetches,
+        "a pinned commit was fetched again"
+    );
+    Ok(())
+}
+
+/// S8: a tag is deleted on the server after its (otherwise unreachable) commit was cached, and the server
+/// collects the commit. Compaction leaves that tip out and succeeds, instead of failing after every fetch
+/// while packs pile up.
+#[tokio::test]
+async fn compaction_skips_a_tip_the_server_no_longer_serves() -> anyhow::Result<()> {
+    let (f, _) = Fixture::pinned_with_max_packs(3).await?;
+    let gone = f.server.commit_files_to_branch(
+        PROJECT,
+        "side",
+        &[("app.yaml", Some("side\n"))],
+        "side",
+    )?;
+    f.server.create_tag(PROJECT, "gone", &gone, false)?;
+    let tag = GitRef::Tag("gone".into());
+    assert_eq!(f.cache.snapshot(PROJECT, &tag).await?, gone);
+    f.server.delete_tag(PROJECT, "gone")?;
+    f.server.delete_branch(PROJECT, "side")?;
+    f.server.collect_garbage(PROJECT)?;
+
+    let last = f.push_and_fetch(10).await?;
+    assert!(
+        f.packs() <= 3,
+        "{} packs: compaction failed on the unfetchable tip",
+        f.packs()
+    );
+    assert_eq!(
+        f.cache.read_file(PROJECT, &last, "app.yaml", 1024).await?,
+        Some(b"pushed: 9\n".to_vec())
+    );
+    // The tag's commit is gone from the cache, as from the server.
+    let err = f
+        .cache
+        .read_file(PROJECT, &gone, "app.yaml", 1024)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::CommitNotCached { .. }), "{err:?}");
+    Ok(())
+}
+
+/// S9, first half: kas killed during a compaction before the renames (the scratch repository is half
+/// fetched). Simulated by creating the scratch directory a kill would leave next to the intact cache, then
+/// starting a new cache over the directory: it removes the leftover and serves the old cache unchanged.
+#[tokio::test]
+async fn a_compaction_killed_before_the_swap_leaks_nothing() -> anyhow::Result<()> {
+    let (f, commit) = Fixture::new().await?;
+    f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
+    let scratch = f.cache_dir.path().join("group/.tmp-4242-1.git");
+    std::fs::create_dir_all(scratch.join("objects/pack"))?;
+    std::fs::write(scratch.join("objects/pack/tmp_pack_half"), b"half a pack")?;
+    let fetches = f.counts().fetches;
+
+    let restarted = f.restarted(Limits::default());
+    assert_eq!(leftovers(f.cache_dir.path()), Vec::<String>::new());
+    assert_eq!(
+        restarted
+            .read_file(PROJECT, &commit, "README.md", 100)
+            .await?,
+        Some(b"# hello\n".to_vec())
+    );
+    restarted
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &commit)
+        .await?;
+    assert_eq!(f.counts().fetches, fetches);
+    Ok(())
+}
+
+/// S9, second half: kas killed between the two renames of a compaction, so the project directory is
+/// missing and the old (`.retired`) and new (`.tmp-*.git`) repositories lie next to it. Simulated by making
+/// exactly that state with renames. The next fetch heals the cache; no directory leaks.
+#[tokio::test]
+async fn a_compaction_killed_between_the_renames_heals_on_the_next_fetch() -> anyhow::Result<()> {
+    let (f, commit) = Fixture::new().await?;
+    f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
+    let group = f.cache_dir.path().join("group");
+    std::fs::rename(f.repo_dir(), group.join(".tmp-4242-2.retired"))?;
+    std::fs::create_dir_all(group.join(".tmp-4242-2.git/objects/pack"))?;
+
+    let restarted = f.restarted(Limits::default());
+    assert_eq!(leftovers(f.cache_dir.path()), Vec::<String>::new());
+    let err = restarted
+        .read_file(PROJECT, &commit, "README.md", 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::CommitNotCached { .. }), "{err:?}");
+    assert_eq!(
+        restarted.snapshot(PROJECT, &GitRef::DefaultBranch).await?,
+        commit
+    );
+    assert_eq!(
+        restarted
+            .read_file(PROJECT, &commit, "README.md", 100)
+            .await?,
+        Some(b"# hello\n".to_vec())
+    );
+    assert_eq!(leftovers(f.cache_dir.path()), Vec::<String>::new());
+    Ok(())
+}
+
+/// Compactions that succeed leave nothing behind either.
+#[tokio::test]
+async fn compactions_leave_no_directories_behind() -> anyhow::Result<()> {
+    let (f, _) = Fixture::pinned_with_max_packs(2).await?;
+    f.push_and_fetch(6).await?;
+    assert!(f.packs() <= 2, "{} packs", f.packs());
+    assert_eq!(leftovers(f.cache_dir.path()), Vec::<String>::new());
+    Ok(())
+}
+
+/// Every pack a cache holds is complete (has its index) and no temporary pack file is left over.
+fn assert_packs_complete(dir: &std::path::Path) {
+    let names: Vec<String> = std::fs::read_dir(dir.join("objects/pack"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in &names {
+        let complete = match name.rsplit_once('.') {
+            Some((stem, "pack")) => names.contains(&format!("{stem}.idx")),
+            Some((stem, "idx")) => names.contains(&format!("{stem}.pack")),
+            _ => false,
+        };
+        assert!(complete, "stray file {name} in {names:?}");
+    }
+}
+
+/// S5: the connection is reset in the middle of the pack (through the fault proxy). The fetch fails with
+/// a transport error naming the project, the cache stays usable: older commits are readable, no partial
+/// pack is kept, and the next fetch succeeds.
+#[tokio::test]
+async fn a_fetch_cut_mid_pack_fails_and_the_cache_stays_usable() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let server = GitHttpServer::start().await?;
+    server.create_repo(PROJECT, false)?;
+    let first = server.commit_files(PROJECT, &[("small.yaml", Some("a: 1\n"))], "first")?;
+    let (f, proxy) = Fixture::through_proxy(server, Limits::default()).await?;
+    assert_eq!(
+        f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?,
+        first
+    );
+
+    let big = random_text(400_000);
+    let second = f
+        .server
+        .commit_files(PROJECT, &[("big.txt", Some(&big))], "big")?;
+    proxy.set(Fault::ResetAfter { bytes: 100_000 });
+    let err = f
+        .cache
+        .snapshot(PROJECT, &GitRef::DefaultBranch)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Transport { project, .. } if project == PROJECT),
+        "{err:?}"
+    );
+    assert!(proxy.stats().resets >= 1, "{:?}", proxy.stats());
+    assert_packs_complete(&f.repo_dir());
+    assert_eq!(
+        f.cache
+            .read_file(PROJECT, &first, "small.yaml", 100)
+            .await?,
+        Some(b"a: 1\n".to_vec())
+    );
+
+    proxy.set(Fault::PassThrough);
+    assert_eq!(
+        f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?,
+        second
+    );
+    assert_eq!(
+        f.cache
+            .read_file(PROJECT, &second, "big.txt", 1_000_000)
+            .await?
+            .map(|data| data.len()),
+        Some(big.len())
+    );
+    assert_packs_complete(&f.repo_dir());
+    Ok(())
+}
+
+/// S5: the server answers 500 to the pack request after the ref listing went well. The fetch fails naming
+/// the project; the cache stays usable and the next fetch succeeds.
+#[tokio::test]
+async fn a_500_from_upload_pack_fails_and_the_cache_stays_usable() -> anyhow::Result<()> {
+    let (f, first) = Fixture::new().await?;
+    f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
+    let second = f
+        .server
+        .commit_files(PROJECT, &[("README.md", Some("# v2\n"))], "second")?;
+    f.server
+        .fail_fetches(Some(http::StatusCode::INTERNAL_SERVER_ERROR));
+    let err = f
+        .cache
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &second)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Transport { project, message } if project == PROJECT && message.contains("500")),
+        "{err:?}"
+    );
+    assert_packs_complete(&f.repo_dir());
+    assert_eq!(
+        f.cache.read_file(PROJECT, &first, "README.md", 100).await?,
+        Some(b"# hello\n".to_vec())
+    );
+
+    f.server.fail_fetches(None);
+    f.cache
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &second)
+        .await?;
+    assert_eq!(
+        f.cache
+            .read_file(PROJECT, &second, "README.md", 100)
+            .await?,
+        Some(b"# v2\n".to_vec())
+    );
+    Ok(())
+}
+
+/// S4: a server that trickles a pack at 2 KB/s (each read gets data well within `http_timeout`, so only a
+/// total deadline can end it). `fetch_timeout` ends the fetch with a transport error naming the project and
+/// the limit, the interrupted fetch stops soon after (its connection closes), and reads of another project
+/// (and of the same project's cached commits) go on at full speed meanwhile. Fetching works again when the
+/// server is healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let server = GitHttpServer::start().await?;
+    let other = "group/other";
+    server.create_repo(PROJECT, false)?;
+    server.create_repo(other, false)?;
+    let first = server.commit_files(PROJECT, &[("a.yaml", Some("a: 1\n"))], "first")?;
+    let other_commit = server.commit_files(other, &[("b.yaml", Some("b: 1\n"))], "first")?;
+    let limits = Limits {
+        fetch_timeout: Duration::from_secs(5),
+        http_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let (f, proxy) = Fixture::through_proxy(server, limits).await?;
+    f.cache.snapshot(PROJECT, &GitRef::DefaultBranch).await?;
+    f.cache.snapshot(other, &GitRef::DefaultBranch).await?;
+    let big = random_text(400_000);
+    let second = f
+        .server
+        .commit_files(PROJECT, &[("big.txt", Some(&big))], "second")?;
+
+    proxy.set(Fault::Trickle {
+        bytes: 500,
+        every: Duration::from_millis(250),
+    });
+    let started = Instant::now();
+    let fetch = tokio::spawn({
+        let cache = f.cache.clone();
+        let second = second.clone();
+        async move {
+            cache
+                .ensure_commit(PROJECT, &GitRef::DefaultBranch, &second)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let read = Instant::now();
+        assert_eq!(
+            f.cache
+                .read_file(other, &other_commit, "b.yaml", 100)
+                .await?,
+            Some(b"b: 1\n".to_vec())
+        );
+        assert_eq!(
+            f.cache.read_file(PROJECT, &first, "a.yaml", 100).await?,
+            Some(b"a: 1\n".to_vec())
+        );
+        assert!(
+            read.elapsed() < Duration::from_millis(500),
+            "reads waited {:?} for the slow fetch",
+            read.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let err = fetch.await?.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(&err, Error::Transport { project, .. } if project == PROJECT),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("fetch_timeout"), "{err}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(8),
+        "the deadline ended the fetch after {took:?}"
+    );
+    assert!(
+        proxy.stats().bytes_to_client > 0,
+        "the server sent nothing: {:?}",
+        proxy.stats()
+    );
+    // The interrupted fetch stops too, with the server still trickling.
+    let stopping = Instant::now();
+    while proxy.stats().open > 0 {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(15),
+            "the interrupted fetch is still running: {:?}",
+            proxy.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the interrupted fetch stopped {:?} after the deadline",
+        stopping.elapsed()
+    );
+
+    proxy.set(Fault::PassThrough);
+    f.cache
+        .ensure_commit(PROJECT, &GitRef::DefaultBranch, &second)
+        .await?;
+    assert_eq!(
+        f.cache
+            .read_file(PROJECT, &second, "big.txt", 1_000_000)
+            .await?
+            .map(|data| data.len()),
+        Some(big.len())
+    );
+    Ok(())
+}
+
+/// F24: branch and tag names from agents are checked before they become refspecs: the error names the
+/// ref, and nothing reaches the server.
+#[tokio::test]
+async fn invalid_ref_names_are_refused_before_any_request() -> anyhow::Result<()> {
+    let (f, commit) = Fixture::new().await?;
+    let before = f.counts();
+    for reference in [
+        GitRef::Branch("main:refs/heads/evil".into()),
+        GitRef::Branch("-main".into()),
+        GitRef::Tag("v1..v2".into()),
+        GitRef::Tag("v*".into()),
+    ] {
+        let err = f.cache.resolve(PROJECT, &reference).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidRef { .. }), "{err:?}");
+        assert!(err.to_string().contains(&reference.to_string()), "{err}");
+        let err = f
+            .cache
+            .ensure_commit(PROJECT, &reference, &commit)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidRef { .. }), "{err:?}");
+    }
+    assert_eq!(f.counts(), before);
     Ok(())
 }

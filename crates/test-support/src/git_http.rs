@@ -55,6 +55,9 @@ struct Shared {
     password: String,
     state: Mutex<State>,
     protocol_v2: AtomicBool,
+    /// When set, requests that would transfer a pack are answered with this status (see
+    /// [`GitHttpServer::fail_fetches`]).
+    fetch_failure: Mutex<Option<StatusCode>>,
 }
 
 /// A loopback Git smart-HTTP server; stops when dropped.
@@ -115,6 +118,7 @@ impl GitHttpServer {
             password,
             state: Mutex::new(State::default()),
             protocol_v2: AtomicBool::new(true),
+            fetch_failure: Mutex::new(None),
         });
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -290,6 +294,37 @@ impl GitHttpServer {
             None,
         )?;
         Ok(())
+    }
+
+    /// Deletes tag `tag`; its commit stays in the repository (unreachable, unless a branch has it).
+    pub fn delete_tag(&self, path: &str, tag: &str) -> anyhow::Result<()> {
+        let dir = self.existing_repo_dir(path)?;
+        git(
+            &dir,
+            &["update-ref", "-d", &format!("refs/tags/{tag}")],
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes every unreachable object of the repository (expires reflogs, `git gc --prune=now`), as a
+    /// forge does some time after a force-push or a deleted tag: clients can no longer fetch them by id.
+    pub fn collect_garbage(&self, path: &str) -> anyhow::Result<()> {
+        let dir = self.existing_repo_dir(path)?;
+        git(&dir, &["reflog", "expire", "--expire=now", "--all"], None)?;
+        git(&dir, &["gc", "--quiet", "--prune=now"], None)?;
+        Ok(())
+    }
+
+    /// With `Some(status)`, every request that would transfer a pack (what [`RequestCounts::fetches`]
+    /// counts) is answered with `status` (e.g. 500) after the ref listing went well: a server failing in
+    /// the middle of a fetch. `None` serves fetches again.
+    pub fn fail_fetches(&self, status: Option<StatusCode>) {
+        *self
+            .shared
+            .fetch_failure
+            .lock()
+            .expect("fetch failure lock poisoned") = status;
     }
 
     /// Creates tag `tag` at `commit`: an annotated tag object when `annotated`, else a lightweight tag.
@@ -602,6 +637,13 @@ async fn handle_inner(
             count(shared, &repo, |c| c.ls_refs += 1);
         } else {
             count(shared, &repo, |c| c.fetches += 1);
+            let failure = *shared
+                .fetch_failure
+                .lock()
+                .expect("fetch failure lock poisoned");
+            if let Some(status) = failure {
+                return Ok(text_response(status, "injected fetch failure"));
+            }
         }
     }
 
