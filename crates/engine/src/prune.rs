@@ -223,8 +223,10 @@ async fn namespace_contents(client: &Client, namespace: &str) -> Result<Vec<Live
         })
         .map(|(resource, _)| resource)
         .collect();
-    let listed: Vec<Result<Vec<LiveObject>, String>> = futures::stream::iter(&resources)
-        .map(|resource| list_all(client, resource, Some(namespace)))
+    // Owned items and an `async move` block: a closure over `&ApiResource` makes the future's type
+    // higher-ranked, which callers holding it in a `Send` box (agentk) cannot name.
+    let listed: Vec<Result<Vec<LiveObject>, String>> = futures::stream::iter(resources)
+        .map(|resource| async move { list_all(client, &resource, Some(namespace)).await })
         .buffer_unordered(LIST_CONCURRENCY)
         .collect()
         .await;
