@@ -210,8 +210,8 @@ impl ClusterAgent {
             return Ok(None);
         };
         // The tunnel can be alive (keepalives answered) while the agent never answers the call.
-        let call = AgentInfoClient::new(channel).get_info(GetInfoRequest {});
-        let info = tokio::time::timeout(LIVE_INFO_DEADLINE, call)
+        let mut client = AgentInfoClient::new(channel);
+        let info = tokio::time::timeout(LIVE_INFO_DEADLINE, client.get_info(GetInfoRequest {}))
             .await
             .map_err(|_| {
                 format!(
