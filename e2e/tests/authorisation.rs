@@ -12,7 +12,9 @@ use gitops_protocol::{
 };
 use gitops_tunnel::client::HeaderInterceptor;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status, Streaming, service::interceptor::InterceptedService, transport::Channel};
+use tonic::{
+    Code, Status, Streaming, service::interceptor::InterceptedService, transport::Channel,
+};
 
 type Client = ManifestDeliveryClient<InterceptedService<Channel, HeaderInterceptor>>;
 
@@ -67,7 +69,12 @@ fn entry(project: &str, glob: &str) -> String {
     format!("  - id: {project}\n    paths:\n    - glob: '{glob}'\n")
 }
 
-fn request(project: &str, reference: Option<Ref>, globs: &[&str], have: &str) -> ObjectsToSynchronizeRequest {
+fn request(
+    project: &str,
+    reference: Option<Ref>,
+    globs: &[&str],
+    have: &str,
+) -> ObjectsToSynchronizeRequest {
     ObjectsToSynchronizeRequest {
         project_id: project.into(),
         commit_id: have.into(),
@@ -91,7 +98,10 @@ enum First {
     Nothing,
 }
 
-async fn next_event(stream: &mut Streaming<ObjectsToSynchronizeResponse>, within: Duration) -> First {
+async fn next_event(
+    stream: &mut Streaming<ObjectsToSynchronizeResponse>,
+    within: Duration,
+) -> First {
     let mut header = None;
     let mut paths = Vec::new();
     let deadline = tokio::time::Instant::now() + within;
@@ -157,14 +167,34 @@ async fn a_same_owner_project_not_in_config_is_denied_and_never_read() -> anyhow
     let mut client = agent.client(&h)?;
     h.git.reset_request_count("group/secrets");
 
-    let (_, first) = open(&mut client, request("group/secrets", None, &["*.yaml"], ""), Duration::from_secs(10)).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/secrets", None, &["*.yaml"], ""),
+        Duration::from_secs(10),
+    )
+    .await;
     assert_refused(&first, Code::PermissionDenied, "config.yaml");
     let counts = h.git.request_count("group/secrets");
-    assert_eq!((counts.ls_refs, counts.fetches), (0, 0), "kas read an unconfigured project: {counts:?}");
-    assert!(agent.rows(&h)?.is_empty(), "no status row for an unconfigured project");
+    assert_eq!(
+        (counts.ls_refs, counts.fetches),
+        (0, 0),
+        "kas read an unconfigured project: {counts:?}"
+    );
+    assert!(
+        agent.rows(&h)?.is_empty(),
+        "no status row for an unconfigured project"
+    );
 
-    let (_, first) = open(&mut client, request("group/manifests", None, &["*.yaml"], ""), Duration::from_secs(10)).await;
-    assert!(matches!(first, First::Snapshot { .. }), "the configured one is delivered: {first:?}");
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", None, &["*.yaml"], ""),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        matches!(first, First::Snapshot { .. }),
+        "the configured one is delivered: {first:?}"
+    );
     Ok(())
 }
 
@@ -174,7 +204,10 @@ async fn a_configured_project_at_another_ref_or_with_other_paths_is_denied() -> 
     h.git.create_repo("group/manifests", true)?;
     let commit = h.git.commit_files(
         "group/manifests",
-        &[("a.yaml", Some("kind: ConfigMap\n")), ("secret.yaml", Some("kind: Secret\n"))],
+        &[
+            ("a.yaml", Some("kind: ConfigMap\n")),
+            ("secret.yaml", Some("kind: Secret\n")),
+        ],
         "init",
     )?;
     h.git.create_branch("group/manifests", "staging", &commit)?;
@@ -183,14 +216,34 @@ async fn a_configured_project_at_another_ref_or_with_other_paths_is_denied() -> 
     let within = Duration::from_secs(10);
 
     let staging = Some(Ref::Branch("staging".into()));
-    let (_, first) = open(&mut client, request("group/manifests", staging, &["a.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", staging, &["a.yaml"], ""),
+        within,
+    )
+    .await;
     assert_refused(&first, Code::PermissionDenied, "another ref");
-    let (_, first) = open(&mut client, request("group/manifests", None, &["*.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", None, &["*.yaml"], ""),
+        within,
+    )
+    .await;
     assert_refused(&first, Code::PermissionDenied, "other paths");
-    let (_, first) = open(&mut client, request("group/manifests", None, &["a.yaml", "secret.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", None, &["a.yaml", "secret.yaml"], ""),
+        within,
+    )
+    .await;
     assert_refused(&first, Code::PermissionDenied, "other paths");
 
-    let (_, first) = open(&mut client, request("group/manifests", None, &["a.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", None, &["a.yaml"], ""),
+        within,
+    )
+    .await;
     match first {
         First::Snapshot { paths, .. } => assert_eq!(paths, vec!["a.yaml"]),
         other => panic!("the configured selection is delivered: {other:?}"),
@@ -206,13 +259,27 @@ async fn removing_a_project_from_config_ends_its_stream_within_a_second() -> any
         h.git
             .commit_files(project, &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
     }
-    let both = format!("{}{}", entry("group/manifests", "*.yaml"), entry("group/other", "*.yaml"));
+    let both = format!(
+        "{}{}",
+        entry("group/manifests", "*.yaml"),
+        entry("group/other", "*.yaml")
+    );
     let agent = RawAgent::register(&h, &both).await?;
     let mut client = agent.client(&h)?;
     let within = Duration::from_secs(10);
-    let (stream, first) = open(&mut client, request("group/manifests", None, &["*.yaml"], ""), within).await;
+    let (stream, first) = open(
+        &mut client,
+        request("group/manifests", None, &["*.yaml"], ""),
+        within,
+    )
+    .await;
     assert!(matches!(first, First::Snapshot { .. }), "{first:?}");
-    let (other, first) = open(&mut client, request("group/other", None, &["*.yaml"], ""), within).await;
+    let (other, first) = open(
+        &mut client,
+        request("group/other", None, &["*.yaml"], ""),
+        within,
+    )
+    .await;
     assert!(matches!(first, First::Snapshot { .. }), "{first:?}");
     let (mut stream, mut other) = (stream.unwrap(), other.unwrap());
 
@@ -222,41 +289,66 @@ async fn removing_a_project_from_config_ends_its_stream_within_a_second() -> any
     let started = Instant::now();
     let ended = next_event(&mut stream, Duration::from_secs(3)).await;
     let took = started.elapsed();
-    assert_refused(&ended, Code::PermissionDenied, "no gitops.manifest_projects entry");
+    assert_refused(
+        &ended,
+        Code::PermissionDenied,
+        "no gitops.manifest_projects entry",
+    );
     eprintln!("removed from config.yaml: the stream ended {took:?} after the poke");
-    assert!(took < Duration::from_secs(1), "the stream ended after {took:?}");
     assert!(
-        matches!(next_event(&mut other, Duration::from_millis(500)).await, First::Nothing),
+        took < Duration::from_secs(1),
+        "the stream ended after {took:?}"
+    );
+    assert!(
+        matches!(
+            next_event(&mut other, Duration::from_millis(500)).await,
+            First::Nothing
+        ),
         "the project still configured keeps its stream"
     );
     Ok(())
 }
 
 #[tokio::test]
-async fn revoking_a_grant_ends_the_stream_permission_denied_within_a_second() -> anyhow::Result<()> {
+async fn revoking_a_grant_ends_the_stream_permission_denied_within_a_second() -> anyhow::Result<()>
+{
     let h = Harness::start(false).await?;
     h.git.create_repo("other/manifests", true)?;
-    h.git
-        .commit_files("other/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    h.git.commit_files(
+        "other/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     let agent = RawAgent::register(&h, &entry("other/manifests", "*.yaml")).await?;
     h.admin.grant_project(&agent.gid, "other/manifests").await?;
     let mut client = agent.client(&h)?;
-    let (stream, first) = open(&mut client, request("other/manifests", None, &["*.yaml"], ""), Duration::from_secs(10)).await;
+    let (stream, first) = open(
+        &mut client,
+        request("other/manifests", None, &["*.yaml"], ""),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(matches!(first, First::Snapshot { .. }), "{first:?}");
     let mut stream = stream.unwrap();
 
     let started = Instant::now();
-    h.admin.revoke_project(&agent.gid, "other/manifests").await?;
+    h.admin
+        .revoke_project(&agent.gid, "other/manifests")
+        .await?;
     let ended = next_event(&mut stream, Duration::from_secs(3)).await;
     let took = started.elapsed();
     assert_refused(&ended, Code::PermissionDenied, "was not granted");
     eprintln!("grant revoked: the stream ended {took:?} after the mutation was sent");
-    assert!(took < Duration::from_secs(1), "the stream ended after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the stream ended after {took:?}"
+    );
     Ok(())
 }
 
 #[tokio::test]
-async fn a_token_revoked_between_authentication_and_the_call_ends_every_stream() -> anyhow::Result<()> {
+async fn a_token_revoked_between_authentication_and_the_call_ends_every_stream()
+-> anyhow::Result<()> {
     use gitops_protocol::{
         ConfigurationRequest, agent_configuration_server::AgentConfiguration,
         manifest_delivery_server::ManifestDelivery,
@@ -269,8 +361,11 @@ async fn a_token_revoked_between_authentication_and_the_call_ends_every_stream()
 
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
-    h.git
-        .commit_files("group/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     let agent = RawAgent::register(&h, &entry("group/manifests", "*.yaml")).await?;
     let state = h.kas().state.clone();
     // Step 1, authentication: what the agent listener puts into the request.
@@ -334,7 +429,9 @@ where
         match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
             Err(_) => panic!("the stream outlived its revoked token"),
             Ok(None) => panic!("the stream ended without saying why"),
-            Ok(Some(Err(status))) => return assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+            Ok(Some(Err(status))) => {
+                return assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            }
             Ok(Some(Ok(message))) => panic!("a revoked token still got {message:?}"),
         }
     }
@@ -346,15 +443,24 @@ mod futures_core_stream {
 }
 
 #[tokio::test]
-async fn a_thousand_requests_for_random_projects_leave_no_rows_and_no_watchers() -> anyhow::Result<()> {
+async fn a_thousand_requests_for_random_projects_leave_no_rows_and_no_watchers()
+-> anyhow::Result<()> {
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
-    h.git
-        .commit_files("group/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     let agent = RawAgent::register(&h, &entry("group/manifests", "*.yaml")).await?;
     let mut client = agent.client(&h)?;
     // One legitimate stream stays open, as agentk's would.
-    let (_legit, first) = open(&mut client, request("group/manifests", None, &["*.yaml"], ""), Duration::from_secs(10)).await;
+    let (_legit, first) = open(
+        &mut client,
+        request("group/manifests", None, &["*.yaml"], ""),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(matches!(first, First::Snapshot { .. }), "{first:?}");
     let watchers_before = h.kas().state.watchers.count();
     let rows_before = agent.rows(&h)?;
@@ -367,15 +473,32 @@ async fn a_thousand_requests_for_random_projects_leave_no_rows_and_no_watchers()
             2 => format!("other-{random}/x"),
             _ => format!("group/../{random}"),
         };
-        let (_, first) = open(&mut client, request(&project, None, &["*.yaml"], ""), Duration::from_secs(10)).await;
+        let (_, first) = open(
+            &mut client,
+            request(&project, None, &["*.yaml"], ""),
+            Duration::from_secs(10),
+        )
+        .await;
         match first {
-            First::Ended(s) if matches!(s.code(), Code::PermissionDenied | Code::InvalidArgument) => refused += 1,
+            First::Ended(s)
+                if matches!(s.code(), Code::PermissionDenied | Code::InvalidArgument) =>
+            {
+                refused += 1
+            }
             other => panic!("{project}: expected a refusal, got {other:?}"),
         }
     }
     assert_eq!(refused, 1000);
-    assert_eq!(agent.rows(&h)?, rows_before, "no status rows for unconfigured projects");
-    assert_eq!(h.kas().state.watchers.count(), watchers_before, "no watchers for unconfigured projects");
+    assert_eq!(
+        agent.rows(&h)?,
+        rows_before,
+        "no status rows for unconfigured projects"
+    );
+    assert_eq!(
+        h.kas().state.watchers.count(),
+        watchers_before,
+        "no watchers for unconfigured projects"
+    );
     Ok(())
 }
 
@@ -383,22 +506,40 @@ async fn a_thousand_requests_for_random_projects_leave_no_rows_and_no_watchers()
 async fn manifest_streams_and_reverse_tunnels_are_capped_per_agent() -> anyhow::Result<()> {
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
-    h.git
-        .commit_files("group/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     let agent = RawAgent::register(&h, &entry("group/manifests", "*.yaml")).await?;
     let limits = h.kas().state.connections.limits.clone();
     let within = Duration::from_secs(20);
 
     // Several connections, so HTTP/2's per-connection stream limit is not what stops us.
-    let mut clients = (0..4).map(|_| agent.client(&h)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut clients = (0..4)
+        .map(|_| agent.client(&h))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut open_streams = Vec::new();
     for i in 0..limits.max_manifest_streams {
         let client = &mut clients[i % 4];
-        let (stream, first) = open(client, request("group/manifests", None, &["*.yaml"], ""), within).await;
-        assert!(matches!(first, First::Snapshot { .. }), "stream {i}: {first:?}");
+        let (stream, first) = open(
+            client,
+            request("group/manifests", None, &["*.yaml"], ""),
+            within,
+        )
+        .await;
+        assert!(
+            matches!(first, First::Snapshot { .. }),
+            "stream {i}: {first:?}"
+        );
         open_streams.push(stream.unwrap());
     }
-    let (_, first) = open(&mut clients[0], request("group/manifests", None, &["*.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut clients[0],
+        request("group/manifests", None, &["*.yaml"], ""),
+        within,
+    )
+    .await;
     assert_refused(&first, Code::ResourceExhausted, "max_manifest_streams");
     // Closing one frees its slot.
     drop(open_streams.pop());
@@ -406,7 +547,12 @@ async fn manifest_streams_and_reverse_tunnels_are_capped_per_agent() -> anyhow::
         Ok(h.kas().state.connections.manifest_streams(agent.id).0 < limits.max_manifest_streams)
     })
     .await?;
-    let (_, first) = open(&mut clients[1], request("group/manifests", None, &["*.yaml"], ""), within).await;
+    let (_, first) = open(
+        &mut clients[1],
+        request("group/manifests", None, &["*.yaml"], ""),
+        within,
+    )
+    .await;
     assert!(matches!(first, First::Snapshot { .. }), "{first:?}");
     drop(open_streams);
 
@@ -416,7 +562,9 @@ async fn manifest_streams_and_reverse_tunnels_are_capped_per_agent() -> anyhow::
     let tunnel_client = gitops_protocol::reverse_tunnel_client::ReverseTunnelClient::new(
         InterceptedService::new(config.channel()?, config.interceptor()?),
     );
-    let routes = tonic::service::Routes::new(gitops_protocol::agent_info_server::AgentInfoServer::new(Silent));
+    let routes = tonic::service::Routes::new(
+        gitops_protocol::agent_info_server::AgentInfoServer::new(Silent),
+    );
     tokio::spawn(gitops_tunnel::reverse::serve_tunnels(
         tunnel_client,
         routes,
@@ -428,7 +576,10 @@ async fn manifest_streams_and_reverse_tunnels_are_capped_per_agent() -> anyhow::
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(h.kas().state.tunnels.count(&agent.id), limits.max_reverse_tunnels);
+    assert_eq!(
+        h.kas().state.tunnels.count(&agent.id),
+        limits.max_reverse_tunnels
+    );
     stop.cancel();
     Ok(())
 }
@@ -451,40 +602,74 @@ impl gitops_protocol::agent_info_server::AgentInfo for Silent {
 }
 
 #[tokio::test]
-async fn invalid_ids_refs_and_selectors_are_invalid_argument_and_leave_nothing() -> anyhow::Result<()> {
+async fn invalid_ids_refs_and_selectors_are_invalid_argument_and_leave_nothing()
+-> anyhow::Result<()> {
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
-    h.git
-        .commit_files("group/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     let agent = RawAgent::register(&h, &entry("group/manifests", "*.yaml")).await?;
     let mut client = agent.client(&h)?;
     let watchers_before = h.kas().state.watchers.count();
     let huge = format!("group/{}", "a".repeat(1 << 20));
     let long_ref = "x".repeat(10 * 1024);
     let mut cases: Vec<(String, ObjectsToSynchronizeRequest)> = Vec::new();
-    for project in ["acme/../other/x", "/acme/x", "acme/x.git", "acme/.hidden", huge.as_str()] {
-        cases.push((format!("project {:.40}", project), request(project, None, &["*.yaml"], "")));
+    for project in [
+        "acme/../other/x",
+        "/acme/x",
+        "acme/x.git",
+        "acme/.hidden",
+        huge.as_str(),
+    ] {
+        cases.push((
+            format!("project {:.40}", project),
+            request(project, None, &["*.yaml"], ""),
+        ));
     }
     for branch in ["main:refs/heads/x", "*", "a..b", "-x", long_ref.as_str()] {
         cases.push((
             format!("branch {branch:.40}"),
-            request("group/manifests", Some(Ref::Branch(branch.into())), &["*.yaml"], ""),
+            request(
+                "group/manifests",
+                Some(Ref::Branch(branch.into())),
+                &["*.yaml"],
+                "",
+            ),
         ));
         cases.push((
             format!("tag {branch:.40}"),
-            request("group/manifests", Some(Ref::Tag(branch.into())), &["*.yaml"], ""),
+            request(
+                "group/manifests",
+                Some(Ref::Tag(branch.into())),
+                &["*.yaml"],
+                "",
+            ),
         ));
     }
     cases.push((
         "commit main".into(),
-        request("group/manifests", Some(Ref::Commit("main".into())), &["*.yaml"], ""),
+        request(
+            "group/manifests",
+            Some(Ref::Commit("main".into())),
+            &["*.yaml"],
+            "",
+        ),
     ));
     cases.push(("no paths".into(), request("group/manifests", None, &[], "")));
     let mut unset = request("group/manifests", None, &["*.yaml"], "");
     unset.paths.push(PathSelector { selector: None });
     cases.push(("an unset selector".into(), unset));
-    cases.push(("an empty glob".into(), request("group/manifests", None, &[""], "")));
-    cases.push(("a bad have".into(), request("group/manifests", None, &["*.yaml"], "HEAD")));
+    cases.push((
+        "an empty glob".into(),
+        request("group/manifests", None, &[""], ""),
+    ));
+    cases.push((
+        "a bad have".into(),
+        request("group/manifests", None, &["*.yaml"], "HEAD"),
+    ));
 
     for (what, case) in cases {
         let (_, first) = open(&mut client, case, Duration::from_secs(10)).await;
@@ -495,26 +680,44 @@ async fn invalid_ids_refs_and_selectors_are_invalid_argument_and_leave_nothing()
             other => panic!("{what}: expected INVALID_ARGUMENT, got {other:?}"),
         }
     }
-    assert!(agent.rows(&h)?.is_empty(), "no status rows for invalid requests");
-    assert_eq!(h.kas().state.watchers.count(), watchers_before, "no watchers for invalid requests");
+    assert!(
+        agent.rows(&h)?.is_empty(),
+        "no status rows for invalid requests"
+    );
+    assert_eq!(
+        h.kas().state.watchers.count(),
+        watchers_before,
+        "no watchers for invalid requests"
+    );
     Ok(())
 }
 
 #[tokio::test]
-async fn a_changed_selection_is_sent_at_once_although_the_commit_did_not_move() -> anyhow::Result<()> {
+async fn a_changed_selection_is_sent_at_once_although_the_commit_did_not_move() -> anyhow::Result<()>
+{
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
     let commit = h.git.commit_files(
         "group/manifests",
-        &[("a/x.yaml", Some("kind: ConfigMap\n")), ("b/y.yaml", Some("kind: ConfigMap\n"))],
+        &[
+            ("a/x.yaml", Some("kind: ConfigMap\n")),
+            ("b/y.yaml", Some("kind: ConfigMap\n")),
+        ],
         "init",
     )?;
     let agent = RawAgent::register(&h, &entry("group/manifests", "a/*.yaml")).await?;
     let mut client = agent.client(&h)?;
     let within = Duration::from_secs(10);
-    let (stream, first) = open(&mut client, request("group/manifests", None, &["a/*.yaml"], ""), within).await;
+    let (stream, first) = open(
+        &mut client,
+        request("group/manifests", None, &["a/*.yaml"], ""),
+        within,
+    )
+    .await;
     match &first {
-        First::Snapshot { commit: c, paths } => assert_eq!((c, paths), (&commit, &vec!["a/x.yaml".to_owned()])),
+        First::Snapshot { commit: c, paths } => {
+            assert_eq!((c, paths), (&commit, &vec!["a/x.yaml".to_owned()]))
+        }
         other => panic!("{other:?}"),
     }
     drop(stream);
@@ -527,29 +730,44 @@ async fn a_changed_selection_is_sent_at_once_although_the_commit_did_not_move() 
     let mut sent = None;
     let deadline = Instant::now() + Duration::from_secs(10);
     while sent.is_none() && Instant::now() < deadline {
-        let (_, first) = open(&mut client, request("group/manifests", None, &["b/*.yaml"], &commit), Duration::from_secs(3)).await;
+        let (_, first) = open(
+            &mut client,
+            request("group/manifests", None, &["b/*.yaml"], &commit),
+            Duration::from_secs(3),
+        )
+        .await;
         match first {
             First::Snapshot { commit: c, paths } => sent = Some((c, paths)),
             First::Ended(s) if s.code() == Code::PermissionDenied => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            other => panic!("the new selection must be sent although the agent has commit {commit}: {other:?}"),
+            other => panic!(
+                "the new selection must be sent although the agent has commit {commit}: {other:?}"
+            ),
         }
     }
     assert_eq!(sent, Some((commit.clone(), vec!["b/y.yaml".to_owned()])));
     // The same selection and commit again: nothing to send.
-    let (_, first) = open(&mut client, request("group/manifests", None, &["b/*.yaml"], &commit), Duration::from_secs(2)).await;
+    let (_, first) = open(
+        &mut client,
+        request("group/manifests", None, &["b/*.yaml"], &commit),
+        Duration::from_secs(2),
+    )
+    .await;
     assert!(matches!(first, First::Nothing), "{first:?}");
     Ok(())
 }
 
 #[tokio::test]
-async fn a_git_outage_that_ends_at_the_same_commit_clears_the_manifest_error() -> anyhow::Result<()> {
+async fn a_git_outage_that_ends_at_the_same_commit_clears_the_manifest_error() -> anyhow::Result<()>
+{
     let h = Harness::start(false).await?;
     h.git.create_repo("group/manifests", false)?;
-    let commit = h
-        .git
-        .commit_files("group/manifests", &[("a.yaml", Some("kind: ConfigMap\n"))], "init")?;
+    let commit = h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
     set_config(&h, &entry("group/manifests", "*.yaml"))?;
     let (gid, _, secret) = h.register_agent().await?;
     let agent = h.agent(h.client_config("grpc", &secret))?;
@@ -567,7 +785,10 @@ async fn a_git_outage_that_ends_at_the_same_commit_clears_the_manifest_error() -
             anyhow::Ok(())
         }
     };
-    wait("the snapshot", |p, c| p.snapshot.as_ref().is_some_and(|s| s.commit_id == c)).await?;
+    wait("the snapshot", |p, c| {
+        p.snapshot.as_ref().is_some_and(|s| s.commit_id == c)
+    })
+    .await?;
     let error_in_graphql = || async {
         let view = h
             .graphql(&format!(r#"{{ clusterAgent(id: "{gid}") {{ manifestProjects {{ projectId error commitSent }} }} }}"#))
@@ -589,17 +810,22 @@ async fn a_git_outage_that_ends_at_the_same_commit_clears_the_manifest_error() -
         p.error.is_none() && p.snapshot.as_ref().is_some_and(|s| s.commit_id == c)
     })
     .await?;
-    eventually(Duration::from_secs(10), "the error cleared in GraphQL", || async {
-        let status = error_in_graphql().await?;
-        Ok(status["error"].is_null() && status["commitSent"] == commit.as_str())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the error cleared in GraphQL",
+        || async {
+            let status = error_in_graphql().await?;
+            Ok(status["error"].is_null() && status["commitSent"] == commit.as_str())
+        },
+    )
     .await?;
     agent.shutdown().await;
     Ok(())
 }
 
 #[tokio::test]
-async fn live_info_of_an_agent_that_never_answers_is_an_error_within_seconds() -> anyhow::Result<()> {
+async fn live_info_of_an_agent_that_never_answers_is_an_error_within_seconds() -> anyhow::Result<()>
+{
     let h = Harness::start(false).await?;
     let agent = RawAgent::register(&h, "").await?;
     let stop = tokio_util_cancel();
@@ -607,15 +833,25 @@ async fn live_info_of_an_agent_that_never_answers_is_an_error_within_seconds() -
     let tunnel_client = gitops_protocol::reverse_tunnel_client::ReverseTunnelClient::new(
         InterceptedService::new(config.channel()?, config.interceptor()?),
     );
-    let routes = tonic::service::Routes::new(gitops_protocol::agent_info_server::AgentInfoServer::new(Silent));
-    tokio::spawn(gitops_tunnel::reverse::serve_tunnels(tunnel_client, routes, 1, stop.clone()));
+    let routes = tonic::service::Routes::new(
+        gitops_protocol::agent_info_server::AgentInfoServer::new(Silent),
+    );
+    tokio::spawn(gitops_tunnel::reverse::serve_tunnels(
+        tunnel_client,
+        routes,
+        1,
+        stop.clone(),
+    ));
     eventually(Duration::from_secs(10), "the tunnel", || async {
         Ok(h.kas().state.tunnels.count(&agent.id) == 1)
     })
     .await?;
 
     let started = Instant::now();
-    let query = format!(r#"{{ clusterAgent(id: "{}") {{ liveInfo {{ version }} }} }}"#, agent.gid);
+    let query = format!(
+        r#"{{ clusterAgent(id: "{}") {{ liveInfo {{ version }} }} }}"#,
+        agent.gid
+    );
     let view = tokio::time::timeout(Duration::from_secs(20), h.graphql(&query))
         .await
         .map_err(|_| anyhow::anyhow!("liveInfo hung for 20 s"))??;
@@ -624,9 +860,60 @@ async fn live_info_of_an_agent_that_never_answers_is_an_error_within_seconds() -
     assert!(took < Duration::from_secs(8), "liveInfo took {took:?}");
     assert!(view["data"]["clusterAgent"]["liveInfo"].is_null(), "{view}");
     assert!(
-        view["errors"][0]["message"].as_str().is_some_and(|m| m.contains("GetInfo")),
+        view["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("GetInfo")),
         "{view}"
     );
     stop.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn sync_reports_on_unconfigured_projects_are_refused_and_store_nothing() -> anyhow::Result<()>
+{
+    use gitops_protocol::{SyncReport, gitops_status_client::GitopsStatusClient};
+
+    let h = Harness::start(false).await?;
+    h.git.create_repo("group/manifests", false)?;
+    h.git.commit_files(
+        "group/manifests",
+        &[("a.yaml", Some("kind: ConfigMap\n"))],
+        "init",
+    )?;
+    let agent = RawAgent::register(&h, &entry("group/manifests", "*.yaml")).await?;
+    let config = h.client_config("grpc", &agent.secret);
+    let mut client = GitopsStatusClient::with_interceptor(config.channel()?, config.interceptor()?);
+    let report = |project: &str| SyncReport {
+        project_id: project.into(),
+        commit_seen: "a".repeat(40),
+        commit_applied: "a".repeat(40),
+        finished_at_unix: 1_700_000_000,
+        outcome: "synced".into(),
+        message: String::new(),
+        objects: vec![],
+    };
+    for project in ["group/unconfigured", "group/r-1", "group/r-2"] {
+        let refused = client.report_sync(report(project)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::PermissionDenied,
+            "{project}: {refused:?}"
+        );
+        assert!(refused.message().contains("config.yaml"), "{refused:?}");
+        assert_eq!(
+            h.kas().state.store.sync_record(agent.id, project)?,
+            None,
+            "{project}"
+        );
+    }
+    client.report_sync(report("group/manifests")).await?;
+    assert!(
+        h.kas()
+            .state
+            .store
+            .sync_record(agent.id, "group/manifests")?
+            .is_some()
+    );
     Ok(())
 }

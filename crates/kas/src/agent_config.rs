@@ -198,6 +198,72 @@ impl AgentConfigs {
     }
 }
 
+/// How long a call waits for kas's first read of an agent's configuration.
+pub const CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AgentConfigs {
+    /// The agent's last valid configuration, waiting up to [`CONFIG_WAIT`] for the first read. Errors:
+    /// `UNAVAILABLE` while Git cannot be read, `PERMISSION_DENIED` when there is no valid configuration.
+    pub async fn current(
+        &self,
+        state: &KasState,
+        identity: &AgentIdentity,
+    ) -> Result<Arc<AgentConfig>, Status> {
+        let tracker = self.track(state, identity);
+        let mut config = tracker.subscribe();
+        let read = tokio::time::timeout(CONFIG_WAIT, config.wait_for(|c| c.checked)).await;
+        match read {
+            Ok(Ok(tracked)) => tracked
+                .valid
+                .clone()
+                .ok_or_else(|| no_configuration(&tracked)),
+            _ => Err(Status::unavailable(format!(
+                "kas has not read the configuration of agent {:?} yet; try again",
+                identity.agent_name
+            ))),
+        }
+    }
+
+    /// `PERMISSION_DENIED` unless `project` is a `gitops.manifest_projects[].id` of the agent's current
+    /// configuration: what agentk may report on or be served.
+    pub async fn require_project(
+        &self,
+        state: &KasState,
+        identity: &AgentIdentity,
+        project: &str,
+    ) -> Result<(), Status> {
+        let config = self.current(state, identity).await?;
+        if config
+            .gitops
+            .manifest_projects
+            .iter()
+            .any(|p| p.id == project)
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "project {project:?} is not a gitops.manifest_projects entry of agent {:?}'s config.yaml",
+                identity.agent_name
+            )))
+        }
+    }
+}
+
+/// Neither a valid configuration nor one read yet: a Git failure is worth retrying, an invalid file is not
+/// until it changes (agentk retries with backoff either way).
+pub fn no_configuration(tracked: &TrackedConfig) -> Status {
+    let problem = tracked.problem.clone().unwrap_or_default();
+    if tracked.response.is_some() {
+        Status::permission_denied(format!(
+            "kas has no valid configuration for this agent, so it serves no manifests: {problem}"
+        ))
+    } else {
+        Status::unavailable(format!(
+            "kas cannot read this agent's configuration: {problem}"
+        ))
+    }
+}
+
 /// What reading one agent's configuration needs.
 struct ConfigReader {
     store: Store,
@@ -225,7 +291,12 @@ async fn track(
             ProjectState::Pending => {}
             ProjectState::Failed(error) => {
                 if last_error.as_ref() != Some(&error) {
-                    record_status(&reader.store, agent_id, last_read.clone(), Some(error.clone()));
+                    record_status(
+                        &reader.store,
+                        agent_id,
+                        last_read.clone(),
+                        Some(error.clone()),
+                    );
                     last_error = Some(error.clone());
                 }
                 project_failed = true;
@@ -241,7 +312,12 @@ async fn track(
                     warn!(commit_id = %commit, error, "invalid agent configuration");
                 }
                 read_error = Some(response.error.clone()).filter(|e| !e.is_empty());
-                record_status(&reader.store, agent_id, Some(commit.clone()), read_error.clone());
+                record_status(
+                    &reader.store,
+                    agent_id,
+                    Some(commit.clone()),
+                    read_error.clone(),
+                );
                 last_error = read_error.clone();
                 last_read = Some(commit);
                 tx.send_modify(|t| {
@@ -302,12 +378,7 @@ async fn read_configuration(
     (response, config)
 }
 
-fn record_status(
-    store: &Store,
-    agent_id: u64,
-    commit_id: Option<String>,
-    error: Option<String>,
-) {
+fn record_status(store: &Store, agent_id: u64, commit_id: Option<String>, error: Option<String>) {
     let status = ConfigStatus {
         commit_id,
         error,

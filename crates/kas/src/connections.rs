@@ -372,7 +372,10 @@ mod tests {
         assert!(connections.admit_tunnel(1, 0).is_ok());
         let err = connections.admit_tunnel(1, 0).unwrap_err();
         assert!(err.to_string().contains("max_reverse_tunnels"), "{err}");
-        assert!(connections.admit_tunnel(2, 2).is_err(), "registered ones count");
+        assert!(
+            connections.admit_tunnel(2, 2).is_err(),
+            "registered ones count"
+        );
         assert!(connections.admit_tunnel(3, 1).is_ok(), "per agent");
     }
 

@@ -169,7 +169,10 @@ mod tests {
 
     #[test]
     fn subgroups_share_no_owner() {
-        assert!(same_owner("acme/team-a", "acme/team-b"), "Gitea: owner acme");
+        assert!(
+            same_owner("acme/team-a", "acme/team-b"),
+            "Gitea: owner acme"
+        );
         assert!(!same_owner("acme/team-a/config", "acme/team-b/manifests"));
         assert!(!same_owner("acme/team-a/config", "acme/team-a/manifests"));
         assert!(!same_owner("acme/config", "acme/sub/manifests"));
@@ -207,14 +210,24 @@ mod tests {
             ),
             Ok(())
         );
-        let missing = configured(&config, &selection("acme/secrets", GitRef::DefaultBranch, "*.yaml"));
-        assert!(missing.unwrap_err().contains("no gitops.manifest_projects entry"));
+        let missing = configured(
+            &config,
+            &selection("acme/secrets", GitRef::DefaultBranch, "*.yaml"),
+        );
+        assert!(
+            missing
+                .unwrap_err()
+                .contains("no gitops.manifest_projects entry")
+        );
         let other_ref = configured(
             &config,
             &selection("acme/manifests", GitRef::Branch("main".into()), "*.yaml"),
         );
         assert!(other_ref.unwrap_err().contains("another ref"));
-        let other_paths = configured(&config, &selection("acme/manifests", GitRef::DefaultBranch, "**"));
+        let other_paths = configured(
+            &config,
+            &selection("acme/manifests", GitRef::DefaultBranch, "**"),
+        );
         assert!(other_paths.unwrap_err().contains("other paths"));
         assert!(configured(&AgentConfig::default(), &ok).is_err());
     }

@@ -253,7 +253,11 @@ mod tests {
 
     use super::*;
 
-    fn request(project: &str, reference: Option<Ref>, paths: Vec<Option<Selector>>) -> ObjectsToSynchronizeRequest {
+    fn request(
+        project: &str,
+        reference: Option<Ref>,
+        paths: Vec<Option<Selector>>,
+    ) -> ObjectsToSynchronizeRequest {
         ObjectsToSynchronizeRequest {
             project_id: project.into(),
             commit_id: String::new(),
@@ -273,7 +277,10 @@ mod tests {
     fn well_formed_requests_parse() {
         let parsed = parse(request("group/sub/project.x", None, glob()), 20).unwrap();
         assert_eq!(parsed.selection.reference, GitRef::DefaultBranch);
-        assert_eq!(parsed.selection.paths, vec![PathSelector::Glob("*.yaml".into())]);
+        assert_eq!(
+            parsed.selection.paths,
+            vec![PathSelector::Glob("*.yaml".into())]
+        );
         for name in ["main", "release/1.x", "feature-a_b", "v1.0.0"] {
             assert!(
                 parse(request("g/p", Some(Ref::Branch(name.into())), glob()), 20).is_ok(),
@@ -281,7 +288,11 @@ mod tests {
             );
         }
         let commit = "a".repeat(40);
-        let parsed = parse(request("g/p", Some(Ref::Commit(commit.clone())), glob()), 20).unwrap();
+        let parsed = parse(
+            request("g/p", Some(Ref::Commit(commit.clone())), glob()),
+            20,
+        )
+        .unwrap();
         assert_eq!(parsed.selection.reference, GitRef::Commit(commit));
     }
 
@@ -299,8 +310,14 @@ mod tests {
             huge.as_str(),
         ] {
             let err = parse(request(bad, None, glob()), 20).unwrap_err();
-            assert!(matches!(err, RequestError::InvalidProject { .. }), "{bad}: {err}");
-            assert!(err.to_string().len() < 400, "the message quotes a bounded part");
+            assert!(
+                matches!(err, RequestError::InvalidProject { .. }),
+                "{bad}: {err}"
+            );
+            assert!(
+                err.to_string().len() < 400,
+                "the message quotes a bounded part"
+            );
         }
     }
 
@@ -329,7 +346,10 @@ mod tests {
         ] {
             for reference in [Ref::Branch(bad.into()), Ref::Tag(bad.into())] {
                 let err = parse(request("g/p", Some(reference), glob()), 20).unwrap_err();
-                assert!(matches!(err, RequestError::InvalidRef { .. }), "{bad:?}: {err}");
+                assert!(
+                    matches!(err, RequestError::InvalidRef { .. }),
+                    "{bad:?}: {err}"
+                );
             }
         }
         let err = parse(request("g/p", Some(Ref::Commit("main".into())), glob()), 20).unwrap_err();
@@ -343,17 +363,27 @@ mod tests {
             RequestError::NoPaths
         );
         assert_eq!(
-            parse(request("g/p", None, vec![Some(Selector::Glob("*".into())), None]), 20)
-                .unwrap_err(),
+            parse(
+                request("g/p", None, vec![Some(Selector::Glob("*".into())), None]),
+                20
+            )
+            .unwrap_err(),
             RequestError::UnsetSelector { index: 1 }
         );
         assert_eq!(
-            parse(request("g/p", None, vec![Some(Selector::File(" ".into()))]), 20).unwrap_err(),
+            parse(
+                request("g/p", None, vec![Some(Selector::File(" ".into()))]),
+                20
+            )
+            .unwrap_err(),
             RequestError::EmptySelector { index: 0 }
         );
         assert_eq!(
-            parse(request("g/p", None, vec![Some(Selector::Glob("*".into())); 21]), 20)
-                .unwrap_err(),
+            parse(
+                request("g/p", None, vec![Some(Selector::Glob("*".into())); 21]),
+                20
+            )
+            .unwrap_err(),
             RequestError::TooManyPaths {
                 count: 21,
                 limit: 20

@@ -1,6 +1,6 @@
 //! `ManifestDelivery.GetObjectsToSynchronize`.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use gitops_protocol::{
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     KasState,
-    agent_config::{ConfigTracker, TrackedConfig},
+    agent_config::{CONFIG_WAIT, ConfigTracker, TrackedConfig, no_configuration},
     auth::AgentIdentity,
     connections::StreamGuard,
     store::{ManifestStatus, now},
@@ -43,9 +43,6 @@ impl ManifestDeliveryService {
         ManifestDeliveryServer::new(Self::new(state))
     }
 }
-
-/// How long a new stream waits for kas's first read of the agent's configuration.
-const CONFIG_WAIT: Duration = Duration::from_secs(30);
 
 type Sender = mpsc::Sender<Result<ObjectsToSynchronizeResponse, Status>>;
 
@@ -118,7 +115,10 @@ async fn first_access(
 ) -> Result<(), Status> {
     let read = tokio::time::timeout(CONFIG_WAIT, config.wait_for(|c| c.checked)).await;
     let valid = match read {
-        Ok(Ok(tracked)) => tracked.valid.clone().ok_or_else(|| no_configuration(&tracked)),
+        Ok(Ok(tracked)) => tracked
+            .valid
+            .clone()
+            .ok_or_else(|| no_configuration(&tracked)),
         _ => Err(Status::unavailable(format!(
             "kas has not read the configuration of agent {:?} yet; try again",
             identity.agent_name
@@ -127,28 +127,20 @@ async fn first_access(
     match access::authorize_selection(&state.store, identity, &valid, selection) {
         Ok(()) => Ok(()),
         Err(denied @ AccessError::Denied { .. }) => {
-            record(state, identity, selection, None, None, Some(denied.to_string()));
+            record(
+                state,
+                identity,
+                selection,
+                None,
+                None,
+                Some(denied.to_string()),
+            );
             Err(Status::permission_denied(denied.to_string()))
         }
         Err(not_configured @ AccessError::NotConfigured { .. }) => {
             Err(Status::permission_denied(not_configured.to_string()))
         }
         Err(e @ AccessError::Store { .. }) => Err(Status::unavailable(e.to_string())),
-    }
-}
-
-/// Neither a valid configuration nor one read yet: a Git failure is worth retrying, an invalid file is not
-/// until it changes (agentk retries with backoff either way).
-fn no_configuration(tracked: &TrackedConfig) -> Status {
-    let problem = tracked.problem.clone().unwrap_or_default();
-    if tracked.response.is_some() {
-        Status::permission_denied(format!(
-            "kas has no valid configuration for this agent, so it serves no manifests: {problem}"
-        ))
-    } else {
-        Status::unavailable(format!(
-            "kas cannot read this agent's configuration: {problem}"
-        ))
     }
 }
 
@@ -290,7 +282,9 @@ impl ManifestStream {
                 Step::Wait => {}
                 Step::End(denied) => {
                     info!(error = %denied, "closing the manifest stream: access was withdrawn");
-                    let _ = tx.send(Err(Status::permission_denied(denied.to_string()))).await;
+                    let _ = tx
+                        .send(Err(Status::permission_denied(denied.to_string())))
+                        .await;
                     return;
                 }
                 Step::Report { error } => {
@@ -309,7 +303,14 @@ impl ManifestStream {
                     match sent {
                         Ok(Delivery::Sent(files)) => {
                             info!(commit_id = %commit, files, "sent manifests");
-                            record(state, &self.identity, sel, Some(&commit), Some(&commit), None);
+                            record(
+                                state,
+                                &self.identity,
+                                sel,
+                                Some(&commit),
+                                Some(&commit),
+                                None,
+                            );
                             stream.last_sent = commit;
                             stream.last_error = None;
                         }
@@ -321,7 +322,10 @@ impl ManifestStream {
                             stream.last_error = None;
                         }
                         Err(error) if stream.last_error.as_ref() != Some(&error) => {
-                            if !self.report(state, &mut stream, Some(commit), error, &tx).await {
+                            if !self
+                                .report(state, &mut stream, Some(commit), error, &tx)
+                                .await
+                            {
                                 return;
                             }
                         }
@@ -473,10 +477,19 @@ mod tests {
 
     #[test]
     fn new_commits_are_delivered_and_the_agents_commit_is_not() {
-        assert_eq!(decide(&state("", None), Ok(()), &commit("a")), deliver("a", false));
-        assert_eq!(decide(&state("a", None), Ok(()), &commit("b")), deliver("b", false));
+        assert_eq!(
+            decide(&state("", None), Ok(()), &commit("a")),
+            deliver("a", false)
+        );
+        assert_eq!(
+            decide(&state("a", None), Ok(()), &commit("b")),
+            deliver("b", false)
+        );
         assert_eq!(decide(&state("a", None), Ok(()), &commit("a")), Step::Wait);
-        assert_eq!(decide(&state("a", None), Ok(()), &ProjectState::Pending), Step::Wait);
+        assert_eq!(
+            decide(&state("a", None), Ok(()), &ProjectState::Pending),
+            Step::Wait
+        );
     }
 
     #[test]
@@ -505,7 +518,12 @@ mod tests {
             paths: "[]".into(),
             detail: "gone".into(),
         };
-        for project in [commit("a"), commit("b"), ProjectState::Pending, ProjectState::Failed("x".into())] {
+        for project in [
+            commit("a"),
+            commit("b"),
+            ProjectState::Pending,
+            ProjectState::Failed("x".into()),
+        ] {
             assert_eq!(
                 decide(&state("a", None), Err(denied.clone()), &project),
                 Step::End(denied.clone())
