@@ -210,18 +210,7 @@ impl AgentConfigs {
         identity: &AgentIdentity,
     ) -> Result<Arc<AgentConfig>, Status> {
         let tracker = self.track(state, identity);
-        let mut config = tracker.subscribe();
-        let read = tokio::time::timeout(CONFIG_WAIT, config.wait_for(|c| c.checked)).await;
-        match read {
-            Ok(Ok(tracked)) => tracked
-                .valid
-                .clone()
-                .ok_or_else(|| no_configuration(&tracked)),
-            _ => Err(Status::unavailable(format!(
-                "kas has not read the configuration of agent {:?} yet; try again",
-                identity.agent_name
-            ))),
-        }
+        first_valid(&mut tracker.subscribe(), &identity.agent_name).await
     }
 
     /// `PERMISSION_DENIED` unless `project` is a `gitops.manifest_projects[].id` of the agent's current
@@ -246,6 +235,24 @@ impl AgentConfigs {
                 identity.agent_name
             )))
         }
+    }
+}
+
+/// Waits up to [`CONFIG_WAIT`] for kas's first read of the configuration `config` tracks, and returns the
+/// last valid one.
+pub async fn first_valid(
+    config: &mut watch::Receiver<TrackedConfig>,
+    agent_name: &str,
+) -> Result<Arc<AgentConfig>, Status> {
+    let read = tokio::time::timeout(CONFIG_WAIT, config.wait_for(|c| c.checked)).await;
+    match read {
+        Ok(Ok(tracked)) => tracked
+            .valid
+            .clone()
+            .ok_or_else(|| no_configuration(&tracked)),
+        _ => Err(Status::unavailable(format!(
+            "kas has not read the configuration of agent {agent_name:?} yet; try again"
+        ))),
     }
 }
 

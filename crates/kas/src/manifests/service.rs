@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     KasState,
-    agent_config::{CONFIG_WAIT, ConfigTracker, TrackedConfig, no_configuration},
+    agent_config::{ConfigTracker, TrackedConfig, first_valid},
     auth::AgentIdentity,
     connections::StreamGuard,
     store::{ManifestStatus, now},
@@ -113,17 +113,7 @@ async fn first_access(
     config: &mut watch::Receiver<TrackedConfig>,
     selection: &Selection,
 ) -> Result<(), Status> {
-    let read = tokio::time::timeout(CONFIG_WAIT, config.wait_for(|c| c.checked)).await;
-    let valid = match read {
-        Ok(Ok(tracked)) => tracked
-            .valid
-            .clone()
-            .ok_or_else(|| no_configuration(&tracked)),
-        _ => Err(Status::unavailable(format!(
-            "kas has not read the configuration of agent {:?} yet; try again",
-            identity.agent_name
-        ))),
-    }?;
+    let valid = first_valid(config, &identity.agent_name).await?;
     match access::authorize_selection(&state.store, identity, &valid, selection) {
         Ok(()) => Ok(()),
         Err(denied @ AccessError::Denied { .. }) => {
