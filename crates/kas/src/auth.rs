@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use gitops_tunnel::{
-    reverse::TunnelAuthority,
+    reverse::{TunnelAuthority, TunnelRegistry},
     server::{AuthError, Authenticator},
 };
 use tokio_util::sync::CancellationToken;
@@ -45,10 +45,12 @@ impl Authenticator for TokenAuthenticator {
     }
 }
 
-/// Admits reverse tunnels for authenticated agents and ties them to their token's revocation switch.
+/// Admits reverse tunnels for authenticated agents, up to the per-agent cap, and ties them to their token's
+/// revocation switch.
 #[derive(Debug)]
 pub struct AgentTunnelAuthority {
     pub connections: Arc<Connections>,
+    pub tunnels: Arc<TunnelRegistry<u64>>,
 }
 
 impl TunnelAuthority<u64> for AgentTunnelAuthority {
@@ -59,10 +61,14 @@ impl TunnelAuthority<u64> for AgentTunnelAuthority {
         let identity = extensions
             .get::<AgentIdentity>()
             .ok_or_else(|| tonic::Status::unauthenticated("no agent identity"))?;
-        Ok((
-            identity.agent_id,
-            self.connections.token_switch(identity.token_id),
-        ))
+        let switch = self.connections.token_switch(identity.token_id);
+        if switch.is_cancelled() {
+            return Err(tonic::Status::unauthenticated("agent token revoked"));
+        }
+        self.connections
+            .admit_tunnel(identity.agent_id, self.tunnels.count(&identity.agent_id))
+            .map_err(|e| tonic::Status::resource_exhausted(e.to_string()))?;
+        Ok((identity.agent_id, switch))
     }
 }
 

@@ -16,6 +16,9 @@ use crate::{
 
 pub type KasSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
+/// How long `liveInfo` waits for the agent's answer.
+const LIVE_INFO_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The id namespace in global ids: `gid://kas/Clusters::Agent/7`.
 const GID_PREFIX: &str = "gid://kas/";
 
@@ -206,9 +209,16 @@ impl ClusterAgent {
         else {
             return Ok(None);
         };
-        let info = AgentInfoClient::new(channel)
-            .get_info(GetInfoRequest {})
-            .await?
+        // The tunnel can be alive (keepalives answered) while the agent never answers the call.
+        let mut client = AgentInfoClient::new(channel);
+        let info = tokio::time::timeout(LIVE_INFO_DEADLINE, client.get_info(GetInfoRequest {}))
+            .await
+            .map_err(|_| {
+                format!(
+                    "agent {} did not answer GetInfo within {LIVE_INFO_DEADLINE:?}",
+                    self.0.id
+                )
+            })??
             .into_inner();
         Ok(Some(AgentLiveInfo {
             version: info.version,
@@ -536,6 +546,9 @@ impl MutationRoot {
             Err(e) => return Ok(errors(vec![e])),
         };
         if state.store.revoke_project(agent_id, &input.project_path)? {
+            // Streams of that project check access again and end within a moment.
+            state.connections.grants_changed(agent_id);
+            tracing::info!(agent_id, project_id = %input.project_path, "project grant revoked");
             Ok(errors(vec![]))
         } else {
             Ok(errors(vec![format!(

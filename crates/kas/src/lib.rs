@@ -62,6 +62,8 @@ pub enum KasError {
 pub struct KasState {
     pub store: Store,
     pub connections: Arc<Connections>,
+    /// Each connected agent's current configuration, which manifest authorisation reads.
+    pub agent_configs: agent_config::AgentConfigs,
     pub tunnels: Arc<TunnelRegistry<u64>>,
     pub watchers: ProjectWatchers,
     pub admin_token: Option<String>,
@@ -120,6 +122,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
     let state = Arc::new(KasState {
         store: store.clone(),
         connections: Arc::new(Connections::default()),
+        agent_configs: agent_config::AgentConfigs::default(),
         tunnels: Arc::new(TunnelRegistry::default()),
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
         admin_token: config.read_admin_token()?,
@@ -154,6 +157,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
             state.tunnels.clone(),
             Arc::new(AgentTunnelAuthority {
                 connections: state.connections.clone(),
+                tunnels: state.tunnels.clone(),
             }),
         ));
     let agent_listener = AgentListener {

@@ -82,6 +82,10 @@ pub struct ManifestStatus {
     pub commit_seen: Option<String>,
     /// The commit of the last complete snapshot sent to the agent.
     pub commit_sent: Option<String>,
+    /// Digest of the ref and paths `commit_sent` was selected with: a stream asking with that commit but
+    /// another selection gets a fresh snapshot. Absent in rows written before it existed.
+    #[serde(default)]
+    pub selection: Option<String>,
     /// Why the last snapshot could not be sent (permission, limits, Git), naming the project.
     pub error: Option<String>,
     pub updated_at: i64,
@@ -500,6 +504,19 @@ impl Store {
             .transpose()
     }
 
+    pub fn manifest_status(
+        &self,
+        agent_id: u64,
+        project: &str,
+    ) -> Result<Option<ManifestStatus>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MANIFEST_STATUS)?;
+        table
+            .get((agent_id, project))?
+            .map(|v| decode("manifest_status", v.value()))
+            .transpose()
+    }
+
     pub fn manifest_statuses(
         &self,
         agent_id: u64,
@@ -640,14 +657,17 @@ mod tests {
         let status = ManifestStatus {
             commit_seen: Some("c".into()),
             commit_sent: None,
+            selection: None,
             error: Some("e".into()),
             updated_at: 1,
         };
         store.set_manifest_status(a.id, "g/m", &status).unwrap();
         assert_eq!(
             store.manifest_statuses(a.id).unwrap(),
-            vec![("g/m".to_owned(), status)]
+            vec![("g/m".to_owned(), status.clone())]
         );
+        assert_eq!(store.manifest_status(a.id, "g/m").unwrap(), Some(status));
+        assert_eq!(store.manifest_status(b.id, "g/m").unwrap(), None);
         assert!(store.revoke_project(a.id, "other/x").unwrap());
         store.delete_agent(a.id).unwrap();
         assert!(store.granted_projects(a.id).unwrap().is_empty());

@@ -103,6 +103,12 @@ impl ProjectWatchers {
         watcher
     }
 
+    /// How many (project, ref) watchers run now.
+    pub fn count(&self) -> usize {
+        let watchers = self.watchers.lock().expect("watchers lock");
+        watchers.values().filter(|w| w.strong_count() > 0).count()
+    }
+
     /// Checks every watched ref of `project` at once (a push webhook arrived). Returns how many were poked.
     pub fn poke(&self, project: &str) -> usize {
         let watchers: Vec<_> = self

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod report;
+pub mod request;
 pub mod select;
 pub mod service;
 

@@ -42,7 +42,11 @@ impl GitopsStatus for GitopsStatusService {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no agent identity"))?;
         let report = request.into_inner();
-        // An agent reports only on projects it may read.
+        // An agent reports only on projects its config.yaml names and it may read: no rows for others.
+        self.state
+            .agent_configs
+            .require_project(&self.state, &identity, &report.project_id)
+            .await?;
         authorize(&self.state.store, &identity, &report.project_id)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let truncated = report.objects.len() > MAX_REPORTED_OBJECTS;
