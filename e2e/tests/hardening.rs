@@ -19,11 +19,13 @@ use tokio::{
 };
 
 const ADMIN: &str = "admin-secret-for-hardening";
+/// The agents [`Kas::agent`] registers, in order; each has a `config.yaml`.
+const AGENT_NAMES: [&str; 4] = [e2e::AGENT_NAME, "second", "third", "fourth"];
 
 /// kas with `listen_extra` (indented `listen:` keys) on loopback, and a Git server with the configuration
 /// project.
 struct Kas {
-    _git: GitHttpServer,
+    git: GitHttpServer,
     kas: RunningKas,
     admin: AdminClient,
     dir: tempfile::TempDir,
@@ -41,10 +43,19 @@ fn kas_yaml(dir: &Path, git: &GitHttpServer, listen_extra: &str, data_dir: &Path
 
 impl Kas {
     async fn start(listen_extra: &str) -> anyhow::Result<Self> {
-        Self::start_in(listen_extra, None).await
+        Self::start_with(listen_extra, "", None).await
     }
 
     async fn start_in(listen_extra: &str, data_dir: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_with(listen_extra, "", data_dir).await
+    }
+
+    /// `top_extra`: more top-level `kas.yaml` keys (e.g. `manifests:`).
+    async fn start_with(
+        listen_extra: &str,
+        top_extra: &str,
+        data_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         test_support::cluster::install_crypto_provider();
         if let Ok(level) = std::env::var("E2E_LOG") {
             let _ = gitops_telemetry::init(gitops_telemetry::Format::Text, &level, "warn");
@@ -53,7 +64,10 @@ impl Kas {
         git.create_repo(e2e::CONFIG_PROJECT, true)?;
         git.commit_files(
             e2e::CONFIG_PROJECT,
-            &[(e2e::CONFIG_FILE, Some("observability:\n  logging:\n    level: info\n"))],
+            &[(
+                e2e::CONFIG_FILE,
+                Some("observability:\n  logging:\n    level: info\n"),
+            )],
             "init",
         )?;
         let dir = tempfile::tempdir()?;
@@ -61,20 +75,39 @@ impl Kas {
         std::fs::write(dir.path().join("git-password"), git.credentials().1)?;
         std::fs::write(dir.path().join("webhook-secret"), "hook-secret")?;
         let data = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
-        let yaml = kas_yaml(dir.path(), &git, listen_extra, &data);
+        let yaml = format!(
+            "{top_extra}{}",
+            kas_yaml(dir.path(), &git, listen_extra, &data)
+        );
         let kas = kas::start(ServerConfig::parse("kas.yaml", &yaml)?).await?;
         let admin = AdminClient::new(&format!("http://{}", kas.api_addr), ADMIN.into());
         Ok(Self {
-            _git: git,
+            git,
             kas,
             admin,
             dir,
         })
     }
 
-    /// A connected, configured agent.
+    /// A connected, configured agent: [`e2e::AGENT_NAME`] first, then the other [`AGENT_NAMES`].
     async fn agent(&self) -> anyhow::Result<agentk::RunningAgent> {
-        let agent = e2e::connect_new_agent(&self.kas, &self.admin, e2e::CONFIG_PROJECT).await?;
+        let registered = self.admin.list_agents(None).await?;
+        let taken = registered.as_array().map_or(0, Vec::len);
+        let name = AGENT_NAMES.get(taken).context("out of agent names")?;
+        let created = self.admin.create_agent(e2e::CONFIG_PROJECT, name).await?;
+        let id = created["clusterAgent"]["id"]
+            .as_str()
+            .context("agent id")?
+            .to_owned();
+        let token = self.admin.create_token(&id, "t", "").await?;
+        let secret = token["secret"].as_str().context("secret")?.to_owned();
+        let address =
+            gitops_tunnel::KasAddress::parse(&format!("grpc://{}", self.kas.agent_addr))?;
+        let agent = agentk::start(
+            gitops_tunnel::client::ClientConfig::new(address, secret),
+            agentk::AgentOptions::default(),
+            None,
+        )?;
         e2e::wait_for_state(&agent, Duration::from_secs(20), "connected", |s| {
             s.connected && s.config.is_some()
         })
@@ -113,23 +146,14 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> anyhow::Resu
     }
 }
 
-/// Writes `bytes` one at a time, `every` apart, until done or the peer closes.
-async fn trickle(stream: &mut TcpStream, bytes: &[u8], every: Duration) {
-    for byte in bytes {
-        if stream.write_all(&[*byte]).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame.
 const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 #[tokio::test]
 async fn the_agent_port_closes_silent_slow_and_unauthenticated_connections() -> anyhow::Result<()> {
-    let k = Kas::start("  auth_timeout: 1s\n  header_read_timeout: 1s\n  keepalive: 300ms\n").await?;
+    let k =
+        Kas::start("  auth_timeout: 1s\n  header_read_timeout: 1s\n  keepalive: 300ms\n").await?;
     let agent = k.agent().await?;
     let addr = k.kas.agent_addr;
     let limit = Duration::from_secs(3);
@@ -141,7 +165,10 @@ async fn the_agent_port_closes_silent_slow_and_unauthenticated_connections() -> 
         let took = closed_within(&mut s, limit)
             .await
             .with_context(|| format!("{sent} bytes of the preface, then silence"))?;
-        assert!(took >= Duration::from_millis(900), "{sent} bytes: closed after {took:?}");
+        assert!(
+            took >= Duration::from_millis(900),
+            "{sent} bytes: closed after {took:?}"
+        );
     }
     // A whole HTTP/2 connection that never makes a call, kept alive by the server's own pings.
     let mut s = TcpStream::connect(addr).await?;
@@ -244,7 +271,10 @@ async fn calls_in_flight_are_capped_per_token() -> anyhow::Result<()> {
     let (_, _, secret) = e2e::register_agent(&k.admin, e2e::CONFIG_PROJECT).await?;
     let (_, _, other) = {
         let agent = k.admin.create_agent(e2e::CONFIG_PROJECT, "other").await?;
-        let id = agent["clusterAgent"]["id"].as_str().context("id")?.to_owned();
+        let id = agent["clusterAgent"]["id"]
+            .as_str()
+            .context("id")?
+            .to_owned();
         let token = k.admin.create_token(&id, "t", "").await?;
         (
             id,
@@ -292,7 +322,8 @@ async fn calls_in_flight_are_capped_per_token() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn the_api_port_cuts_off_slow_headers_slow_bodies_and_idle_connections() -> anyhow::Result<()> {
+async fn the_api_port_cuts_off_slow_headers_slow_bodies_and_idle_connections() -> anyhow::Result<()>
+{
     // [G8]
     let k = Kas::start(
         "  header_read_timeout: 1s\n  body_read_timeout: 2s\n  max_api_connections: 8\n",
@@ -304,7 +335,9 @@ async fn the_api_port_cuts_off_slow_headers_slow_bodies_and_idle_connections() -
 
     // Idle: connected, nothing sent.
     let mut s = TcpStream::connect(addr).await?;
-    let took = closed_within(&mut s, limit).await.context("an idle API connection")?;
+    let took = closed_within(&mut s, limit)
+        .await
+        .context("an idle API connection")?;
     assert!(took >= Duration::from_millis(900), "closed after {took:?}");
 
     // Headers at one byte every 300 ms.
@@ -345,7 +378,10 @@ async fn the_api_port_cuts_off_slow_headers_slow_bodies_and_idle_connections() -
             closed_at_once += 1;
         }
     }
-    assert!(closed_at_once >= 4, "only {closed_at_once} of 12 closed at once");
+    assert!(
+        closed_at_once >= 4,
+        "only {closed_at_once} of 12 closed at once"
+    );
     drop(idle);
 
     // The API and the agent still work.
@@ -425,8 +461,10 @@ async fn webhook_abuse_is_refused_with_the_right_status() -> anyhow::Result<()> 
     let mut slow = Vec::new();
     for _ in 0..kas::api::MAX_CONCURRENT_WEBHOOKS {
         let mut s = TcpStream::connect(k.kas.api_addr).await?;
-        s.write_all(b"POST /api/webhooks/gitea HTTP/1.1\r\nHost: kas\r\nContent-Length: 5000000\r\n\r\nx")
-            .await?;
+        s.write_all(
+            b"POST /api/webhooks/gitea HTTP/1.1\r\nHost: kas\r\nContent-Length: 5000000\r\n\r\nx",
+        )
+        .await?;
         slow.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -438,10 +476,14 @@ async fn webhook_abuse_is_refused_with_the_right_status() -> anyhow::Result<()> 
         .await?;
     assert_eq!(response.status(), 503);
     drop(slow);
-    e2e::eventually(Duration::from_secs(5), "webhooks accepted again", || async {
-        let response = http.post(url("gitea")).body("{}").send().await?;
-        Ok(response.status() == 401)
-    })
+    e2e::eventually(
+        Duration::from_secs(5),
+        "webhooks accepted again",
+        || async {
+            let response = http.post(url("gitea")).body("{}").send().await?;
+            Ok(response.status() == 401)
+        },
+    )
     .await?;
     k.kas.shutdown().await;
     Ok(())
@@ -474,7 +516,9 @@ async fn graphql_abuse_gets_errors_and_nothing_runs() -> anyhow::Result<()> {
     );
     assert!(body["data"].is_null(), "{body}");
     // [G6] 501 aliases.
-    let aliases: Vec<String> = (0..501).map(|i| format!("a{i}: clusterAgents {{ id }}")).collect();
+    let aliases: Vec<String> = (0..501)
+        .map(|i| format!("a{i}: clusterAgents {{ id }}"))
+        .collect();
     let (_, body) = k
         .graphql(json!({ "query": format!("{{ {} }}", aliases.join(" ")) }))
         .await?;
@@ -537,6 +581,8 @@ async fn secrets_stay_out_of_debug_output() -> anyhow::Result<()> {
 async fn a_blank_admin_token_file_or_a_corrupt_database_stops_kas_at_start() -> anyhow::Result<()> {
     test_support::cluster::install_crypto_provider();
     let git = GitHttpServer::start().await?;
+    git.create_repo(e2e::CONFIG_PROJECT, true)?;
+    git.commit_files(e2e::CONFIG_PROJECT, &[("README.md", Some("# config\n"))], "init")?;
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("git-password"), git.credentials().1)?;
     std::fs::write(dir.path().join("webhook-secret"), "hook-secret")?;
@@ -549,8 +595,10 @@ async fn a_blank_admin_token_file_or_a_corrupt_database_stops_kas_at_start() -> 
             .await
             .unwrap_err();
         assert!(
-            err.to_string()
-                .contains(&format!("{}/admin-token: file is empty", dir.path().display())),
+            err.to_string().contains(&format!(
+                "{}/admin-token: file is empty",
+                dir.path().display()
+            )),
             "{err}"
         );
     }
@@ -638,7 +686,7 @@ async fn full_disk(mount: &Path) -> anyhow::Result<()> {
     // Writes fail, with the reason.
     let mut failure = None;
     for i in 0..200 {
-        let name = format!("full-{i}-{}", "x".repeat(2000));
+        let name = format!("full-{i}");
         match k.admin.create_agent(e2e::CONFIG_PROJECT, &name).await {
             Ok(_) => continue,
             Err(e) => {
@@ -650,22 +698,31 @@ async fn full_disk(mount: &Path) -> anyhow::Result<()> {
     let failure = failure.context("writes kept succeeding on a full disk")?;
     eprintln!("write on a full disk: {failure}");
     assert!(
-        failure.contains("No space left") || failure.contains("I/O") || failure.contains("database"),
+        failure.contains("No space left")
+            || failure.contains("I/O")
+            || failure.contains("database"),
         "{failure}"
     );
     // Space returns.
     std::fs::remove_file(&ballast)?;
-    e2e::eventually(Duration::from_secs(10), "a write after space returned", || async {
-        Ok(k.admin
-            .create_agent(e2e::CONFIG_PROJECT, "after-the-disk-was-full")
-            .await
-            .is_ok())
-    })
+    e2e::eventually(
+        Duration::from_secs(10),
+        "a write after space returned",
+        || async {
+            Ok(k.admin
+                .create_agent(e2e::CONFIG_PROJECT, "after-the-disk-was-full")
+                .await
+                .is_ok())
+        },
+    )
     .await?;
     let health = reqwest::get(format!("{}/healthz", k.api())).await?;
     assert_eq!(health.status(), 200);
     // The agent stayed connected, or reconnects with the same token.
-    e2e::wait_for_state(&agent, Duration::from_secs(20), "connected", |s| s.connected).await?;
+    e2e::wait_for_state(&agent, Duration::from_secs(20), "connected", |s| {
+        s.connected
+    })
+    .await?;
     agent.shutdown().await;
     k.kas.shutdown().await;
     drop(k.dir);
@@ -679,7 +736,15 @@ async fn the_kas_chart_starts_without_a_git_password() -> anyhow::Result<()> {
     test_support::cluster::install_crypto_provider();
     let render = |values: &str, template: &str| -> anyhow::Result<Value> {
         let out = std::process::Command::new(&test_support::env::test_env().tools.helm)
-            .args(["template", "r", "kas", "--set", values, "--show-only", template])
+            .args([
+                "template",
+                "r",
+                "kas",
+                "--set",
+                values,
+                "--show-only",
+                template,
+            ])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts"))
             .output()?;
         anyhow::ensure!(
@@ -691,7 +756,10 @@ async fn the_kas_chart_starts_without_a_git_password() -> anyhow::Result<()> {
     };
     for (values, expect_password) in [
         ("adminToken=x,git.baseUrl=http://127.0.0.1:1", false),
-        ("adminToken=x,gitPassword=p,git.baseUrl=http://127.0.0.1:1", true),
+        (
+            "adminToken=x,gitPassword=p,git.baseUrl=http://127.0.0.1:1",
+            true,
+        ),
     ] {
         let configmap = render(values, "templates/configmap.yaml")?;
         let secret = render(values, "templates/secret.yaml")?;
@@ -706,7 +774,11 @@ async fn the_kas_chart_starts_without_a_git_password() -> anyhow::Result<()> {
             .context("kas.yaml")?
             .replace("/etc/kas/secrets", &secrets.display().to_string());
         let mut config = ServerConfig::parse("charts/kas ConfigMap", &kas_yaml)?;
-        assert_eq!(config.git.password_file.is_some(), expect_password, "{values}");
+        assert_eq!(
+            config.git.password_file.is_some(),
+            expect_password,
+            "{values}"
+        );
         config.listen.agent = SocketAddr::from(([127, 0, 0, 1], 0));
         config.listen.api = SocketAddr::from(([127, 0, 0, 1], 0));
         config.data_dir = dir.path().join("data");
@@ -723,7 +795,10 @@ async fn the_kas_chart_starts_without_a_git_password() -> anyhow::Result<()> {
 async fn the_api_listener_serves_tls_when_configured() -> anyhow::Result<()> {
     let cert_dir = tempfile::tempdir()?;
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
-    let (crt, key) = (cert_dir.path().join("api.crt"), cert_dir.path().join("api.key"));
+    let (crt, key) = (
+        cert_dir.path().join("api.crt"),
+        cert_dir.path().join("api.key"),
+    );
     std::fs::write(&crt, cert.cert.pem())?;
     std::fs::write(&key, cert.signing_key.serialize_pem())?;
     let k = Kas::start(&format!(
@@ -747,6 +822,56 @@ async fn the_api_listener_serves_tls_when_configured() -> anyhow::Result<()> {
     assert!(admin.list_agents(None).await.is_err());
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    k.kas.shutdown().await;
+    Ok(())
+}
+
+/// [M12] A 5 MiB manifest with `manifests.max_file_size: 8MiB` is delivered: kas's services (and agentk's
+/// client) take messages up to `MAX_MESSAGE_BYTES`, past tonic's 4 MiB default.
+#[tokio::test]
+async fn a_five_mib_manifest_is_delivered_when_the_limit_allows_it() -> anyhow::Result<()> {
+    let k = Kas::start_with("", "manifests:\n  max_file_size: 8388608\n", None).await?;
+    k.git.create_repo("group/big", true)?;
+    let big = format!(
+        "kind: ConfigMap\ndata:\n  blob: {}\n",
+        "x".repeat(5 * 1024 * 1024)
+    );
+    let commit = k
+        .git
+        .commit_files("group/big", &[("big.yaml", Some(&big))], "big")?;
+    k.git.commit_files(
+        e2e::CONFIG_PROJECT,
+        &[(
+            e2e::CONFIG_FILE,
+            Some("gitops:\n  manifest_projects:\n  - id: group/big\n    paths:\n    - glob: '*.yaml'\n"),
+        )],
+        "config",
+    )?;
+    let agent = k.agent().await?;
+    let mut rx = agent.gitops.clone();
+    let delivered = tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| {
+            s.get("group/big")
+                .and_then(|p| p.snapshot.as_ref())
+                .is_some_and(|snap| snap.commit_id == commit)
+        }),
+    )
+    .await;
+    anyhow::ensure!(
+        delivered.is_ok(),
+        "the 5 MiB file never arrived: {:?}",
+        agent.gitops.borrow().get("group/big").map(|p| (
+            p.error.clone(),
+            p.snapshot.as_ref().map(|s| s.commit_id.clone())
+        ))
+    );
+    let size = agent.gitops.borrow()["group/big"]
+        .snapshot
+        .as_ref()
+        .map(|s| s.files[0].data.len());
+    assert_eq!(size, Some(big.len()));
+    agent.shutdown().await;
     k.kas.shutdown().await;
     Ok(())
 }

@@ -373,8 +373,14 @@ mod tests {
         assert_eq!(c.listen.auth_timeout, Duration::from_millis(500));
         assert_eq!(c.listen.max_calls_per_token, 3);
         for (yaml, field) in [
-            ("listen:\n  header_read_timeout: 0s\n", "listen.header_read_timeout"),
-            ("listen:\n  max_api_connections: 0\n", "listen.max_api_connections"),
+            (
+                "listen:\n  header_read_timeout: 0s\n",
+                "listen.header_read_timeout",
+            ),
+            (
+                "listen:\n  max_api_connections: 0\n",
+                "listen.max_api_connections",
+            ),
         ] {
             let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
             assert!(err.to_string().contains(field), "{err}");
@@ -443,7 +449,10 @@ mod tests {
             )
             .unwrap();
             let err = c.read_admin_token().unwrap_err();
-            assert_eq!(err.to_string(), format!("{}: file is empty", path.display()));
+            assert_eq!(
+                err.to_string(),
+                format!("{}: file is empty", path.display())
+            );
         }
     }
 }

@@ -66,11 +66,7 @@ async fn healthz(State(api): State<ApiState>) -> Response {
         Ok(Ok(())) => "ok\n".into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "health check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("unhealthy: {e}\n"),
-            )
-                .into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")).into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -192,12 +192,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
-        .add_service(ReverseTunnelService::new(
-            state.tunnels.clone(),
-            Arc::new(AgentTunnelAuthority {
-                connections: state.connections.clone(),
-            }),
-        ));
+    .add_service(ReverseTunnelService::new(
+        state.tunnels.clone(),
+        Arc::new(AgentTunnelAuthority {
+            connections: state.connections.clone(),
+        }),
+    ));
     let agent_listener = AgentListener {
         routes,
         authenticator: TokenAuthenticator { store },

@@ -195,9 +195,7 @@ impl Throttled {
         {
             warn!(
                 refused = self.count,
-                limit,
-                "closed agent connections at once: {}",
-                self.what
+                limit, "closed agent connections at once: {}", self.what
             );
             self.last = Some(Instant::now());
             self.count = 0;
@@ -207,7 +205,11 @@ impl Throttled {
 
 /// A TLS acceptor for the agent port from PEM files, offering HTTP/2 (gRPC) and HTTP/1.1 (WebSocket).
 pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, Error> {
-    acceptor(cert_pem, key_pem, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+    acceptor(
+        cert_pem,
+        key_pem,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )
 }
 
 /// A TLS acceptor offering only HTTP/1.1, for kas's API listener.
