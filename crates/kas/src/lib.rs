@@ -41,7 +41,7 @@ use crate::{
 pub enum KasError {
     #[error(transparent)]
     Config(#[from] gitops_config::ConfigError),
-    #[error("opening the database: {0}")]
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("listening on {addr}: {source}")]
     Listen {
