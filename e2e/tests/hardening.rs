@@ -101,8 +101,7 @@ impl Kas {
             .to_owned();
         let token = self.admin.create_token(&id, "t", "").await?;
         let secret = token["secret"].as_str().context("secret")?.to_owned();
-        let address =
-            gitops_tunnel::KasAddress::parse(&format!("grpc://{}", self.kas.agent_addr))?;
+        let address = gitops_tunnel::KasAddress::parse(&format!("grpc://{}", self.kas.agent_addr))?;
         let agent = agentk::start(
             gitops_tunnel::client::ClientConfig::new(address, secret),
             agentk::AgentOptions::default(),
@@ -582,7 +581,11 @@ async fn a_blank_admin_token_file_or_a_corrupt_database_stops_kas_at_start() -> 
     test_support::cluster::install_crypto_provider();
     let git = GitHttpServer::start().await?;
     git.create_repo(e2e::CONFIG_PROJECT, true)?;
-    git.commit_files(e2e::CONFIG_PROJECT, &[("README.md", Some("# config\n"))], "init")?;
+    git.commit_files(
+        e2e::CONFIG_PROJECT,
+        &[("README.md", Some("# config\n"))],
+        "init",
+    )?;
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("git-password"), git.credentials().1)?;
     std::fs::write(dir.path().join("webhook-secret"), "hook-secret")?;
@@ -873,5 +876,170 @@ async fn a_five_mib_manifest_is_delivered_when_the_limit_allows_it() -> anyhow::
     assert_eq!(size, Some(big.len()));
     agent.shutdown().await;
     k.kas.shutdown().await;
+    Ok(())
+}
+
+/// [A1, A3, A4] Calls without a token, with a malformed one, and a WebSocket with our subprotocol and a bad
+/// token: refused before anything is served, and the connection that only made refused calls is closed.
+#[tokio::test]
+async fn bad_credentials_are_refused_before_anything_is_served() -> anyhow::Result<()> {
+    use gitops_protocol::{
+        ConfigurationRequest, agent_configuration_client::AgentConfigurationClient,
+    };
+    let k = Kas::start("  auth_timeout: 1s\n").await?;
+    let agent = k.agent().await?;
+    let addr = k.kas.agent_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    for header in [
+        None,
+        Some("Bearer "),
+        Some("bearer kasagent_x"),
+        Some("kasagent_x"),
+        Some("Bearer kasagent_unknown"),
+        Some("Bearer \u{7f}"),
+    ] {
+        let mut request = tonic::Request::new(ConfigurationRequest::default());
+        if let Some(value) = header {
+            if let Ok(value) = value.parse() {
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
+        let status = AgentConfigurationClient::new(channel.clone())
+            .get_configuration(request)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{header:?}: {status:?}"
+        );
+    }
+    let ws = reqwest::Client::new()
+        .get(format!("http://{addr}/agentk"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(
+            "sec-websocket-protocol",
+            gitops_tunnel::WEBSOCKET_SUBPROTOCOL,
+        )
+        .bearer_auth("kasagent_wrong")
+        .send()
+        .await?;
+    assert_eq!(ws.status(), 401);
+    // The channel made only refused calls: kas closes its connection after auth_timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut request = tonic::Request::new(ConfigurationRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer kasagent_unknown".parse()?);
+    let _ = AgentConfigurationClient::new(channel)
+        .get_configuration(request)
+        .await;
+    assert!(agent.state.borrow().connected);
+    agent.shutdown().await;
+    k.kas.shutdown().await;
+    Ok(())
+}
+
+/// [F16a] kas's memory while 3 agents receive a 48 MB set (48 files of 1 MB, under the default 1 MiB per
+/// file and 50 MiB in all), kas in its own process. kas reads each agent stream's whole selection before
+/// sending it, so the bound is the agents streaming at once × `manifests.max_total_size` on top of its base.
+#[tokio::test]
+async fn kas_memory_with_three_agents_receiving_a_48_mb_set() -> anyhow::Result<()> {
+    use e2e::process::{KasProcess, peak_rss_kib, rss_kib};
+    test_support::cluster::install_crypto_provider();
+    let git = GitHttpServer::start().await?;
+    git.create_repo(e2e::CONFIG_PROJECT, true)?;
+    git.create_repo("group/big", true)?;
+    let agents = ["m0", "m1", "m2"];
+    let config =
+        "gitops:\n  manifest_projects:\n  - id: group/big\n    paths:\n    - glob: '*.yaml'\n";
+    let configs: Vec<String> = agents
+        .iter()
+        .map(|a| format!(".gitlab/agents/{a}/config.yaml"))
+        .collect();
+    let files: Vec<(&str, Option<&str>)> =
+        configs.iter().map(|p| (p.as_str(), Some(config))).collect();
+    git.commit_files(e2e::CONFIG_PROJECT, &files, "config")?;
+    let bodies: Vec<(String, String)> = (0..48)
+        .map(|i| {
+            (
+                format!("cm-{i:02}.yaml"),
+                format!(
+                    "kind: ConfigMap\ndata:\n  blob: {}\n",
+                    format!("{i:02}").repeat(499_980)
+                ),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, Option<&str>)> = bodies
+        .iter()
+        .map(|(p, c)| (p.as_str(), Some(c.as_str())))
+        .collect();
+    let commit = git.commit_files("group/big", &files, "48 MB")?;
+
+    let dir = tempfile::tempdir()?;
+    let kas = KasProcess::start(&git, dir.path(), "warn", true).await?;
+    let pid = kas.process.pid();
+    let base = rss_kib(pid)?;
+    let mut running = Vec::new();
+    for name in agents {
+        let created = kas.admin.create_agent(e2e::CONFIG_PROJECT, name).await?;
+        let id = created["clusterAgent"]["id"]
+            .as_str()
+            .context("id")?
+            .to_owned();
+        let token = kas.admin.create_token(&id, "t", "").await?;
+        let secret = token["secret"].as_str().context("secret")?.to_owned();
+        let address =
+            gitops_tunnel::KasAddress::parse(&format!("grpc://127.0.0.1:{}", kas.agent_port))?;
+        running.push(agentk::start(
+            gitops_tunnel::client::ClientConfig::new(address, secret),
+            agentk::AgentOptions::default(),
+            None,
+        )?);
+    }
+    let started = Instant::now();
+    for agent in &running {
+        let mut rx = agent.gitops.clone();
+        tokio::time::timeout(
+            Duration::from_secs(180),
+            rx.wait_for(|s| {
+                s.get("group/big")
+                    .and_then(|p| p.snapshot.as_ref())
+                    .is_some_and(|snap| snap.commit_id == commit && snap.files.len() == 48)
+            }),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "the set never arrived: {:?}",
+                agent
+                    .gitops
+                    .borrow()
+                    .get("group/big")
+                    .map(|p| p.error.clone())
+            )
+        })??;
+    }
+    let peak = peak_rss_kib(pid)?;
+    eprintln!(
+        "kas RSS: {} MiB at start, peak {} MiB with 3 agents receiving 48 MB ({:?}); bound 3 × 50 MiB over the base",
+        base / 1024,
+        peak / 1024,
+        started.elapsed()
+    );
+    assert!(
+        peak.saturating_sub(base) < 3 * 50 * 1024 + 100 * 1024,
+        "kas grew by {} MiB",
+        peak.saturating_sub(base) / 1024
+    );
+    for agent in running {
+        agent.shutdown().await;
+    }
     Ok(())
 }
