@@ -658,8 +658,7 @@ async fn a_full_disk_fails_writes_clearly_and_kas_recovers_when_space_returns() 
         mount.path().display()
     );
     let _unmount = Unmount(mount.path().to_path_buf());
-    let result = full_disk(mount.path()).await;
-    result
+    full_disk(mount.path()).await
 }
 
 struct Unmount(std::path::PathBuf);
@@ -901,10 +900,8 @@ async fn bad_credentials_are_refused_before_anything_is_served() -> anyhow::Resu
         Some("Bearer \u{7f}"),
     ] {
         let mut request = tonic::Request::new(ConfigurationRequest::default());
-        if let Some(value) = header {
-            if let Ok(value) = value.parse() {
-                request.metadata_mut().insert("authorization", value);
-            }
+        if let Some(Ok(value)) = header.map(str::parse) {
+            request.metadata_mut().insert("authorization", value);
         }
         let status = AgentConfigurationClient::new(channel.clone())
             .get_configuration(request)
