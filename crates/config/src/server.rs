@@ -41,9 +41,33 @@ pub struct ListenConfig {
     pub api: SocketAddr,
     /// TLS for the agent listener (`grpcs://`, `wss://`). Plain text when absent.
     pub agent_tls: Option<TlsFiles>,
+    /// TLS for the API listener (`https://`): the admin token and new agent secrets cross it. Plain text
+    /// (with a warning at start) when absent.
+    pub api_tls: Option<TlsFiles>,
     /// HTTP/2 keepalive pings to agents; below a load balancer's idle timeout. Default `20s`.
     #[serde(with = "crate::duration")]
     pub keepalive: Duration,
+    /// An agent connection is closed unless it makes an authenticated call (TLS handshake and protocol
+    /// detection included) within this. Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub auth_timeout: Duration,
+    /// Both listeners: a request's headers must arrive within this, and an idle HTTP/1 connection is
+    /// closed after it. Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub header_read_timeout: Duration,
+    /// API listener: a request's whole body must arrive within this (a webhook is at most 5 MiB).
+    /// Default `30s`.
+    #[serde(with = "crate::duration")]
+    pub body_read_timeout: Duration,
+    /// Open agent connections; more are closed at once. Default 10000.
+    pub max_agent_connections: usize,
+    /// Agent connections that have not authenticated yet; more are closed at once. Default 1000.
+    pub max_unauthenticated_connections: usize,
+    /// Calls (streams and reverse tunnels) in flight per agent token; more are refused with
+    /// `RESOURCE_EXHAUSTED`. Default 500 (agentk needs one per manifest project, at most 100, plus a few).
+    pub max_calls_per_token: usize,
+    /// Open API connections; more are closed at once. Default 1000.
+    pub max_api_connections: usize,
 }
 
 impl Default for ListenConfig {
@@ -52,7 +76,15 @@ impl Default for ListenConfig {
             agent: ([0, 0, 0, 0], 8150).into(),
             api: ([0, 0, 0, 0], 8080).into(),
             agent_tls: None,
+            api_tls: None,
             keepalive: Duration::from_secs(20),
+            auth_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_agent_connections: 10_000,
+            max_unauthenticated_connections: 1_000,
+            max_calls_per_token: 500,
+            max_api_connections: 1_000,
         }
     }
 }
@@ -104,6 +136,10 @@ impl Default for AgentLimits {
 }
 
 /// How much of a repository one manifest project may deliver.
+/// Largest `manifests.max_file_size`: a file and its path must fit in one gRPC message
+/// ([`gitops_protocol::MAX_MESSAGE_BYTES`]); 64 KiB are left for the path and the framing.
+pub const MAX_MANIFEST_FILE_SIZE: u64 = gitops_protocol::MAX_MESSAGE_BYTES as u64 - 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManifestLimits {
@@ -190,7 +226,52 @@ impl ServerConfig {
                 message: "must be at least 1s".into(),
             });
         }
+        config.check_limits(file)?;
         Ok(config)
+    }
+
+    /// Limits that would make kas send what the receiver drops, or hang up on everyone.
+    fn check_limits(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            field: field.into(),
+            message,
+        };
+        // One manifest file travels in one gRPC message, next to its path.
+        if self.manifests.max_file_size > MAX_MANIFEST_FILE_SIZE {
+            return Err(invalid(
+                "manifests.max_file_size",
+                format!(
+                    "{} bytes does not fit in one {}-byte message; at most {MAX_MANIFEST_FILE_SIZE}",
+                    self.manifests.max_file_size,
+                    gitops_protocol::MAX_MESSAGE_BYTES
+                ),
+            ));
+        }
+        let listen = &self.listen;
+        for (field, value) in [
+            ("listen.auth_timeout", listen.auth_timeout),
+            ("listen.header_read_timeout", listen.header_read_timeout),
+            ("listen.body_read_timeout", listen.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "must be more than 0s".into()));
+            }
+        }
+        for (field, value) in [
+            ("listen.max_agent_connections", listen.max_agent_connections),
+            (
+                "listen.max_unauthenticated_connections",
+                listen.max_unauthenticated_connections,
+            ),
+            ("listen.max_calls_per_token", listen.max_calls_per_token),
+            ("listen.max_api_connections", listen.max_api_connections),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        Ok(())
     }
 
     /// The admin credential, if configured. Read at start so a missing file is a start-up error.
@@ -248,5 +329,130 @@ mod tests {
         let err = ServerConfig::parse("kas.yaml", "git:\n  base_url: http://g\n  pol_period: 1s\n")
             .unwrap_err();
         assert!(err.to_string().contains("pol_period"), "{err}");
+    }
+
+    fn scratch_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kas-config-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const GIT: &str = "git:\n  base_url: http://gitea:3000\n";
+
+    #[test]
+    fn a_file_size_that_does_not_fit_a_message_is_refused_at_load() {
+        let ok = format!("{GIT}manifests:\n  max_file_size: 8388608\n");
+        assert_eq!(
+            ServerConfig::parse("kas.yaml", &ok)
+                .unwrap()
+                .manifests
+                .max_file_size,
+            8 * 1024 * 1024
+        );
+        let too_big = format!("{GIT}manifests:\n  max_file_size: 67108864\n");
+        let err = ServerConfig::parse("kas.yaml", &too_big).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("kas.yaml: manifests.max_file_size: 67108864 bytes does not fit"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listener_limits_have_defaults_and_refuse_zero() {
+        let c = ServerConfig::parse("kas.yaml", GIT).unwrap();
+        assert_eq!(c.listen.auth_timeout, Duration::from_secs(10));
+        assert_eq!(c.listen.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.listen.body_read_timeout, Duration::from_secs(30));
+        assert!(c.listen.api_tls.is_none());
+        let c = ServerConfig::parse(
+            "kas.yaml",
+            &format!("listen:\n  auth_timeout: 500ms\n  max_calls_per_token: 3\n{GIT}"),
+        )
+        .unwrap();
+        assert_eq!(c.listen.auth_timeout, Duration::from_millis(500));
+        assert_eq!(c.listen.max_calls_per_token, 3);
+        for (yaml, field) in [
+            (
+                "listen:\n  header_read_timeout: 0s\n",
+                "listen.header_read_timeout",
+            ),
+            (
+                "listen:\n  max_api_connections: 0\n",
+                "listen.max_api_connections",
+            ),
+        ] {
+            let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn huge_numbers_and_bad_durations_are_errors_not_panics() {
+        for yaml in [
+            "manifests:\n  max_file_size: 99999999999999999999999999\n",
+            "manifests:\n  max_files: -1\n",
+            "listen:\n  keepalive: 99999999999999999999999h\n",
+            "listen:\n  agent: 999.0.0.1:99999\n",
+            "git:\n  base_url: http://g\n  poll_period: 1e400s\n",
+        ] {
+            let text = if yaml.starts_with("git:") {
+                yaml.to_owned()
+            } else {
+                format!("{yaml}{GIT}")
+            };
+            let err = ServerConfig::parse("kas.yaml", &text).unwrap_err();
+            assert!(err.to_string().starts_with("kas.yaml:"), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_yaml_alias_bomb_is_refused_fast() {
+        // Billion laughs: nine levels of ten aliases each would expand to 10^9 strings.
+        let mut yaml = String::from("a0: &a0 [lol]\n");
+        for level in 1..10 {
+            let refs = vec![format!("*a{}", level - 1); 10].join(", ");
+            yaml.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        yaml.push_str(GIT);
+        let started = std::time::Instant::now();
+        let err = ServerConfig::parse("kas.yaml", &yaml).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(err.to_string().starts_with("kas.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_file() {
+        let dir = scratch_dir("utf8");
+        let path = dir.join("kas.yaml");
+        std::fs::write(&path, b"git:\n  base_url: http://g\xff\xfe\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_or_blank_secret_file_is_a_start_up_error() {
+        let dir = scratch_dir("secrets");
+        for (name, text) in [("empty", ""), ("blank", " \n\t\n")] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let c = ServerConfig::parse(
+                "kas.yaml",
+                &format!("admin_token_file: {}\n{GIT}", path.display()),
+            )
+            .unwrap();
+            let err = c.read_admin_token().unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{}: file is empty", path.display())
+            );
+        }
     }
 }

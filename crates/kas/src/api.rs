@@ -1,5 +1,6 @@
 //! kas's HTTP API listener: `POST /api/graphql` (admin credential required), the GraphQL explorer at
-//! `GET /api/graphql` and `/-/graphql-explorer`, and `/healthz`.
+//! `GET /api/graphql` and `/-/graphql-explorer`, webhooks, and `/healthz`. Timeouts and the connection cap
+//! are the listener's ([`gitops_tunnel::listener`]).
 
 use std::sync::Arc;
 
@@ -7,11 +8,12 @@ use async_graphql::http::GraphiQLSource;
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State},
+    extract::{DefaultBodyLimit, FromRequest, Path, Request, State},
     http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
+use tokio::sync::Semaphore;
 
 use crate::{
     KasState,
@@ -24,11 +26,15 @@ use crate::{
 pub const MAX_GRAPHQL_BODY: usize = 64 * 1024;
 /// Largest push payload accepted (pushes list their commits).
 pub const MAX_WEBHOOK_BODY: usize = 5 * 1024 * 1024;
+/// Webhook bodies read at once, before their signature can be checked: bounds the memory unsigned
+/// requests can take (16 × 5 MiB). More are answered 503 at once; forges retry.
+pub const MAX_CONCURRENT_WEBHOOKS: usize = 16;
 
 #[derive(Clone)]
 struct ApiState {
     kas: Arc<KasState>,
     schema: KasSchema,
+    webhooks: Arc<Semaphore>,
 }
 
 pub fn router(kas: Arc<KasState>, schema: KasSchema) -> Router {
@@ -44,8 +50,30 @@ pub fn router(kas: Arc<KasState>, schema: KasSchema) -> Router {
             "/api/webhooks/{forge}",
             post(webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(ApiState { kas, schema })
+        .route("/healthz", get(healthz))
+        .with_state(ApiState {
+            kas,
+            schema,
+            webhooks: Arc::new(Semaphore::new(MAX_CONCURRENT_WEBHOOKS)),
+        })
+}
+
+/// Healthy while the database answers a real transaction: after a disk fault it is reopened on use, and
+/// while it cannot be, the liveness probe restarts kas.
+async fn healthz(State(api): State<ApiState>) -> Response {
+    let store = api.kas.store.clone();
+    match tokio::task::spawn_blocking(move || store.check()).await {
+        Ok(Ok(())) => "ok\n".into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")).into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: health check panicked: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn explorer() -> Html<String> {
@@ -69,6 +97,13 @@ async fn graphql(State(api): State<ApiState>, headers: HeaderMap, body: Bytes) -
         };
         return json_error(StatusCode::UNAUTHORIZED, message);
     }
+    // serde would read a JSON array positionally as a request (`["{ query }"]`); batches are refused.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "not a GraphQL request: expected one JSON object (batches are not supported)",
+        );
+    }
     let request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -90,13 +125,25 @@ async fn webhook(
     State(api): State<ApiState>,
     Path(forge): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Response {
     let Some(forge) = Forge::from_path(&forge) else {
         return json_error(
             StatusCode::NOT_FOUND,
             "unknown forge: use /api/webhooks/gitea, /github or /gitlab",
         );
+    };
+    // The body is read only with a permit, so unsigned requests cannot buffer more than the cap.
+    let Ok(_permit) = api.webhooks.try_acquire() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("more than {MAX_CONCURRENT_WEBHOOKS} webhooks in flight; retry"),
+        );
+    };
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        // 413 over MAX_WEBHOOK_BODY, 400 for a body that broke off or timed out.
+        Err(rejection) => return rejection.into_response(),
     };
     if let Err(e) = webhooks::verify(forge, api.kas.webhook_secret.as_deref(), &headers, &body) {
         tracing::warn!(?forge, error = %e, "refused a webhook");

@@ -15,11 +15,21 @@ pub enum CliError {
 }
 
 /// A client for kas's admin API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminClient {
     url: String,
     admin_token: String,
     http: reqwest::Client,
+}
+
+/// Leaves the admin token out.
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("url", &self.url)
+            .field("admin_token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl AdminClient {

@@ -18,13 +18,15 @@ use std::{net::SocketAddr, sync::Arc};
 
 use gitops_config::{ServerConfig, server::AgentLimits};
 use gitops_git::{GitServerConfig, RepoCache};
+use gitops_protocol::MAX_MESSAGE_BYTES;
 use gitops_tunnel::{
+    listener::HttpLimits,
     reverse::{ReverseTunnelService, TunnelRegistry},
-    server::{AgentListener, tls_acceptor},
+    server::{AgentListener, ListenerLimits, http1_tls_acceptor, tls_acceptor},
 };
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     agent_config::AgentConfigurationService,
@@ -39,15 +41,18 @@ use crate::{
 pub enum KasError {
     #[error(transparent)]
     Config(#[from] gitops_config::ConfigError),
-    #[error("opening the database: {0}")]
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("agent TLS: {0}")]
-    Tls(#[from] gitops_tunnel::Error),
+    #[error("{listener} TLS: {source}")]
+    Tls {
+        listener: &'static str,
+        source: gitops_tunnel::Error,
+    },
     #[error("reading {path}: {source}")]
     File {
         path: String,
@@ -57,8 +62,7 @@ pub enum KasError {
     GitCa { path: String, message: String },
 }
 
-/// Everything the modules share.
-#[derive(Debug)]
+/// Everything the modules share. Its `Debug` leaves the secrets out.
 pub struct KasState {
     pub store: Store,
     pub connections: Arc<Connections>,
@@ -70,6 +74,22 @@ pub struct KasState {
     pub webhook_secret: Option<String>,
     pub limits: AgentLimits,
     pub manifest_limits: manifests::ManifestLimits,
+}
+
+impl std::fmt::Debug for KasState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("KasState")
+            .field("store", &self.store)
+            .field("connections", &self.connections)
+            .field("tunnels", &self.tunnels)
+            .field("watchers", &self.watchers)
+            .field("admin_token", &redacted(&self.admin_token))
+            .field("webhook_secret", &redacted(&self.webhook_secret))
+            .field("limits", &self.limits)
+            .field("manifest_limits", &self.manifest_limits)
+            .finish()
+    }
 }
 
 /// A started kas. Dropping it does not stop it; call [`RunningKas::shutdown`].
@@ -131,40 +151,70 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         manifest_limits: config.manifests.clone(),
     });
 
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| KasError::File {
+            path: p.display().to_string(),
+            source,
+        })
+    };
     let tls = match &config.listen.agent_tls {
-        Some(files) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|source| KasError::File {
-                    path: p.display().to_string(),
+        Some(files) => Some(
+            tls_acceptor(&read(&files.cert_file)?, &read(&files.key_file)?).map_err(|source| {
+                KasError::Tls {
+                    listener: "listen.agent_tls",
                     source,
-                })
-            };
-            Some(tls_acceptor(
-                &read(&files.cert_file)?,
-                &read(&files.key_file)?,
-            )?)
-        }
+                }
+            })?,
+        ),
         None => None,
     };
-    let routes = tonic::service::Routes::new(AgentConfigurationService::server(state.clone()))
-        .add_service(manifests::report::GitopsStatusService::server(
-            state.clone(),
-        ))
-        .add_service(manifests::service::ManifestDeliveryService::server(
-            state.clone(),
-        ))
-        .add_service(ReverseTunnelService::new(
-            state.tunnels.clone(),
-            Arc::new(AgentTunnelAuthority {
-                connections: state.connections.clone(),
-                tunnels: state.tunnels.clone(),
-            }),
-        ));
+    let api_tls = match &config.listen.api_tls {
+        Some(files) => Some(
+            http1_tls_acceptor(&read(&files.cert_file)?, &read(&files.key_file)?).map_err(
+                |source| KasError::Tls {
+                    listener: "listen.api_tls",
+                    source,
+                },
+            )?,
+        ),
+        None => None,
+    };
+    // tonic's default 4 MiB decode limit is below what kas lets a manifest file or a sync report be.
+    let routes = tonic::service::Routes::new(
+        AgentConfigurationService::server(state.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        manifests::report::GitopsStatusService::server(state.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        manifests::service::ManifestDeliveryService::server(state.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(ReverseTunnelService::new(
+        state.tunnels.clone(),
+        Arc::new(AgentTunnelAuthority {
+            connections: state.connections.clone(),
+            tunnels: state.tunnels.clone(),
+        }),
+    ));
     let agent_listener = AgentListener {
         routes,
         authenticator: TokenAuthenticator { store },
         tls,
-        keepalive: config.listen.keepalive,
+        limits: ListenerLimits {
+            keepalive: config.listen.keepalive,
+            auth_timeout: config.listen.auth_timeout,
+            header_read_timeout: config.listen.header_read_timeout,
+            max_connections: config.listen.max_agent_connections,
+            max_unauthenticated: config.listen.max_unauthenticated_connections,
+            max_calls_per_token: config.listen.max_calls_per_token,
+        },
+        calls: Default::default(),
     };
 
     let bind = |addr: SocketAddr| async move {
@@ -189,13 +239,32 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(agent_listener.serve(agent_socket, stop.clone()));
     let api = api::router(state.clone(), graphql::schema(state.clone()));
-    let api_stop = stop.clone();
-    tasks.spawn(async move {
-        let _ = axum::serve(api_socket, api)
-            .with_graceful_shutdown(api_stop.cancelled_owned())
-            .await;
-    });
-    info!(%agent_addr, %api_addr, tls = config.listen.agent_tls.is_some(), "kas is serving");
+    let api_limits = HttpLimits {
+        header_read_timeout: config.listen.header_read_timeout,
+        body_read_timeout: config.listen.body_read_timeout,
+        max_connections: config.listen.max_api_connections,
+    };
+    if api_tls.is_none() && !api_addr.ip().is_loopback() {
+        warn!(
+            %api_addr,
+            "the API listener serves plain HTTP: the admin token and new agent tokens cross the network in \
+             clear unless a TLS proxy fronts it; set listen.api_tls"
+        );
+    }
+    tasks.spawn(gitops_tunnel::listener::serve(
+        api_socket,
+        api,
+        api_tls,
+        api_limits,
+        stop.clone(),
+    ));
+    info!(
+        %agent_addr,
+        %api_addr,
+        agent_tls = config.listen.agent_tls.is_some(),
+        api_tls = config.listen.api_tls.is_some(),
+        "kas is serving"
+    );
     Ok(RunningKas {
         agent_addr,
         api_addr,

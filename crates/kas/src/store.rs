@@ -1,7 +1,14 @@
 //! kas's durable state in an embedded redb database (`<data_dir>/kas.redb`): agents, token hashes, and the
 //! last configuration status of each agent. No external service; everything survives a restart.
+//!
+//! redb makes an I/O error sticky: after a failed write (a full disk) every later transaction fails with
+//! `PreviousIo` until the database is reopened. [`Handle`] reopens it then, so kas recovers by itself once
+//! space returns; [`Store::check`] (behind `/healthz`) reports a database that cannot be reopened or read.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::RwLock,
+};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -28,6 +35,9 @@ const MANIFEST_STATUS: TableDefinition<(u64, &str), &[u8]> =
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] redb::Error),
+    /// The database file cannot be opened (corrupt, truncated, not a redb file, or unreadable).
+    #[error("opening the database {path}: {source}")]
+    Open { path: String, source: redb::Error },
     #[error("corrupt record in {table}: {message}")]
     Corrupt {
         table: &'static str,
@@ -122,7 +132,104 @@ pub struct ConfigStatus {
 
 #[derive(Clone)]
 pub struct Store {
-    db: std::sync::Arc<Database>,
+    db: std::sync::Arc<Handle>,
+}
+
+/// The open database, reopened when redb reports an earlier I/O failure (`PreviousIo`).
+struct Handle {
+    path: PathBuf,
+    /// The generation counts reopenings, so concurrent callers that all saw `PreviousIo` reopen it once.
+    db: RwLock<(u64, Option<Database>)>,
+}
+
+fn is_previous_io(e: &redb::TransactionError) -> bool {
+    matches!(
+        e,
+        redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+    )
+}
+
+impl Handle {
+    fn open(path: PathBuf) -> Result<Self, StoreError> {
+        let db = open_database(&path)?;
+        Ok(Self {
+            path,
+            db: RwLock::new((0, Some(db))),
+        })
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.begin(Database::begin_write)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.begin(|db| db.begin_read())
+    }
+
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, redb::TransactionError>,
+    ) -> Result<T, StoreError> {
+        let generation = {
+            let guard = self.db.read().expect("database lock");
+            match &guard.1 {
+                Some(db) => match begin(db) {
+                    Err(e) if is_previous_io(&e) => guard.0,
+                    other => return other.map_err(Into::into),
+                },
+                None => guard.0,
+            }
+        };
+        self.reopen(generation)?;
+        let guard = self.db.read().expect("database lock");
+        match &guard.1 {
+            Some(db) => begin(db).map_err(Into::into),
+            None => Err(StoreError::Database(redb::Error::PreviousIo)),
+        }
+    }
+
+    /// Closes and reopens the database, unless another caller already did since `seen`.
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        let mut guard = self.db.write().expect("database lock");
+        if guard.0 != seen && guard.1.is_some() {
+            return Ok(());
+        }
+        // redb holds a lock on the file: the old handle must be closed before the new one opens it.
+        drop(guard.1.take());
+        guard.0 += 1;
+        tracing::warn!(path = %self.path.display(), "reopening the database after an I/O error");
+        let db = open_database(&self.path)?;
+        guard.1 = Some(db);
+        tracing::info!(path = %self.path.display(), "database reopened");
+        Ok(())
+    }
+}
+
+/// Opens (creating if needed) the database file, with every table, so readers never see "table does not
+/// exist". Errors name the file.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let named = |source: redb::Error| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let db = Database::create(path).map_err(|e| named(e.into()))?;
+    let create_tables = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(COUNTERS)?;
+        txn.open_table(AGENTS)?;
+        txn.open_table(AGENT_NAMES)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(AGENT_TOKENS)?;
+        txn.open_table(TOKEN_HASHES)?;
+        txn.open_table(CONFIG_STATUS)?;
+        txn.open_table(GRANTS)?;
+        txn.open_table(MANIFEST_STATUS)?;
+        txn.open_table(SYNC_STATUS)?;
+        txn.commit()?;
+        Ok(())
+    };
+    create_tables().map_err(named)?;
+    Ok(db)
 }
 
 impl std::fmt::Debug for Store {
@@ -155,24 +262,22 @@ fn name_key(project: &str, name: &str) -> String {
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::Error::Io(e)))?;
-        let db = Database::create(data_dir.join("kas.redb"))?;
-        // Create every table up front so readers never see "table does not exist".
-        let txn = db.begin_write()?;
-        txn.open_table(COUNTERS)?;
-        txn.open_table(AGENTS)?;
-        txn.open_table(AGENT_NAMES)?;
-        txn.open_table(TOKENS)?;
-        txn.open_table(AGENT_TOKENS)?;
-        txn.open_table(TOKEN_HASHES)?;
-        txn.open_table(CONFIG_STATUS)?;
-        txn.open_table(GRANTS)?;
-        txn.open_table(MANIFEST_STATUS)?;
-        txn.open_table(SYNC_STATUS)?;
-        txn.commit()?;
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+            path: data_dir.display().to_string(),
+            source: redb::Error::Io(e),
+        })?;
         Ok(Self {
-            db: std::sync::Arc::new(db),
+            db: std::sync::Arc::new(Handle::open(data_dir.join("kas.redb"))?),
         })
+    }
+
+    /// A real read and the start of a write, for `/healthz`: fails while the database can be neither used
+    /// nor reopened.
+    pub fn check(&self) -> Result<(), StoreError> {
+        drop(self.db.begin_write()?);
+        let txn = self.db.begin_read()?;
+        txn.open_table(COUNTERS)?.get("agent")?;
+        Ok(())
     }
 
     pub fn create_agent(&self, project_path: &str, name: &str) -> Result<AgentRecord, StoreError> {

@@ -46,6 +46,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, Web
         .ok_or(WebhookError::Unsigned(name))
 }
 
+/// The signature Gitea and GitHub send for `body` (hex HMAC-SHA256), for tools and tests that post webhooks.
+pub fn signature_hex(secret: &str, body: &[u8]) -> String {
+    hmac_hex(secret, body)
+}
+
 fn hmac_hex(secret: &str, body: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
@@ -61,32 +66,35 @@ pub fn verify(
     body: &[u8],
 ) -> Result<(), WebhookError> {
     let secret = secret.ok_or(WebhookError::Disabled)?;
-    let (presented, expected) = match forge {
-        Forge::Gitea => (
-            header(headers, "x-gitea-signature")?.to_owned(),
-            hmac_hex(secret, body),
-        ),
+    let matches = match forge {
+        // Hex digests: their case carries no meaning.
+        Forge::Gitea => hmac_matches(header(headers, "x-gitea-signature")?, secret, body),
         Forge::GitHub => {
             let value = header(headers, "x-hub-signature-256")?;
-            (
-                value.strip_prefix("sha256=").unwrap_or_default().to_owned(),
-                hmac_hex(secret, body),
+            hmac_matches(
+                value.strip_prefix("sha256=").unwrap_or_default(),
+                secret,
+                body,
             )
         }
-        Forge::GitLab => (
-            header(headers, "x-gitlab-token")?.to_owned(),
-            secret.to_owned(),
+        // GitLab sends the secret itself: it must match exactly, case included.
+        Forge::GitLab => constant_time_eq(
+            header(headers, "x-gitlab-token")?.as_bytes(),
+            secret.as_bytes(),
         ),
     };
-    if constant_time_eq(
-        presented.to_ascii_lowercase().as_bytes(),
-        expected.as_bytes(),
-    ) || (forge == Forge::GitLab && constant_time_eq(presented.as_bytes(), expected.as_bytes()))
-    {
+    if matches {
         Ok(())
     } else {
         Err(WebhookError::BadSignature)
     }
+}
+
+fn hmac_matches(presented_hex: &str, secret: &str, body: &[u8]) -> bool {
+    constant_time_eq(
+        presented_hex.to_ascii_lowercase().as_bytes(),
+        hmac_hex(secret, body).as_bytes(),
+    )
 }
 
 /// The pushed project's path (`owner/repo`, `group/sub/project`).
@@ -187,6 +195,61 @@ mod tests {
             verify(Forge::Gitea, None, &HeaderMap::new(), BODY),
             Err(WebhookError::Disabled)
         );
+    }
+
+    #[test]
+    fn the_gitlab_token_must_match_exactly_and_hex_case_does_not_matter() {
+        for presented in ["S3cret", "S3CRET", "s3cret ", " s3cret", "s3cre"] {
+            assert_eq!(
+                verify(
+                    Forge::GitLab,
+                    Some("s3cret"),
+                    &headers(&[("x-gitlab-token", presented)]),
+                    BODY
+                ),
+                Err(WebhookError::BadSignature),
+                "{presented:?}"
+            );
+        }
+        let upper = hmac_hex("s3cret", BODY).to_ascii_uppercase();
+        assert_eq!(
+            verify(
+                Forge::Gitea,
+                Some("s3cret"),
+                &headers(&[("x-gitea-signature", &upper)]),
+                BODY
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn payloads_without_a_name_or_with_bad_values_are_errors_not_panics() {
+        for body in [
+            &b"not json"[..],
+            b"",
+            b"[]",
+            b"null",
+            b"{\"repository\":{\"full_name\":12345678901234567890123456789}}",
+            b"{\"repository\":{\"full_name\":null}}",
+            b"{\"repository\":[1,2,3]}",
+            b"{\"repository\":{\"full_name\":\"\xff\xfe\"}}",
+            b"{\"repository\":{\"full_name\":\"\\ud800\"}}",
+        ] {
+            for forge in [Forge::Gitea, Forge::GitHub, Forge::GitLab] {
+                assert!(
+                    matches!(
+                        pushed_project(forge, body),
+                        Err(WebhookError::BadPayload(_))
+                    ),
+                    "{forge:?} {:?}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        // Deep nesting is refused by serde_json's recursion limit, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(pushed_project(Forge::Gitea, deep.as_bytes()).is_err());
     }
 
     #[test]

@@ -47,6 +47,21 @@ pub struct KasAddress {
 }
 
 impl KasAddress {
+    /// Whether the agent token and the manifests would cross a network in clear: a plaintext scheme
+    /// (`grpc://`, `ws://`) to a host other than loopback.
+    pub fn is_cleartext_over_network(&self) -> bool {
+        if self.scheme.is_tls() {
+            return false;
+        }
+        let loopback = self.host.eq_ignore_ascii_case("localhost")
+            || self.host.to_ascii_lowercase().ends_with(".localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
+
     pub fn parse(address: &str) -> Result<Self, Error> {
         let invalid = |reason: &str| Error::InvalidAddress {
             address: address.to_owned(),
@@ -148,6 +163,30 @@ mod tests {
             ("::1", 9000, "/-/kubernetes-agent/")
         );
         assert_eq!(a.to_string(), "ws://[::1]:9000/-/kubernetes-agent/");
+    }
+
+    #[test]
+    fn cleartext_is_flagged_only_off_loopback() {
+        for (address, flagged) in [
+            ("grpc://kas.example:8150", true),
+            ("ws://10.0.0.5:8150", true),
+            ("ws://[2001:db8::1]:80", true),
+            ("grpc://127.0.0.1:8150", false),
+            ("grpc://127.8.9.10:8150", false),
+            ("ws://[::1]:9000", false),
+            ("grpc://localhost:8150", false),
+            ("grpc://LOCALHOST:8150", false),
+            ("grpcs://kas.example", false),
+            ("wss://10.0.0.5", false),
+        ] {
+            assert_eq!(
+                KasAddress::parse(address)
+                    .unwrap()
+                    .is_cleartext_over_network(),
+                flagged,
+                "{address}"
+            );
+        }
     }
 
     #[test]

@@ -110,6 +110,13 @@ impl ClientConfig {
 
     /// Everything fallible about the configuration, checked once before the first dial.
     pub fn prepare(&self) -> Result<Connector, Error> {
+        if self.address.is_cleartext_over_network() {
+            tracing::warn!(
+                address = %self.address,
+                "PLAINTEXT CONNECTION TO KAS: the agent token and every manifest cross the network unencrypted \
+                 and can be read or altered in transit; use grpcs:// or wss://"
+            );
+        }
         let tls = if self.address.scheme.is_tls() {
             Some(self.tls_connector()?)
         } else {

@@ -12,6 +12,7 @@ pub mod address;
 pub mod backoff;
 pub mod client;
 pub mod io;
+pub mod listener;
 pub mod reverse;
 pub mod server;
 

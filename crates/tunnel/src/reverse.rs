@@ -183,10 +183,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: TunnelAuthority<K>>
     ReverseTunnelService<K, T>
 {
     pub fn new(registry: Arc<TunnelRegistry<K>>, authority: Arc<T>) -> ReverseTunnelServer<Self> {
+        // Frames carry raw HTTP/2 bytes of calls to agentk; the same limit as every other message.
         ReverseTunnelServer::new(Self {
             registry,
             authority,
         })
+        .max_decoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
     }
 }
 
@@ -303,6 +306,9 @@ where
         Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let (tx, rx) = mpsc::channel::<TunnelFrame>(16);
+    client = client
+        .max_decoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES);
     let incoming = client.open(ReceiverStream::new(rx)).await?.into_inner();
     let outgoing = PollSender::new(tx)
         .sink_map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
