@@ -249,10 +249,7 @@ impl KasProcess {
 
 fn spawn_kas(config: &Path, logs: Stdio) -> anyhow::Result<Killed> {
     let mut command = Command::new(sibling_binary("kas")?);
-    command
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(logs);
+    command.args(["serve", "--config"]).arg(config).stderr(logs);
     Ok(Killed(command.spawn().context("starting kas")?))
 }
 

@@ -180,7 +180,9 @@ impl World {
                 return Ok(count);
             }
             if done(count) {
-                bail!("{what}: agentk finished ({count} objects) before it could be killed half-way");
+                bail!(
+                    "{what}: agentk finished ({count} objects) before it could be killed half-way"
+                );
             }
             if started.elapsed() > Duration::from_secs(120) {
                 bail!("{what}: never reached ({count} objects)");
@@ -260,8 +262,8 @@ async fn agentk_killed_mid_prune_converges_with_nothing_lost_or_orphaned() -> an
 /// P4: kas killed (SIGKILL) while agents report syncs and it writes their status; it restarts on the same
 /// database, which opens, keeps the agent and its token, and the agent reconnects and syncs the next commit.
 #[tokio::test]
-async fn kas_killed_during_status_writes_restarts_with_agents_and_tokens_intact() -> anyhow::Result<()>
-{
+async fn kas_killed_during_status_writes_restarts_with_agents_and_tokens_intact()
+-> anyhow::Result<()> {
     let mut world = World::start("kill-kas", 300).await?;
     let _agentk = world.agentk(1)?;
     // Kill kas while the first sync's reports are being written.
@@ -319,9 +321,14 @@ fn record_deletions(ns: &TestNamespace) -> std::sync::Arc<std::sync::Mutex<Vec<S
 /// objects. The sync in flight fails those objects (nothing is pruned: nothing may be while anything failed),
 /// the failed sync is retried with backoff without waiting for the 5-minute drift check, and it converges
 /// once the apiserver is back. No object is deleted at any point.
-async fn apiserver_outage_mid_sync(prefix: &str, fault: Fault, outage: Duration) -> anyhow::Result<()> {
+async fn apiserver_outage_mid_sync(
+    prefix: &str,
+    fault: Fault,
+    outage: Duration,
+) -> anyhow::Result<()> {
     let world = World::start(prefix, 1000).await?;
-    let proxy = FaultProxy::in_front_of_apiserver(UpstreamIdentity::KubeconfigClientCertificate).await?;
+    let proxy =
+        FaultProxy::in_front_of_apiserver(UpstreamIdentity::KubeconfigClientCertificate).await?;
     let kubeconfig = world.dir.path().join("kubeconfig-through-proxy");
     std::fs::write(&kubeconfig, proxy.kubeconfig(None)?)?;
     let deleted = record_deletions(&world.ns);
@@ -333,7 +340,10 @@ async fn apiserver_outage_mid_sync(prefix: &str, fault: Fault, outage: Duration)
     tokio::time::sleep(outage).await;
     let during = world.ours().await?.len();
     proxy.set(Fault::PassThrough);
-    assert!(during < 1000, "the outage came too late: {during} objects already applied");
+    assert!(
+        during < 1000,
+        "the outage came too late: {during} objects already applied"
+    );
     world
         .converged(&names(0..1000), Duration::from_secs(90))
         .await
@@ -346,7 +356,12 @@ async fn apiserver_outage_mid_sync(prefix: &str, fault: Fault, outage: Duration)
 #[tokio::test]
 async fn apiserver_503s_mid_sync_are_retried_and_converge_without_deleting_anything()
 -> anyhow::Result<()> {
-    apiserver_outage_mid_sync("fault-503", Fault::ServiceUnavailable, Duration::from_secs(8)).await
+    apiserver_outage_mid_sync(
+        "fault-503",
+        Fault::ServiceUnavailable,
+        Duration::from_secs(8),
+    )
+    .await
 }
 
 #[tokio::test]

@@ -24,7 +24,10 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     let target_dir = crate::target_dir().join("fuzz");
     let targets: Vec<&str> = match only {
         Some(name) if TARGETS.contains(&name) => vec![name],
-        Some(name) => bail!("no fuzz target {name:?}; the targets are {}", TARGETS.join(", ")),
+        Some(name) => bail!(
+            "no fuzz target {name:?}; the targets are {}",
+            TARGETS.join(", ")
+        ),
         None => TARGETS.to_vec(),
     };
     let mut summary = Vec::new();
@@ -67,7 +70,11 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         let line = format!(
             "{target}: {runs} inputs in {seconds} s ({} per second), corpus {corpus_size} inputs, {}",
             runs / seconds.max(1),
-            if output.status.success() { "nothing found" } else { "FOUND A FAILURE" }
+            if output.status.success() {
+                "nothing found"
+            } else {
+                "FOUND A FAILURE"
+            }
         );
         eprintln!("    {line}");
         if !output.status.success() {
