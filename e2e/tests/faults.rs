@@ -217,7 +217,7 @@ async fn agentk_killed_mid_apply_converges_with_nothing_lost_or_orphaned() -> an
     let world = World::start("kill-apply", 1000).await?;
     let agentk = world.agentk(1)?;
     let at = world
-        .wait_for_moment("mid-apply", |n| n >= 100 && n < 900, |n| n >= 1000)
+        .wait_for_moment("mid-apply", |n| (100..900).contains(&n), |n| n >= 1000)
         .await?;
     drop(agentk); // SIGKILL
     let after_kill = world.ours().await?.len();
@@ -243,7 +243,7 @@ async fn agentk_killed_mid_prune_converges_with_nothing_lost_or_orphaned() -> an
     let removed: Vec<String> = (3..10).map(|i| format!("cms-{i:03}.yaml")).collect();
     commit_set(&world.git, &[], &removed, "700 objects leave")?;
     let at = world
-        .wait_for_moment("mid-prune", |n| n < 900 && n > 400, |n| n <= 300)
+        .wait_for_moment("mid-prune", |n| (401..900).contains(&n), |n| n <= 300)
         .await?;
     drop(agentk);
     let left = world.ours().await?;
@@ -334,7 +334,7 @@ async fn apiserver_outage_mid_sync(
     let deleted = record_deletions(&world.ns);
     let _agentk = world.agentk_with(1, &kubeconfig)?;
     world
-        .wait_for_moment("mid-sync", |n| n >= 100 && n < 900, |n| n >= 1000)
+        .wait_for_moment("mid-sync", |n| (100..900).contains(&n), |n| n >= 1000)
         .await?;
     proxy.set(fault);
     tokio::time::sleep(outage).await;

@@ -193,7 +193,7 @@ mod tests {
             ],
         };
         let plan = plan_inventory(&previous, &report);
-        assert_eq!(plan.gone, [b.clone()]);
+        assert_eq!(plan.gone, std::slice::from_ref(&b));
         assert_eq!(plan.owned, [a.clone(), c.clone()].into());
         assert!(plan.may_prune);
 

@@ -29,19 +29,25 @@ pub enum AccessError {
         project: String,
         owner: String,
     },
-    #[error(
-        "agent {agent_name:?} may not read project {project:?} ({reference}, paths {paths}): {detail} in its config.yaml (project {agent_project})"
-    )]
-    NotConfigured {
-        agent_name: String,
-        agent_project: String,
-        project: String,
-        reference: String,
-        paths: String,
-        detail: String,
-    },
+    /// Boxed: the largest variant, and errors travel by value through every stream step.
+    #[error("{0}")]
+    NotConfigured(Box<NotConfigured>),
     #[error("checking access to {project:?}: {message}")]
     Store { project: String, message: String },
+}
+
+/// Rule 1 refused: the request is not an entry of the agent's current `config.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "agent {agent_name:?} may not read project {project:?} ({reference}, paths {paths}): {detail} in its config.yaml (project {agent_project})"
+)]
+pub struct NotConfigured {
+    pub agent_name: String,
+    pub agent_project: String,
+    pub project: String,
+    pub reference: String,
+    pub paths: String,
+    pub detail: String,
 }
 
 /// The owner of a Gitea-style `owner/name` path; `None` for any other shape (see the module docs).
@@ -107,13 +113,15 @@ pub fn authorize_selection(
     config: &AgentConfig,
     wanted: &Selection,
 ) -> Result<(), AccessError> {
-    configured(config, wanted).map_err(|detail| AccessError::NotConfigured {
-        agent_name: agent.agent_name.clone(),
-        agent_project: agent.project_path.clone(),
-        project: wanted.project.clone(),
-        reference: wanted.reference.to_string(),
-        paths: describe_paths(wanted),
-        detail,
+    configured(config, wanted).map_err(|detail| {
+        AccessError::NotConfigured(Box::new(NotConfigured {
+            agent_name: agent.agent_name.clone(),
+            agent_project: agent.project_path.clone(),
+            project: wanted.project.clone(),
+            reference: wanted.reference.to_string(),
+            paths: describe_paths(wanted),
+            detail,
+        }))
     })?;
     authorize(store, agent, &wanted.project)
 }
@@ -240,7 +248,7 @@ mod tests {
         );
         let same_owner = selection("acme/secrets", GitRef::DefaultBranch, "*.yaml");
         let err = authorize_selection(&store, &agent, &config, &same_owner).unwrap_err();
-        assert!(matches!(err, AccessError::NotConfigured { .. }), "{err}");
+        assert!(matches!(err, AccessError::NotConfigured(_)), "{err}");
         assert!(err.to_string().contains("\"acme/secrets\""), "{err}");
         let ok = selection("acme/manifests", GitRef::DefaultBranch, "*.yaml");
         assert_eq!(authorize_selection(&store, &agent, &config, &ok), Ok(()));

@@ -127,7 +127,7 @@ async fn first_access(
             );
             Err(Status::permission_denied(denied.to_string()))
         }
-        Err(not_configured @ AccessError::NotConfigured { .. }) => {
+        Err(not_configured @ AccessError::NotConfigured(_)) => {
             Err(Status::permission_denied(not_configured.to_string()))
         }
         Err(e @ AccessError::Store { .. }) => Err(Status::unavailable(e.to_string())),
@@ -500,14 +500,14 @@ mod tests {
 
     #[test]
     fn withdrawn_access_ends_the_stream_whatever_the_project_does() {
-        let denied = AccessError::NotConfigured {
+        let denied = AccessError::NotConfigured(Box::new(super::super::access::NotConfigured {
             agent_name: "a".into(),
             agent_project: "g/c".into(),
             project: "g/p".into(),
             reference: "default branch".into(),
             paths: "[]".into(),
             detail: "gone".into(),
-        };
+        }));
         for project in [
             commit("a"),
             commit("b"),
