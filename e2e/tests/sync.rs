@@ -124,3 +124,115 @@ async fn only_the_leader_applies_newer_commits_cancel_and_syncs_are_reported() -
     agent.shutdown().await;
     Ok(())
 }
+
+/// An agent configured with `group/apps` (one ConfigMap file) that has received its snapshot, and a
+/// `GitopsStatus` client on the agent's own credential, to report as agentk would.
+async fn reporting_agent(
+    h: &Harness,
+) -> anyhow::Result<(
+    String,
+    String,
+    agentk::RunningAgent,
+    gitops_protocol::gitops_status_client::GitopsStatusClient<agentk::KasChannel>,
+)> {
+    h.git.create_repo("group/apps", false)?;
+    let commit = h
+        .git
+        .commit_files("group/apps", &[("a.yaml", Some("kind: ConfigMap\n"))], "v1")?;
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some("gitops:\n  manifest_projects:\n  - id: group/apps\n    paths:\n    - glob: '*.yaml'\n"))],
+        "config",
+    )?;
+    let (agent_id, _, secret) = h.register_agent().await?;
+    let agent = h.agent(h.client_config("grpc", &secret))?;
+    eventually(Duration::from_secs(15), "the snapshot", || async {
+        Ok(agent
+            .gitops
+            .borrow()
+            .get("group/apps")
+            .is_some_and(|p| p.snapshot.is_some()))
+    })
+    .await?;
+    let config = h.client_config("grpc", &secret);
+    let channel = tonic::service::interceptor::InterceptedService::new(
+        config.channel()?,
+        config.interceptor()?,
+    );
+    let client = gitops_protocol::gitops_status_client::GitopsStatusClient::new(channel)
+        .max_encoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES);
+    Ok((agent_id, commit, agent, client))
+}
+
+/// Corpus A15: a report dated at the end of time is stored clamped, and GraphQL still answers.
+#[tokio::test]
+async fn a_report_from_the_far_future_is_clamped_and_graphql_answers() -> anyhow::Result<()> {
+    use gitops_protocol::SyncReport;
+    let h = Harness::start(false).await?;
+    let (agent_id, commit, agent, mut client) = reporting_agent(&h).await?;
+    client
+        .report_sync(SyncReport {
+            project_id: "group/apps".into(),
+            commit_seen: commit.clone(),
+            commit_applied: commit.clone(),
+            finished_at_unix: i64::MAX,
+            outcome: "synced".into(),
+            ..Default::default()
+        })
+        .await?;
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ finishedAt outcome }} }} }} }}"#
+    );
+    let view = h.graphql(&query).await?;
+    let finished = view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"]["finishedAt"]
+        .as_str()
+        .map(|s| humantime::parse_rfc3339(s).expect("RFC 3339"))
+        .unwrap_or_else(|| panic!("no finishedAt: {view}"));
+    let tomorrow = std::time::SystemTime::now() + Duration::from_secs(24 * 3600 + 60);
+    assert!(finished <= tomorrow, "not clamped: {view}");
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Corpus A16: a report of 20,001 objects with 300-byte messages (> 4 MiB) is accepted and kept truncated,
+/// with a note.
+#[tokio::test]
+async fn a_report_of_twenty_thousand_objects_is_accepted_and_truncated() -> anyhow::Result<()> {
+    use gitops_protocol::{ObjectStatus, SyncReport};
+    let h = Harness::start(false).await?;
+    let (agent_id, commit, agent, mut client) = reporting_agent(&h).await?;
+    let objects: Vec<ObjectStatus> = (0..20_001)
+        .map(|i| ObjectStatus {
+            resource_key: format!("/ConfigMap/default/cm-{i}"),
+            source: format!("a.yaml#{i}"),
+            result: "failed".into(),
+            health: String::new(),
+            message: "x".repeat(300),
+        })
+        .collect();
+    let report = SyncReport {
+        project_id: "group/apps".into(),
+        commit_seen: commit.clone(),
+        commit_applied: String::new(),
+        finished_at_unix: 1_700_000_000,
+        outcome: "failed".into(),
+        message: "every object failed".into(),
+        objects,
+    };
+    // 20,001 × (300-byte message + key + source) ≈ 7 MiB: above tonic's 4 MiB default.
+    client.report_sync(report).await?;
+    let query = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ lastSync {{ message objects {{ resourceKey }} }} }} }} }}"#
+    );
+    let view = h.graphql(&query).await?;
+    let sync = &view["data"]["clusterAgent"]["manifestProjects"][0]["lastSync"];
+    assert_eq!(sync["objects"].as_array().map(Vec::len), Some(20_000));
+    assert!(
+        sync["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("only the first 20000 of 20001 objects")),
+        "{sync}"
+    );
+    agent.shutdown().await;
+    Ok(())
+}
