@@ -11,7 +11,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use gitops_config::agent::{GitRefConfig, ManifestProject, PathConfig};
 use gitops_engine::{ManifestFile, ObjectKey, Outcome};
-use gitops_kstatus::Status as Health;
+/// kstatus' verdict on an object, as [`ObjectOutcome::health`] holds it.
+pub use gitops_kstatus::Status as Health;
 use gitops_protocol::{
     MAX_MESSAGE_BYTES, ObjectHealth, ObjectResult, ObjectStatus, ObjectsToSynchronizeRequest,
     PathSelector, SyncReport, gitops_status_client::GitopsStatusClient,
@@ -1252,8 +1253,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_sync_loop_applies_only_its_own_entrys_snapshots() {
         let l = Loop::start(&[], Duration::ZERO);
-        // The same project with other paths: another entry, whose snapshot this loop must not apply.
-        let other = EntryKey::of(&project(&["other/*.yaml"]));
+        // The same project with other paths: another entry (first in the map, as a lookup by project id
+        // would find it), whose snapshot this loop must not apply.
+        let other = EntryKey::of(&project(&["*"]));
+        assert!(other < l.entry);
         l.state.send_modify(|s| {
             s.entries.insert(
                 other.clone(),
