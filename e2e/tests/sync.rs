@@ -148,9 +148,9 @@ async fn reporting_agent(
     gitops_protocol::gitops_status_client::GitopsStatusClient<agentk::KasChannel>,
 )> {
     h.git.create_repo("group/apps", false)?;
-    let commit = h
-        .git
-        .commit_files("group/apps", &[("a.yaml", Some("kind: ConfigMap\n"))], "v1")?;
+    let commit =
+        h.git
+            .commit_files("group/apps", &[("a.yaml", Some("kind: ConfigMap\n"))], "v1")?;
     h.git.commit_files(
         CONFIG_PROJECT,
         &[(CONFIG_FILE, Some("gitops:\n  manifest_projects:\n  - id: group/apps\n    paths:\n    - glob: '*.yaml'\n"))],
@@ -252,7 +252,8 @@ async fn a_report_of_twenty_thousand_objects_is_accepted_and_truncated() -> anyh
 /// Corpus C8: changing only `paths` (the manifest repository does not move) reaches the agent at once, and
 /// the sync loop applies the new selection, never the old one again.
 #[tokio::test]
-async fn a_changed_selection_is_applied_at_once_when_the_commit_does_not_move() -> anyhow::Result<()> {
+async fn a_changed_selection_is_applied_at_once_when_the_commit_does_not_move() -> anyhow::Result<()>
+{
     let h = Harness::start(false).await?;
     h.git.create_repo("group/apps", false)?;
     let commit = h.git.commit_files(
@@ -264,10 +265,15 @@ async fn a_changed_selection_is_applied_at_once_when_the_commit_does_not_move() 
         "v1",
     )?;
     let config = |glob: &str| {
-        format!("gitops:\n  manifest_projects:\n  - id: group/apps\n    paths:\n    - glob: '{glob}'\n")
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: group/apps\n    paths:\n    - glob: '{glob}'\n"
+        )
     };
-    h.git
-        .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config("a/*.yaml")))], "config a")?;
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some(&config("a/*.yaml")))],
+        "config a",
+    )?;
     let (_, _, secret) = h.register_agent().await?;
     let applier = Arc::new(Recording::default());
     let (_leading_tx, leading) = watch::channel(true);
@@ -277,16 +283,27 @@ async fn a_changed_selection_is_applied_at_once_when_the_commit_does_not_move() 
         resync: Duration::from_secs(3600),
     };
     let agent = h.agent_with(h.client_config("grpc", &secret), Some(settings))?;
-    eventually(Duration::from_secs(15), "the a/ selection applied", || async {
-        Ok(applier.files.lock().unwrap().last() == Some(&vec!["a/one.yaml".to_owned()]))
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the a/ selection applied",
+        || async {
+            Ok(applier.files.lock().unwrap().last() == Some(&vec!["a/one.yaml".to_owned()]))
+        },
+    )
     .await?;
 
-    h.git
-        .commit_files(CONFIG_PROJECT, &[(CONFIG_FILE, Some(&config("b/*.yaml")))], "config b")?;
-    eventually(Duration::from_secs(10), "the b/ selection applied", || async {
-        Ok(applier.files.lock().unwrap().last() == Some(&vec!["b/two.yaml".to_owned()]))
-    })
+    h.git.commit_files(
+        CONFIG_PROJECT,
+        &[(CONFIG_FILE, Some(&config("b/*.yaml")))],
+        "config b",
+    )?;
+    eventually(
+        Duration::from_secs(10),
+        "the b/ selection applied",
+        || async {
+            Ok(applier.files.lock().unwrap().last() == Some(&vec!["b/two.yaml".to_owned()]))
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let files = applier.files.lock().unwrap().clone();
@@ -296,8 +313,15 @@ async fn a_changed_selection_is_applied_at_once_when_the_commit_does_not_move() 
         [vec!["a/one.yaml".to_owned()], vec!["b/two.yaml".to_owned()]],
         "after the change, only the new selection is applied"
     );
-    assert!(calls.iter().all(|c| *c == commit), "the commit never moved: {calls:?}");
-    let snapshot = agent.gitops.borrow().get("group/apps").and_then(|p| p.snapshot.clone());
+    assert!(
+        calls.iter().all(|c| *c == commit),
+        "the commit never moved: {calls:?}"
+    );
+    let snapshot = agent
+        .gitops
+        .borrow()
+        .get("group/apps")
+        .and_then(|p| p.snapshot.clone());
     assert_eq!(snapshot.map(|s| s.files.len()), Some(1));
     agent.shutdown().await;
     Ok(())

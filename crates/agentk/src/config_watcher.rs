@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use gitops_config::AgentConfig;
 use gitops_protocol::{
-    AgentMeta, ConfigurationRequest, MAX_MESSAGE_BYTES, agent_configuration_client::AgentConfigurationClient,
+    AgentMeta, ConfigurationRequest, MAX_MESSAGE_BYTES,
+    agent_configuration_client::AgentConfigurationClient,
 };
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::backoff::Backoff;

@@ -246,7 +246,10 @@ enum Received {
     Snapshot(ManifestSnapshot),
     Refused(RefusedSnapshot),
     /// kas could not make the snapshot (permission, limits, Git).
-    KasError { commit_id: String, message: String },
+    KasError {
+        commit_id: String,
+        message: String,
+    },
 }
 
 /// Assembles snapshots from a stream's messages, refusing one whose files exceed `max_bytes` (its files
@@ -331,8 +334,7 @@ struct Worker {
 
 impl Worker {
     fn publish(&self, update: impl FnOnce(&mut ProjectSync)) {
-        self.state
-            .send_if_modified(|s| s.update(&self.key, update));
+        self.state.send_if_modified(|s| s.update(&self.key, update));
     }
 
     /// The commit of this entry's last snapshot, empty before the first: kas skips what the agent has.
@@ -622,7 +624,10 @@ enum Trigger {
     Resync,
 }
 
-fn slot(state: &GitopsState, entry: &EntryKey) -> (Option<Arc<ManifestSnapshot>>, Option<Arc<RefusedSnapshot>>) {
+fn slot(
+    state: &GitopsState,
+    entry: &EntryKey,
+) -> (Option<Arc<ManifestSnapshot>>, Option<Arc<RefusedSnapshot>>) {
     state
         .entry(entry)
         .map(|p| (p.snapshot.clone(), p.refused.clone()))
@@ -632,7 +637,11 @@ fn slot(state: &GitopsState, entry: &EntryKey) -> (Option<Arc<ManifestSnapshot>>
 /// Resolves when the entry's snapshot is no longer `commit`.
 async fn newer_snapshot(mut rx: watch::Receiver<GitopsState>, entry: &EntryKey, commit: &str) {
     if rx
-        .wait_for(|s| slot(s, entry).0.is_some_and(|snap| snap.commit_id != commit))
+        .wait_for(|s| {
+            slot(s, entry)
+                .0
+                .is_some_and(|snap| snap.commit_id != commit)
+        })
         .await
         .is_err()
     {
@@ -680,12 +689,22 @@ pub async fn sync_loop(
         let (snapshot, refused) = slot(&state.borrow_and_update(), &context.entry);
         let is_leading = *leading.borrow_and_update();
         if is_leading {
-            if let Some(refused) = refused.filter(|r| progress.refusal_reported.as_ref() != Some(r)) {
+            if let Some(refused) = refused.filter(|r| progress.refusal_reported.as_ref() != Some(r))
+            {
                 report_refusal(&context, &progress, &refused).await;
                 progress.refusal_reported = Some(refused);
             }
             if let Some(snapshot) = snapshot {
-                match sync_once(&context, &snapshot, &mut progress, &state, &leading, &cancel).await {
+                match sync_once(
+                    &context,
+                    &snapshot,
+                    &mut progress,
+                    &state,
+                    &leading,
+                    &cancel,
+                )
+                .await
+                {
                     Err(Interrupted::Stopped) => return,
                     Err(Interrupted::NewerSnapshot) => {
                         info!(commit_id = %snapshot.commit_id, "a newer commit arrived: cancelled the sync in flight");
@@ -698,7 +717,9 @@ pub async fn sync_loop(
                 }
             }
         }
-        if wait_for_trigger(&context, &mut progress, &mut state, &mut leading, &cancel).await == Trigger::Stop {
+        if wait_for_trigger(&context, &mut progress, &mut state, &mut leading, &cancel).await
+            == Trigger::Stop
+        {
             return;
         }
     }
@@ -818,7 +839,10 @@ fn log_outcome(snapshot: &ManifestSnapshot, outcome: &SyncOutcome, started: Inst
     }
     match outcome.result() {
         SyncResult::Synced => summary!(info, "Cluster successfully synced"),
-        SyncResult::Partial => summary!(warn, "Cluster partially synced: some objects failed, nothing was pruned"),
+        SyncResult::Partial => summary!(
+            warn,
+            "Cluster partially synced: some objects failed, nothing was pruned"
+        ),
         SyncResult::Failed => summary!(error, "Cluster sync failed: nothing was applied"),
     }
 }
@@ -1009,7 +1033,12 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((start.elapsed(), request.snapshot.commit_id.clone()));
-            let step = self.steps.lock().unwrap().pop_front().unwrap_or(Step::Succeed);
+            let step = self
+                .steps
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Step::Succeed);
             let dropped = self.dropped.clone();
             Box::pin(async move {
                 let _guard = SetOnDrop(dropped);
@@ -1046,7 +1075,10 @@ mod tests {
     }
 
     fn project(paths: &[&str]) -> ManifestProject {
-        let paths: Vec<_> = paths.iter().map(|p| serde_json::json!({ "glob": p })).collect();
+        let paths: Vec<_> = paths
+            .iter()
+            .map(|p| serde_json::json!({ "glob": p }))
+            .collect();
         serde_json::from_value(serde_json::json!({ "id": "group/apps", "paths": paths })).unwrap()
     }
 
@@ -1080,7 +1112,9 @@ mod tests {
             let project = project(&["*.yaml"]);
             let entry = EntryKey::of(&project);
             let mut initial = GitopsState::default();
-            initial.entries.insert(entry.clone(), ProjectSync::default());
+            initial
+                .entries
+                .insert(entry.clone(), ProjectSync::default());
             let (state, state_rx) = watch::channel(initial);
             let (leading, leading_rx) = watch::channel(true);
             let cancel = CancellationToken::new();
@@ -1136,7 +1170,11 @@ mod tests {
         );
         let outcomes = l.outcomes();
         assert_eq!(outcomes.len(), 11);
-        assert!(outcomes[..10].iter().all(|o| *o == gitops_protocol::SyncOutcome::Partial));
+        assert!(
+            outcomes[..10]
+                .iter()
+                .all(|o| *o == gitops_protocol::SyncOutcome::Partial)
+        );
         assert_eq!(outcomes[10], gitops_protocol::SyncOutcome::Synced);
         l.cancel.cancel();
     }
@@ -1145,7 +1183,15 @@ mod tests {
     async fn a_whole_sync_error_is_retried_and_a_success_or_a_new_commit_resets_the_backoff() {
         use Step::*;
         let l = Loop::start(
-            &[FailWhole, FailWhole, Succeed, FailAnObject, FailAnObject, FailWhole, FailWhole],
+            &[
+                FailWhole,
+                FailWhole,
+                Succeed,
+                FailAnObject,
+                FailAnObject,
+                FailWhole,
+                FailWhole,
+            ],
             Duration::from_secs(100),
         );
         l.publish("c1");
@@ -1162,7 +1208,13 @@ mod tests {
         assert_eq!(reports[0].message, "the apiserver is unreachable");
         assert_eq!(reports[2].outcome(), gitops_protocol::SyncOutcome::Synced);
         // The failed sync of c2 reports c1 as the commit applied; the retry that succeeds, c2.
-        assert_eq!((reports[6].commit_seen.as_str(), reports[6].commit_applied.as_str()), ("c2", "c1"));
+        assert_eq!(
+            (
+                reports[6].commit_seen.as_str(),
+                reports[6].commit_applied.as_str()
+            ),
+            ("c2", "c1")
+        );
         assert_eq!(reports[7].commit_applied, "c2");
         l.cancel.cancel();
     }
@@ -1176,8 +1228,14 @@ mod tests {
         assert!(!l.applier.dropped.load(Ordering::SeqCst), "still applying");
         l.leading.send_replace(false);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(l.applier.dropped.load(Ordering::SeqCst), "the apply kept running");
-        assert!(l.reporter.0.lock().unwrap().is_empty(), "a cancelled sync is not reported");
+        assert!(
+            l.applier.dropped.load(Ordering::SeqCst),
+            "the apply kept running"
+        );
+        assert!(
+            l.reporter.0.lock().unwrap().is_empty(),
+            "a cancelled sync is not reported"
+        );
         // A follower does not apply, retries included.
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(l.call_times(), [0]);
@@ -1246,7 +1304,10 @@ mod tests {
         assert!(!dropped.load(Ordering::SeqCst));
         leading.send_replace(false);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(dropped.load(Ordering::SeqCst), "still waiting for readiness");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "still waiting for readiness"
+        );
         cancel.cancel();
     }
 
@@ -1267,11 +1328,17 @@ mod tests {
             );
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(l.call_times().is_empty(), "applied another entry's snapshot");
+        assert!(
+            l.call_times().is_empty(),
+            "applied another entry's snapshot"
+        );
         l.publish("c1");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let calls = l.applier.calls.lock().unwrap().clone();
-        assert_eq!(calls, [(Duration::ZERO + Duration::from_secs(60), "c1".to_owned())]);
+        assert_eq!(
+            calls,
+            [(Duration::ZERO + Duration::from_secs(60), "c1".to_owned())]
+        );
         l.cancel.cancel();
     }
 
@@ -1294,7 +1361,10 @@ mod tests {
         let reports = l.reporter.0.lock().unwrap().clone();
         assert_eq!(reports.len(), 1, "{reports:?}");
         assert_eq!(reports[0].outcome(), gitops_protocol::SyncOutcome::Failed);
-        assert_eq!((reports[0].commit_seen.as_str(), reports[0].message.as_str()), ("c9", "too big"));
+        assert_eq!(
+            (reports[0].commit_seen.as_str(), reports[0].message.as_str()),
+            ("c9", "too big")
+        );
         l.cancel.cancel();
     }
 
@@ -1322,40 +1392,70 @@ mod tests {
         };
         assert_eq!(refused.commit_id, "c1");
         for part in ["group/apps", "c1", "limit of 100 bytes", "b.yaml"] {
-            assert!(refused.message.contains(part), "{part}: {}", refused.message);
+            assert!(
+                refused.message.contains(part),
+                "{part}: {}",
+                refused.message
+            );
         }
         // The rest of the refused snapshot is dropped, the trailer publishes nothing.
         assert_eq!(a.receive(file("c.yaml", 10)), Received::Nothing);
-        assert_eq!(a.receive(Message::Trailer(SnapshotTrailer {})), Received::Nothing);
+        assert_eq!(
+            a.receive(Message::Trailer(SnapshotTrailer {})),
+            Received::Nothing
+        );
         // The next commit fits.
         a.receive(header("c2"));
         a.receive(file("a.yaml", 100));
         let Received::Snapshot(snapshot) = a.receive(Message::Trailer(SnapshotTrailer {})) else {
             panic!("not published")
         };
-        assert_eq!((snapshot.commit_id.as_str(), snapshot.files.len()), ("c2", 1));
+        assert_eq!(
+            (snapshot.commit_id.as_str(), snapshot.files.len()),
+            ("c2", 1)
+        );
     }
 
     #[test]
     fn sync_results_come_from_the_object_outcomes() {
-        let outcome = |objects: Vec<Outcome>, error: Option<&str>| SyncOutcome {
-            objects: objects.into_iter().map(object).collect(),
-            error: error.map(Into::into),
-        }
-        .result();
+        let outcome = |objects: Vec<Outcome>, error: Option<&str>| {
+            SyncOutcome {
+                objects: objects.into_iter().map(object).collect(),
+                error: error.map(Into::into),
+            }
+            .result()
+        };
         let failed = || Outcome::Failed("x".into());
         assert_eq!(outcome(vec![], None), SyncResult::Synced);
-        assert_eq!(outcome(vec![Outcome::Created, Outcome::Kept("in use".into())], None), SyncResult::Synced);
-        assert_eq!(outcome(vec![Outcome::Created, failed()], None), SyncResult::Partial);
-        assert_eq!(outcome(vec![failed(), Outcome::Skipped("x".into())], None), SyncResult::Failed);
+        assert_eq!(
+            outcome(vec![Outcome::Created, Outcome::Kept("in use".into())], None),
+            SyncResult::Synced
+        );
+        assert_eq!(
+            outcome(vec![Outcome::Created, failed()], None),
+            SyncResult::Partial
+        );
+        assert_eq!(
+            outcome(vec![failed(), Outcome::Skipped("x".into())], None),
+            SyncResult::Failed
+        );
         assert_eq!(outcome(vec![], Some("unreachable")), SyncResult::Failed);
-        assert_eq!(outcome(vec![Outcome::Pruned], Some("inventory write failed")), SyncResult::Partial);
+        assert_eq!(
+            outcome(vec![Outcome::Pruned], Some("inventory write failed")),
+            SyncResult::Partial
+        );
     }
 
     #[test]
     fn a_changed_entry_is_a_new_key() {
-        assert_eq!(EntryKey::of(&project(&["*.yaml"])), EntryKey::of(&project(&["*.yaml"])));
-        assert_ne!(EntryKey::of(&project(&["*.yaml"])), EntryKey::of(&project(&["b/*.yaml"])));
+        assert_eq!(
+            EntryKey::of(&project(&["*.yaml"])),
+            EntryKey::of(&project(&["*.yaml"]))
+        );
+        assert_ne!(
+            EntryKey::of(&project(&["*.yaml"])),
+            EntryKey::of(&project(&["b/*.yaml"]))
+        );
         let mut tagged = project(&["*.yaml"]);
         tagged.reference = Some(GitRefConfig::Tag("v1".into()));
         assert_ne!(EntryKey::of(&project(&["*.yaml"])), EntryKey::of(&tagged));

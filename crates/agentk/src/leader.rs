@@ -97,7 +97,8 @@ impl Observer {
             // Released (or never held).
             return true;
         }
-        let duration = Duration::from_secs(record.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+        let duration =
+            Duration::from_secs(record.lease_duration_seconds.unwrap_or(15).max(1) as u64);
         let seen = match &self.last {
             Some((last, seen)) if *last == record => *seen,
             _ => {

@@ -12,7 +12,8 @@ pub mod leader;
 use std::sync::Arc;
 
 use gitops_protocol::{
-    MAX_MESSAGE_BYTES, agent_info_server::AgentInfoServer, reverse_tunnel_client::ReverseTunnelClient,
+    MAX_MESSAGE_BYTES, agent_info_server::AgentInfoServer,
+    reverse_tunnel_client::ReverseTunnelClient,
 };
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::client::ClientConfig;

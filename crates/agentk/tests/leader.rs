@@ -108,7 +108,11 @@ async fn a_vanished_leaders_lease_is_taken_over_after_it_expires() -> anyhow::Re
 
 /// A holder on another machine whose clock is `skew` off ours: it renews every 300 ms, writing its own time
 /// as `renewTime`, until `stop`.
-fn skewed_holder(api: Api<Lease>, skew: SignedDuration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn skewed_holder(
+    api: Api<Lease>,
+    skew: SignedDuration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while !stop.is_cancelled() {
             if let Ok(mut lease) = api.get("agentk-leader").await {
@@ -117,7 +121,9 @@ fn skewed_holder(api: Api<Lease>, skew: SignedDuration, stop: CancellationToken)
                     return; // taken over
                 }
                 spec.renew_time = Some(MicroTime(Timestamp::now() + skew));
-                let _ = api.replace("agentk-leader", &PostParams::default(), &lease).await;
+                let _ = api
+                    .replace("agentk-leader", &PostParams::default(), &lease)
+                    .await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -130,7 +136,10 @@ fn skewed_holder(api: Api<Lease>, skew: SignedDuration, stop: CancellationToken)
 async fn a_holder_with_a_clock_30_s_off_keeps_its_lease_while_renewing_and_loses_it_when_it_stops()
 -> anyhow::Result<()> {
     install_crypto_provider();
-    for skew in [SignedDuration::from_secs(-30), SignedDuration::from_secs(30)] {
+    for skew in [
+        SignedDuration::from_secs(-30),
+        SignedDuration::from_secs(30),
+    ] {
         let ns = TestNamespace::create("leader-skew").await?;
         let api: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
         let holder = Lease {
@@ -162,7 +171,12 @@ async fn a_holder_with_a_clock_30_s_off_keeps_its_lease_while_renewing_and_loses
             "skew {skew}: taken over {after:?} after the last renewal"
         );
         assert_eq!(
-            api.get("agentk-leader").await?.spec.unwrap().holder_identity.as_deref(),
+            api.get("agentk-leader")
+                .await?
+                .spec
+                .unwrap()
+                .holder_identity
+                .as_deref(),
             Some("candidate")
         );
         stop.cancel();
@@ -195,7 +209,10 @@ async fn two_agents_in_one_namespace_each_lead_their_own_lease() -> anyhow::Resu
         leaders.push(rx);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(leaders.iter().all(|l| !*l.borrow()), "led before the agent id was known");
+    assert!(
+        leaders.iter().all(|l| !*l.borrow()),
+        "led before the agent id was known"
+    );
     for (agent_id, state) in &states {
         state.send_modify(|s| s.agent_id = *agent_id);
     }

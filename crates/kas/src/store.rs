@@ -147,7 +147,9 @@ pub struct ObjectRecord {
 fn health_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Health>, D::Error> {
     match Option::<String>::deserialize(d)?.as_deref() {
         None | Some("") => Ok(None),
-        Some(word) => Health::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(word)).map(Some),
+        Some(word) => {
+            Health::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(word)).map(Some)
+        }
     }
 }
 
@@ -164,7 +166,11 @@ mod sync_record_tests {
             {"resource_key":"apps/Deployment/default/c","source":"c.yaml#0","result":"configured","health":"InProgress","message":""}]}"#;
         let record: SyncRecord = decode("sync_status", old).unwrap();
         assert_eq!(record.outcome, SyncOutcome::Partial);
-        let read: Vec<_> = record.objects.iter().map(|o| (o.result, o.health)).collect();
+        let read: Vec<_> = record
+            .objects
+            .iter()
+            .map(|o| (o.result, o.health))
+            .collect();
         assert_eq!(
             read,
             [
@@ -176,7 +182,10 @@ mod sync_record_tests {
         // And what this version writes reads back the same.
         let again: SyncRecord = decode("sync_status", &encode(&record)).unwrap();
         assert_eq!(again, record);
-        assert!(decode::<SyncRecord>("sync_status", old.as_slice().strip_suffix(b"]}").unwrap()).is_err());
+        assert!(
+            decode::<SyncRecord>("sync_status", old.as_slice().strip_suffix(b"]}").unwrap())
+                .is_err()
+        );
     }
 }
 

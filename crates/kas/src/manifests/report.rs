@@ -176,8 +176,18 @@ mod tests {
         let now = 1_700_000_000;
         let r = record(report(WireOutcome::Synced, i64::MAX), now).unwrap();
         assert_eq!(r.finished_at, now + MAX_FUTURE_SECONDS);
-        assert_eq!(record(report(WireOutcome::Synced, i64::MIN), now).unwrap().finished_at, 0);
-        assert_eq!(record(report(WireOutcome::Synced, now - 5), now).unwrap().finished_at, now - 5);
+        assert_eq!(
+            record(report(WireOutcome::Synced, i64::MIN), now)
+                .unwrap()
+                .finished_at,
+            0
+        );
+        assert_eq!(
+            record(report(WireOutcome::Synced, now - 5), now)
+                .unwrap()
+                .finished_at,
+            now - 5
+        );
     }
 
     #[test]
@@ -191,9 +201,15 @@ mod tests {
         let mut bad = report(WireOutcome::Synced, 0);
         bad.objects[0].result = 99;
         let refused = record(bad, 0).unwrap_err();
-        assert!(refused.message().contains("/ConfigMap/default/a"), "{refused:?}");
+        assert!(
+            refused.message().contains("/ConfigMap/default/a"),
+            "{refused:?}"
+        );
         let mut newer = report(WireOutcome::Synced, 0);
         newer.objects[0].health = 99;
-        assert_eq!(record(newer, 0).unwrap().objects[0].health, Some(Health::Unknown));
+        assert_eq!(
+            record(newer, 0).unwrap().objects[0].health,
+            Some(Health::Unknown)
+        );
     }
 }
