@@ -336,13 +336,13 @@ async fn sync_reports_are_kept_per_project_and_shown_with_their_objects() -> any
         commit_seen: commit.clone(),
         commit_applied: commit.clone(),
         finished_at_unix: 1_700_000_000,
-        outcome: "synced".into(),
+        outcome: gitops_protocol::SyncOutcome::Synced.into(),
         message: "1 object applied".into(),
         objects: vec![ObjectStatus {
             resource_key: "/ConfigMap/default/cm".into(),
             source: "cm.yaml#0".into(),
-            result: "created".into(),
-            health: "Current".into(),
+            result: gitops_protocol::ObjectResult::Created.into(),
+            health: gitops_protocol::ObjectHealth::Current.into(),
             message: String::new(),
         }],
     };

@@ -11,6 +11,7 @@ use gitops_engine::{
     AppliedForms, ApplyOptions, Health, InventoryOptions, InventoryRef, ObjectKey, Observed,
     PropagationPolicy, apply_decoded, decode_files, poll_live,
 };
+use gitops_kstatus::Status;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
@@ -103,7 +104,7 @@ fn options(applier: &EngineApplier, agent_id: i64, project: &ManifestProject) ->
 /// Records `health` on an object's outcome; the message explains anything but Current (a failure's own
 /// message is kept).
 fn set_health(outcome: &mut ObjectOutcome, health: &Health) {
-    outcome.health = health.status.as_str().to_owned();
+    outcome.health = Some(health.status);
     if outcome.message.is_empty() || outcome.message.starts_with("health: ") {
         outcome.message = if health.status == gitops_kstatus::Status::Current {
             String::new()
@@ -166,11 +167,12 @@ impl Applier for EngineApplier {
                             .as_ref()
                             .map(ToString::to_string)
                             .unwrap_or_default(),
-                        result: r.outcome.verb().to_owned(),
                         sync_result: r.sync_result(),
-                        health: String::new(),
+                        health: None,
                         message: r.message().unwrap_or_default().to_owned(),
                         resource: r.resource.clone(),
+                        key: r.key,
+                        result: r.outcome,
                     };
                     if let Some(health) = &r.health {
                         set_health(&mut outcome, health);
@@ -217,10 +219,10 @@ async fn wait_for_readiness(
         .enumerate()
         .filter(|(_, o)| {
             o.resource.is_some()
-                && matches!(o.result.as_str(), "created" | "configured" | "unchanged")
-                && !matches!(o.health.as_str(), "Current" | "Failed")
+                && o.result.is_success()
+                && !matches!(o.health, Some(Status::Current | Status::Failed))
         })
-        .filter_map(|(i, o)| Some((i, ObjectKey::from_resource_key(&o.resource_key)?)))
+        .filter_map(|(i, o)| Some((i, o.key.clone()?)))
         .collect();
     if pending.is_empty() {
         return;
@@ -239,8 +241,8 @@ async fn wait_for_readiness(
             let object = &mut outcome.objects[*i];
             match observed {
                 Observed::Present(health) => set_health(object, health),
-                Observed::NotFound => object.health = "NotFound".into(),
-                Observed::Unreadable(_) => object.health = "Unknown".into(),
+                Observed::NotFound => object.health = Some(Status::NotFound),
+                Observed::Unreadable(_) => object.health = Some(Status::Unknown),
             }
         }
         seen.iter().filter(|o| !settled(o)).count()

@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use gitops_config::AgentConfig;
 use gitops_protocol::{
-    AgentMeta, ConfigurationRequest, agent_configuration_client::AgentConfigurationClient,
+    AgentMeta, ConfigurationRequest, MAX_MESSAGE_BYTES,
+    agent_configuration_client::AgentConfigurationClient,
 };
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::backoff::Backoff;
@@ -39,7 +40,9 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     while !stop.is_cancelled() {
-        let mut client = AgentConfigurationClient::new(service.clone());
+        let mut client = AgentConfigurationClient::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let request = ConfigurationRequest {
             commit_id: state.borrow().commit_id.clone(),
             agent_meta: Some(AgentMeta {

@@ -12,7 +12,8 @@ pub mod leader;
 use std::sync::Arc;
 
 use gitops_protocol::{
-    agent_info_server::AgentInfoServer, reverse_tunnel_client::ReverseTunnelClient,
+    MAX_MESSAGE_BYTES, agent_info_server::AgentInfoServer,
+    reverse_tunnel_client::ReverseTunnelClient,
 };
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::client::ClientConfig;
@@ -111,15 +112,22 @@ pub fn start(
         state_rx.clone(),
         Arc::new(gitops_tx),
         options.apply.clone(),
+        gitops::DEFAULT_MAX_SNAPSHOT_BYTES,
         stop.clone(),
     ));
 
-    let routes = tonic::service::Routes::new(AgentInfoServer::new(info::AgentInfoService {
-        state: state_rx.clone(),
-    }));
+    let routes = tonic::service::Routes::new(
+        AgentInfoServer::new(info::AgentInfoService {
+            state: state_rx.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     let tunnel_client = ReverseTunnelClient::new(
         tonic::service::interceptor::InterceptedService::new(channel, interceptor),
-    );
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tasks.spawn(
         gitops_tunnel::reverse::serve_tunnels(
             tunnel_client,

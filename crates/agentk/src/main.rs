@@ -148,16 +148,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
     let pod_name = std::env::var("POD_NAME").unwrap_or_default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let apply = if args.no_apply {
-        None
+    let (apply, election) = if args.no_apply {
+        (None, None)
     } else {
-        apply_settings(
-            &pod_namespace,
-            &pod_name,
-            args.drift_check_interval,
-            stop.clone(),
-        )
-        .await
+        match apply_settings(&pod_namespace, &pod_name, args.drift_check_interval).await {
+            Some((apply, election)) => (Some(apply), election),
+            None => (None, None),
+        }
     };
     let options = agentk::AgentOptions {
         pod_namespace,
@@ -166,6 +163,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         apply,
     };
     let mut agent = agentk::start(client, options, Some(logs))?;
+    if let Some(e) = election {
+        tokio::spawn(agentk::leader::run_for_agent(
+            e.client,
+            e.namespace,
+            e.identity,
+            agent.state.clone(),
+            e.leading,
+            stop.clone(),
+        ));
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -178,14 +185,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Leader election for this pod, started once the agent's state can be watched: the Lease is named by the
+/// agent id, which arrives with the configuration.
+struct Election {
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+    leading: tokio::sync::watch::Sender<bool>,
+}
+
 /// The cluster agentk runs in (in-cluster config, else KUBECONFIG), leader election when it runs as a pod,
 /// and the engine. Without a reachable cluster agentk still connects and receives, and says why it won't apply.
 async fn apply_settings(
     namespace: &str,
     pod_name: &str,
     drift_check_interval: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) -> Option<agentk::gitops::ApplySettings> {
+) -> Option<(agentk::gitops::ApplySettings, Option<Election>)> {
     let config = match kube::Config::infer().await {
         Ok(config) => config,
         Err(e) => {
@@ -207,15 +222,20 @@ async fn apply_settings(
         namespace.to_owned()
     };
     let (leading_tx, leading) = tokio::sync::watch::channel(pod_name.is_empty());
-    if !pod_name.is_empty() {
-        // Replicas of one agent share the lease; each pod is one candidate.
-        let lease = agentk::leader::LeaseConfig::new(&namespace, "agentk-leader", pod_name);
-        tokio::spawn(agentk::leader::run(client.clone(), lease, leading_tx, stop));
-    }
+    // Replicas of one agent share its lease (`agent-<id>-lock`); each pod is one candidate.
+    let election = (!pod_name.is_empty()).then(|| Election {
+        client: client.clone(),
+        namespace: namespace.clone(),
+        identity: pod_name.to_owned(),
+        leading: leading_tx,
+    });
     let applier = agentk::apply::EngineApplier::new(client, namespace, cluster_url);
-    Some(agentk::gitops::ApplySettings {
-        applier: std::sync::Arc::new(applier),
-        leading,
-        resync: drift_check_interval,
-    })
+    Some((
+        agentk::gitops::ApplySettings {
+            applier: std::sync::Arc::new(applier),
+            leading,
+            resync: drift_check_interval,
+        },
+        election,
+    ))
 }

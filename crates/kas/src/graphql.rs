@@ -55,8 +55,12 @@ fn parse_gid(id: &str, kind: &str) -> Result<u64, String> {
         .map_err(|_| format!("{id:?} is not a Clusters::{kind} id"))
 }
 
+/// 9999-12-31T23:59:59Z, the last second RFC 3339 can write.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
+/// Total: any value formats (clamped to years 1970..=9999) rather than making the resolver panic.
 fn rfc3339(unix: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.clamp(0, LAST_RFC3339_SECOND) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -175,7 +179,7 @@ impl ClusterAgent {
                 commit_seen: r.commit_seen,
                 commit_applied: r.commit_applied,
                 finished_at: rfc3339(r.finished_at),
-                outcome: r.outcome,
+                outcome: r.outcome.into(),
                 message: r.message,
                 objects: r
                     .objects
@@ -183,8 +187,8 @@ impl ClusterAgent {
                     .map(|o| SyncedObject {
                         resource_key: o.resource_key,
                         source: o.source,
-                        result: o.result,
-                        health: o.health,
+                        result: o.result.into(),
+                        health: o.health.map(Into::into),
                         message: o.message,
                     })
                     .collect(),
@@ -287,7 +291,7 @@ pub struct SyncStatus {
     commit_seen: String,
     commit_applied: String,
     finished_at: String,
-    outcome: String,
+    outcome: SyncOutcome,
     message: String,
     objects: Vec<SyncedObject>,
 }
@@ -296,9 +300,51 @@ pub struct SyncStatus {
 pub struct SyncedObject {
     resource_key: String,
     source: String,
-    result: String,
-    health: String,
+    result: ObjectResult,
+    /// Null until known.
+    health: Option<ObjectHealth>,
     message: String,
+}
+
+// The enums keep the words the API returned when these were strings (`synced`, `created`, `InProgress`),
+// so existing queries and clients read the same values.
+
+/// How a sync ended.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "crate::store::SyncOutcome", rename_items = "snake_case")]
+pub enum SyncOutcome {
+    /// Every object applied.
+    Synced,
+    /// Some objects failed or were skipped; nothing was pruned.
+    Partial,
+    /// Nothing applied.
+    Failed,
+}
+
+/// What a sync did to one object.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "crate::store::ObjectResult", rename_items = "snake_case")]
+pub enum ObjectResult {
+    Created,
+    Configured,
+    Unchanged,
+    Pruned,
+    Failed,
+    Skipped,
+    /// Left the set but still in use, so not pruned.
+    Kept,
+}
+
+/// kstatus' verdict on an object.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "crate::store::Health", rename_items = "PascalCase")]
+pub enum ObjectHealth {
+    Current,
+    InProgress,
+    Failed,
+    Terminating,
+    NotFound,
+    Unknown,
 }
 
 #[derive(SimpleObject)]
@@ -588,6 +634,13 @@ impl MutationRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_timestamp_formats() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
 
     #[test]
     fn gids_parse_in_any_namespace() {

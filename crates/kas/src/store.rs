@@ -107,18 +107,100 @@ pub struct SyncRecord {
     pub commit_seen: String,
     pub commit_applied: String,
     pub finished_at: i64,
-    pub outcome: String,
+    pub outcome: SyncOutcome,
     pub message: String,
     pub objects: Vec<ObjectRecord>,
+}
+
+/// How a sync ended. Stored as the words the previous version wrote as strings (`"synced"`, …), so its
+/// records still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncOutcome {
+    Synced,
+    Partial,
+    Failed,
+}
+
+/// What a sync did to one object; stored as kubectl's verbs, as the previous version did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectResult {
+    Created,
+    Configured,
+    Unchanged,
+    Pruned,
+    Failed,
+    Skipped,
+    Kept,
+}
+
+/// kstatus' verdict on an object; stored in kstatus' spelling (`"InProgress"`), as the previous version did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Current,
+    InProgress,
+    Failed,
+    Terminating,
+    NotFound,
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRecord {
     pub resource_key: String,
     pub source: String,
-    pub result: String,
-    pub health: String,
+    pub result: ObjectResult,
+    /// `None` until known; the previous version stored that as `""`.
+    #[serde(default, deserialize_with = "health_or_empty")]
+    pub health: Option<Health>,
     pub message: String,
+}
+
+/// Reads `""` (how the previous version stored "not known yet") as `None`.
+fn health_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Health>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(word) => {
+            Health::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(word)).map(Some)
+        }
+    }
+}
+
+#[cfg(test)]
+mod sync_record_tests {
+    use super::*;
+
+    #[test]
+    fn records_written_with_strings_by_the_previous_version_still_read() {
+        let old = br#"{"commit_seen":"c2","commit_applied":"c1","finished_at":1700000000,"outcome":"partial",
+            "message":"","objects":[
+            {"resource_key":"/ConfigMap/default/a","source":"a.yaml#0","result":"created","health":"Current","message":""},
+            {"resource_key":"/ConfigMap/default/b","source":"b.yaml#0","result":"failed","health":"","message":"refused"},
+            {"resource_key":"apps/Deployment/default/c","source":"c.yaml#0","result":"configured","health":"InProgress","message":""}]}"#;
+        let record: SyncRecord = decode("sync_status", old).unwrap();
+        assert_eq!(record.outcome, SyncOutcome::Partial);
+        let read: Vec<_> = record
+            .objects
+            .iter()
+            .map(|o| (o.result, o.health))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                (ObjectResult::Created, Some(Health::Current)),
+                (ObjectResult::Failed, None),
+                (ObjectResult::Configured, Some(Health::InProgress)),
+            ]
+        );
+        // And what this version writes reads back the same.
+        let again: SyncRecord = decode("sync_status", &encode(&record)).unwrap();
+        assert_eq!(again, record);
+        assert!(
+            decode::<SyncRecord>("sync_status", old.as_slice().strip_suffix(b"]}").unwrap())
+                .is_err()
+        );
+    }
 }
 
 /// The outcome of the last attempt to read an agent's configuration from Git.

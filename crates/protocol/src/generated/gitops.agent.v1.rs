@@ -157,9 +157,8 @@ pub struct SyncReport {
     pub commit_applied: ::prost::alloc::string::String,
     #[prost(int64, tag = "4")]
     pub finished_at_unix: i64,
-    /// "synced", "partial" (some objects failed, the rest applied), "failed" (nothing applied), "in_progress".
-    #[prost(string, tag = "5")]
-    pub outcome: ::prost::alloc::string::String,
+    #[prost(enumeration = "SyncOutcome", tag = "8")]
+    pub outcome: i32,
     #[prost(string, tag = "6")]
     pub message: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "7")]
@@ -173,17 +172,144 @@ pub struct ObjectStatus {
     /// Where it came from: "deployment/deployment.yaml#0".
     #[prost(string, tag = "2")]
     pub source: ::prost::alloc::string::String,
-    /// created, configured, unchanged, pruned, failed, skipped.
-    #[prost(string, tag = "3")]
-    pub result: ::prost::alloc::string::String,
-    /// kstatus: Current, InProgress, Failed, Terminating, NotFound, Unknown.
-    #[prost(string, tag = "4")]
-    pub health: ::prost::alloc::string::String,
+    #[prost(enumeration = "ObjectResult", tag = "6")]
+    pub result: i32,
+    #[prost(enumeration = "ObjectHealth", tag = "7")]
+    pub health: i32,
     #[prost(string, tag = "5")]
     pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SyncReportAck {}
+/// How one sync of a manifest project ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum SyncOutcome {
+    /// Not set: a report from an agent that does not know this field; kas refuses it.
+    Unspecified = 0,
+    /// Every object applied (and, where the set shrank, was pruned).
+    Synced = 1,
+    /// Some objects failed or were skipped, the rest applied; nothing was pruned.
+    Partial = 2,
+    /// Nothing applied: the sync failed as a whole (e.g. the cluster was unreachable) or every object failed.
+    Failed = 3,
+}
+impl SyncOutcome {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SYNC_OUTCOME_UNSPECIFIED",
+            Self::Synced => "SYNC_OUTCOME_SYNCED",
+            Self::Partial => "SYNC_OUTCOME_PARTIAL",
+            Self::Failed => "SYNC_OUTCOME_FAILED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SYNC_OUTCOME_UNSPECIFIED" => Some(Self::Unspecified),
+            "SYNC_OUTCOME_SYNCED" => Some(Self::Synced),
+            "SYNC_OUTCOME_PARTIAL" => Some(Self::Partial),
+            "SYNC_OUTCOME_FAILED" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+/// What the sync did to one object (kubectl's verbs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ObjectResult {
+    Unspecified = 0,
+    Created = 1,
+    Configured = 2,
+    Unchanged = 3,
+    /// Deleted because it left the set.
+    Pruned = 4,
+    /// Invalid, unknown, in a cycle, or refused by the apiserver; `message` says why.
+    Failed = 5,
+    /// Not attempted because an object it depends on failed or was skipped.
+    Skipped = 6,
+    /// Left the set but not pruned because it is still in use ("kept: still in use by …").
+    Kept = 7,
+}
+impl ObjectResult {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "OBJECT_RESULT_UNSPECIFIED",
+            Self::Created => "OBJECT_RESULT_CREATED",
+            Self::Configured => "OBJECT_RESULT_CONFIGURED",
+            Self::Unchanged => "OBJECT_RESULT_UNCHANGED",
+            Self::Pruned => "OBJECT_RESULT_PRUNED",
+            Self::Failed => "OBJECT_RESULT_FAILED",
+            Self::Skipped => "OBJECT_RESULT_SKIPPED",
+            Self::Kept => "OBJECT_RESULT_KEPT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "OBJECT_RESULT_UNSPECIFIED" => Some(Self::Unspecified),
+            "OBJECT_RESULT_CREATED" => Some(Self::Created),
+            "OBJECT_RESULT_CONFIGURED" => Some(Self::Configured),
+            "OBJECT_RESULT_UNCHANGED" => Some(Self::Unchanged),
+            "OBJECT_RESULT_PRUNED" => Some(Self::Pruned),
+            "OBJECT_RESULT_FAILED" => Some(Self::Failed),
+            "OBJECT_RESULT_SKIPPED" => Some(Self::Skipped),
+            "OBJECT_RESULT_KEPT" => Some(Self::Kept),
+            _ => None,
+        }
+    }
+}
+/// kstatus' verdict on an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ObjectHealth {
+    /// Not known (yet): nothing was applied, or readiness has not been read.
+    Unspecified = 0,
+    Current = 1,
+    InProgress = 2,
+    Failed = 3,
+    Terminating = 4,
+    NotFound = 5,
+    Unknown = 6,
+}
+impl ObjectHealth {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "OBJECT_HEALTH_UNSPECIFIED",
+            Self::Current => "OBJECT_HEALTH_CURRENT",
+            Self::InProgress => "OBJECT_HEALTH_IN_PROGRESS",
+            Self::Failed => "OBJECT_HEALTH_FAILED",
+            Self::Terminating => "OBJECT_HEALTH_TERMINATING",
+            Self::NotFound => "OBJECT_HEALTH_NOT_FOUND",
+            Self::Unknown => "OBJECT_HEALTH_UNKNOWN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "OBJECT_HEALTH_UNSPECIFIED" => Some(Self::Unspecified),
+            "OBJECT_HEALTH_CURRENT" => Some(Self::Current),
+            "OBJECT_HEALTH_IN_PROGRESS" => Some(Self::InProgress),
+            "OBJECT_HEALTH_FAILED" => Some(Self::Failed),
+            "OBJECT_HEALTH_TERMINATING" => Some(Self::Terminating),
+            "OBJECT_HEALTH_NOT_FOUND" => Some(Self::NotFound),
+            "OBJECT_HEALTH_UNKNOWN" => Some(Self::Unknown),
+            _ => None,
+        }
+    }
+}
 /// Generated client implementations.
 pub mod agent_configuration_client {
     #![allow(
