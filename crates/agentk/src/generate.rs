@@ -334,4 +334,11 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn without_cluster_write_the_agent_writes_only_its_namespace() {
+        let yaml = manifests(&options(false));
+        assert!(!yaml.contains("gitops-write-all"));
+        assert!(yaml.contains("kind: RoleBinding"));
+    }
 }
