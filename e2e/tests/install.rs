@@ -54,8 +54,11 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
     }
     // The cluster roles are the same for every install, so an earlier install may have created them.
     assert!(
-        ["created", "unchanged", "configured"].iter().any(|verb| applied
-            .contains(&format!("clusterrole.rbac.authorization.k8s.io/gitops-read-all {verb}"))),
+        ["created", "unchanged", "configured"]
+            .iter()
+            .any(|verb| applied.contains(&format!(
+                "clusterrole.rbac.authorization.k8s.io/gitops-read-all {verb}"
+            ))),
         "{applied}"
     );
     // With cluster-wide write the article's gitops-write-all validates too (server-side dry run, so this test

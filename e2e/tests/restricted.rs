@@ -157,7 +157,13 @@ impl Install {
             .and_then(|u| u.username);
         assert_eq!(
             username.as_deref(),
-            Some(format!("system:serviceaccount:{}:{}", self.ns.name, self.service_account).as_str())
+            Some(
+                format!(
+                    "system:serviceaccount:{}:{}",
+                    self.ns.name, self.service_account
+                )
+                .as_str()
+            )
         );
         Ok(client)
     }
@@ -219,7 +225,12 @@ async fn last_sync(
         .as_array()
         .into_iter()
         .flatten()
-        .map(|o| (text(&o["resourceKey"]), (text(&o["result"]), text(&o["message"]))))
+        .map(|o| {
+            (
+                text(&o["resourceKey"]),
+                (text(&o["result"]), text(&o["message"])),
+            )
+        })
         .collect();
     Ok((
         text(&sync["commitApplied"]),
@@ -228,26 +239,24 @@ async fn last_sync(
     ))
 }
 
-/// Waits for the last sync of `commit` and returns (outcome, objects).
+/// Waits (up to a minute) for the last sync of `commit` and returns (outcome, objects).
 async fn synced(
     h: &Harness,
     agent_id: &str,
     commit: &str,
 ) -> anyhow::Result<(String, BTreeMap<String, (String, String)>)> {
-    let mut last = None;
-    eventually(Duration::from_secs(60), "the commit synced", || {
-        let found = &mut last;
-        async move {
-            let (applied, outcome, objects) = last_sync(h, agent_id).await?;
-            let done = applied == commit && !outcome.is_empty();
-            if done {
-                *found = Some((outcome, objects));
-            }
-            Ok(done)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (applied, outcome, objects) = last_sync(h, agent_id).await?;
+        if applied == commit && !outcome.is_empty() {
+            return Ok((outcome, objects));
         }
-    })
-    .await?;
-    last.context("sync")
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "commit {commit} not synced within a minute; last sync: {applied} {outcome} {objects:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// agentk as its pod runs it (`main.rs`: Lease leader election, then the engine), with `client`.
@@ -324,8 +333,16 @@ async fn agent_runs_under_its_install(installer: Installer) -> anyhow::Result<()
 
     let (outcome, objects) = synced(&h, &agent_id, &first).await?;
     let result = |key: &str| objects.get(key).cloned().unwrap_or_default();
-    assert_eq!(result(&format!("/ConfigMap/{n}/a")).0, "created", "{objects:?}");
-    assert_eq!(result(&format!("/ConfigMap/{n}/b")).0, "created", "{objects:?}");
+    assert_eq!(
+        result(&format!("/ConfigMap/{n}/a")).0,
+        "created",
+        "{objects:?}"
+    );
+    assert_eq!(
+        result(&format!("/ConfigMap/{n}/b")).0,
+        "created",
+        "{objects:?}"
+    );
     let ours: Api<ConfigMap> = install.ns.api();
     let theirs: Api<ConfigMap> = other.api();
     if cluster_write {

@@ -308,9 +308,10 @@ mod tests {
                 assert!(role.contains(needle), "{needle:?} missing from\n{role}");
             }
             assert!(
-                documents(&yaml, "RoleBinding").iter().any(|b| b
-                    .contains("  kind: Role\n  name: gitlab-agent-state\n")
-                    && b.contains("  name: gitlab-agent\n")),
+                documents(&yaml, "RoleBinding")
+                    .iter()
+                    .any(|b| b.contains("  kind: Role\n  name: gitlab-agent-state\n")
+                        && b.contains("  name: gitlab-agent\n")),
                 "{yaml}"
             );
         }
@@ -323,7 +324,14 @@ mod tests {
         let yaml = manifests(&options(true));
         let names: Vec<&str> = documents(&yaml, "ClusterRoleBinding")
             .iter()
-            .map(|d| d.split("\n  name: ").nth(1).unwrap().lines().next().unwrap())
+            .map(|d| {
+                d.split("\n  name: ")
+                    .nth(1)
+                    .unwrap()
+                    .lines()
+                    .next()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(
             names,

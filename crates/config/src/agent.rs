@@ -618,7 +618,9 @@ observability:
             (projects("  - id: a/b\n    default_namespace: apps\n"), 3),
             (projects("  - id: a/b\n    paths: []\n"), 4),
             (
-                projects("  - id: a/b\n    paths:\n    - glob: '*.yaml'\n  - id: c/d\n    prune: true\n    paths: []\n"),
+                projects(
+                    "  - id: a/b\n    paths:\n    - glob: '*.yaml'\n  - id: c/d\n    prune: true\n    paths: []\n",
+                ),
                 8,
             ),
         ] {
@@ -678,7 +680,10 @@ observability:
             .collect();
         let err = parse(&projects(&entries)).unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("at most 100 entries are allowed, found 101"), "{message}");
+        assert!(
+            message.contains("at most 100 entries are allowed, found 101"),
+            "{message}"
+        );
         // Entry 101 starts on line 3 + 2 * 100.
         assert_eq!(err.line(), Some(203), "{message}");
     }
@@ -707,7 +712,11 @@ observability:
             "{err}"
         );
         // Long before the last alias: the 4 MiB are reached at about the 68th copy of 60 KiB.
-        assert!(err.line().is_some_and(|l| (6..=5 + MAX_YAML_ALIASES).contains(&l)), "{err}");
+        assert!(
+            err.line()
+                .is_some_and(|l| (6..=5 + MAX_YAML_ALIASES).contains(&l)),
+            "{err}"
+        );
     }
 
     /// A 60 KiB string, then as many aliases of it as fit in the size limit, then enough anchors that the
@@ -741,18 +750,25 @@ observability:
         let err = parse(&laughs).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { line: 1, .. }), "{err}");
         // The same inside `ci_access.projects[0].environments` (a list of strings).
-        let mut inside = String::from("ci_access:\n  projects:\n  - id: x\n    environments: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        let mut inside = String::from(
+            "ci_access:\n  projects:\n  - id: x\n    environments: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+        );
         for (i, (prev, next)) in ["a", "b", "c", "d", "e", "f", "g", "h"]
             .iter()
             .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
             .enumerate()
         {
             let refs = vec![format!("*{prev}"); 9].join(", ");
-            inside.push_str(&format!("  - id: x{i}\n    environments: &{next} [{refs}]\n"));
+            inside.push_str(&format!(
+                "  - id: x{i}\n    environments: &{next} [{refs}]\n"
+            ));
         }
         let err = parse(&inside).unwrap_err();
         assert!(
-            matches!(err, ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }),
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
             "{err}"
         );
     }
@@ -767,7 +783,10 @@ observability:
         );
         let err = parse(&flow).unwrap_err();
         assert!(
-            matches!(err, ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }),
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
             "{err}"
         );
         // Block mappings nested by indentation, as deep as 128 KiB allows (about 500 levels), under a
@@ -778,7 +797,10 @@ observability:
         }
         let err = parse(&block).unwrap_err();
         assert!(
-            matches!(err, ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }),
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
             "{err}"
         );
         // Sequences nested by indentation where a project is expected: the types refuse the first one
@@ -798,14 +820,20 @@ observability:
                 "  - id: a/b\n    paths: [{{glob: '*'}}]\n    prune_timeout: {huge}\n"
             ));
             let err = parse(&text).unwrap_err();
-            assert!(matches!(err, ConfigError::Syntax { line: 5, .. }), "{huge}: {err}");
+            assert!(
+                matches!(err, ConfigError::Syntax { line: 5, .. }),
+                "{huge}: {err}"
+            );
             assert!(err.to_string().contains(huge), "{err}");
         }
         let err = parse(&projects(
             "  - id: a/b\n    paths: [{glob: '*'}]\n    reconcile_timeout: 500000000000y\n",
         ))
         .unwrap_err();
-        assert!(err.to_string().contains("over the limit of 30days"), "{err}");
+        assert!(
+            err.to_string().contains("over the limit of 30days"),
+            "{err}"
+        );
         let ok = parse(&projects(
             "  - id: a/b\n    paths: [{glob: '*'}]\n    reconcile_timeout: 30days\n",
         ))
