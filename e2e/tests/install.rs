@@ -37,18 +37,30 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
         cluster_write: false,
     });
     let applied = kubectl(&["apply", "-f", "-"], Some(&manifests))?;
+    let n = &ns.name;
     for object in [
-        "serviceaccount/gitlab-agent",
-        "secret/gitlab-agent-token",
-        "clusterrole.rbac.authorization.k8s.io/gitops-read-all",
-        "rolebinding.rbac.authorization.k8s.io/gitops-write-own-namespace",
-        "deployment.apps/gitlab-agent",
+        "serviceaccount/gitlab-agent".to_owned(),
+        "secret/gitlab-agent-token".to_owned(),
+        "role.rbac.authorization.k8s.io/gitlab-agent-state".to_owned(),
+        "rolebinding.rbac.authorization.k8s.io/gitlab-agent-state".to_owned(),
+        format!("clusterrolebinding.rbac.authorization.k8s.io/gitops-read-all:{n}"),
+        "rolebinding.rbac.authorization.k8s.io/gitops-write-own-namespace".to_owned(),
+        "deployment.apps/gitlab-agent".to_owned(),
     ] {
         assert!(
             applied.contains(&format!("{object} created")),
             "{object} missing from:\n{applied}"
         );
     }
+    // The cluster roles are the same for every install, so an earlier install may have created them.
+    assert!(
+        ["created", "unchanged", "configured"]
+            .iter()
+            .any(|verb| applied.contains(&format!(
+                "clusterrole.rbac.authorization.k8s.io/gitops-read-all {verb}"
+            ))),
+        "{applied}"
+    );
     // With cluster-wide write the article's gitops-write-all validates too (server-side dry run, so this test
     // leaves no cluster-wide write grant behind).
     let seed_like = agentk::generate::manifests(&agentk::generate::InstallOptions {
@@ -61,17 +73,18 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
     });
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&seed_like))?;
     assert!(
-        dry.contains(
-            "clusterrole.rbac.authorization.k8s.io/gitops-write-all created (server dry run)"
-        ),
+        dry.contains(&format!(
+            "clusterrolebinding.rbac.authorization.k8s.io/gitops-write-all:{n} created (server dry run)"
+        )),
         "{dry}"
     );
+    // Only this install's bindings: the cluster roles are shared with any other install in the cluster.
     kubectl(
         &[
             "delete",
-            "clusterrole,clusterrolebinding",
-            "gitops-read-all",
-            "gitlab-agent-alert-reader",
+            "clusterrolebinding",
+            &format!("gitops-read-all:{n}"),
+            &format!("gitlab-agent-alert-reader:{n}"),
             "--ignore-not-found",
         ],
         None,

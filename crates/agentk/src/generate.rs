@@ -1,6 +1,20 @@
 //! `agentk generate`: the install manifests of the article's step 3, printed for `kubectl apply -f -`:
 //! namespace, service account `gitlab-agent`, the cluster roles and bindings, the token Secret and the
 //! Deployment. Strings are written as JSON scalars, which are valid YAML and need no escaping rules.
+//!
+//! RBAC, in both modes:
+//! - `gitlab-agent-state`, a Role in the agent's namespace for what agentk itself keeps there: the leader
+//!   election Lease and the inventory ConfigMaps. The built-in `admin` role of the restricted mode has no
+//!   Leases, so without this Role a restricted agent never became leader and never applied anything.
+//!   agentk writes no Events, so none are granted.
+//! - `gitops-read-all` (cluster-wide reads: the objects it applies, depends-on targets, drift checks).
+//! - writes: `gitops-write-all` cluster-wide, or (`cluster_write: false`) the built-in `admin` role in the
+//!   agent's namespace only; a manifest for another namespace then fails, that object only, with the
+//!   apiserver's "forbidden" message.
+//!
+//! The cluster roles are the same for every install and keep the article's names; the cluster role
+//! bindings carry the namespace (`gitops-read-all:<namespace>`), so a second agent installed in another
+//! namespace adds its own binding instead of replacing the first agent's subject.
 
 use std::fmt::Write;
 
@@ -49,6 +63,33 @@ stringData:
   token: {token}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: gitlab-agent-state
+  namespace: {ns}
+rules:
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "create", "update", "patch", "delete"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: gitlab-agent-state
+  namespace: {ns}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: gitlab-agent-state
+subjects:
+- kind: ServiceAccount
+  name: gitlab-agent
+  namespace: {ns}
+---
+apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata:
   name: gitops-read-all
@@ -60,7 +101,7 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata:
-  name: gitops-read-all
+  name: {read_binding}
 roleRef:
   apiGroup: rbac.authorization.k8s.io
   kind: ClusterRole
@@ -82,7 +123,7 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata:
-  name: gitlab-agent-alert-reader
+  name: {alert_binding}
 roleRef:
   apiGroup: rbac.authorization.k8s.io
   kind: ClusterRole
@@ -94,6 +135,8 @@ subjects:
 ---
 "#,
         token = q(&o.agent_token),
+        read_binding = q(&format!("gitops-read-all:{}", o.namespace)),
+        alert_binding = q(&format!("gitlab-agent-alert-reader:{}", o.namespace)),
     );
     if o.cluster_write {
         let _ = write!(
@@ -110,7 +153,7 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata:
-  name: gitops-write-all
+  name: {write_binding}
 roleRef:
   apiGroup: rbac.authorization.k8s.io
   kind: ClusterRole
@@ -120,7 +163,8 @@ subjects:
   name: gitlab-agent
   namespace: {ns}
 ---
-"#
+"#,
+            write_binding = q(&format!("gitops-write-all:{}", o.namespace)),
         );
     } else {
         let _ = write!(
@@ -237,7 +281,66 @@ mod tests {
             yaml.contains(r#"token: "kasagent_abc\"quoted""#),
             "the token is quoted safely"
         );
-        assert_eq!(yaml.matches("\n---\n").count() + 1, 10, "ten objects");
+        assert_eq!(yaml.matches("\n---\n").count() + 1, 12, "twelve objects");
+    }
+
+    /// The documents of kind `kind`.
+    fn documents<'a>(yaml: &'a str, kind: &str) -> Vec<&'a str> {
+        yaml.split("\n---\n")
+            .filter(|d| d.contains(&format!("\nkind: {kind}\n")))
+            .collect()
+    }
+
+    /// agentk's own state (the leader Lease, the inventory ConfigMaps) is granted by a Role in its
+    /// namespace in both modes; the built-in `admin` role of the restricted mode has no Leases.
+    #[test]
+    fn both_modes_grant_the_lease_and_the_inventories_in_the_agents_namespace() {
+        for cluster_write in [true, false] {
+            let yaml = manifests(&options(cluster_write));
+            let roles = documents(&yaml, "Role");
+            assert_eq!(roles.len(), 1, "{yaml}");
+            let role = roles[0];
+            for needle in [
+                "name: gitlab-agent-state\n  namespace: \"gitlab-kubernetes-agent\"\n",
+                "- apiGroups: [\"coordination.k8s.io\"]\n  resources: [\"leases\"]\n  verbs: [\"get\", \"create\", \"update\"]\n",
+                "- apiGroups: [\"\"]\n  resources: [\"configmaps\"]\n",
+            ] {
+                assert!(role.contains(needle), "{needle:?} missing from\n{role}");
+            }
+            assert!(
+                documents(&yaml, "RoleBinding")
+                    .iter()
+                    .any(|b| b.contains("  kind: Role\n  name: gitlab-agent-state\n")
+                        && b.contains("  name: gitlab-agent\n")),
+                "{yaml}"
+            );
+        }
+    }
+
+    /// Cluster role bindings name their namespace, so installing a second agent elsewhere does not take
+    /// the first one's grants away (`kubectl apply` would replace the binding's subjects).
+    #[test]
+    fn cluster_role_bindings_are_per_namespace() {
+        let yaml = manifests(&options(true));
+        let names: Vec<&str> = documents(&yaml, "ClusterRoleBinding")
+            .iter()
+            .map(|d| {
+                d.split("\n  name: ")
+                    .nth(1)
+                    .unwrap()
+                    .lines()
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "\"gitops-read-all:gitlab-kubernetes-agent\"",
+                "\"gitlab-agent-alert-reader:gitlab-kubernetes-agent\"",
+                "\"gitops-write-all:gitlab-kubernetes-agent\""
+            ]
+        );
     }
 
     #[test]

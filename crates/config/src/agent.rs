@@ -4,9 +4,10 @@
 //! Unknown keys are errors (a typo must not silently disable a feature). A missing file is an empty
 //! configuration. Every default is written on the field that has it.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::IgnoredAny};
+use serde_saphyr::{Location, Spanned};
 
 use crate::{ConfigError, parse_yaml};
 
@@ -38,15 +39,22 @@ pub struct GitopsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestProject {
-    /// The project's path on the Git server, e.g. `group/project`.
+    /// The project's path on the Git server, e.g. `group/project`. At most one entry per project
+    /// (compared ignoring case, as Git servers do): a second entry with the same `id` is a validation
+    /// error naming both lines. The agent keys a project's inventory, sync state and worker by `id`, so
+    /// two entries would share one inventory and each sync would prune the other's objects; GitLab's schema
+    /// gives one entry per project too, with all its files in that entry's `paths`.
     pub id: String,
     /// Which commit to apply; the default branch when absent.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<GitRefConfig>,
-    /// Namespace for namespaced objects that name none. Default `default`.
+    /// Namespace for namespaced objects that name none. Default `default`. Changing it moves those
+    /// objects: the next sync creates them in the new namespace and prunes them from the old one (they
+    /// left the set), as a rename does.
     #[serde(default = "default_namespace")]
     pub default_namespace: String,
-    /// Which files are manifests. Default: none.
+    /// Which files are manifests. Required, with at least one entry: an omitted or empty `paths` is a
+    /// validation error with its line, not an empty selection (which would ask to prune everything).
     #[serde(default)]
     pub paths: Vec<PathConfig>,
     /// How long to wait for applied objects to become ready. Default `3600s`.
@@ -67,9 +75,11 @@ pub struct ManifestProject {
     /// Default `must_match`.
     #[serde(default)]
     pub inventory_policy: InventoryPolicy,
-    /// An extension of GitLab's schema (after Argo CD's `allowEmpty`): let a sync whose set of objects is
-    /// empty prune everything this project applied. Default `false`: such a sync is refused with an error
-    /// and nothing is pruned, so a glob that matches nothing or an emptied repository cannot wipe a cluster.
+    /// An extension of GitLab's schema (after Argo CD's `syncPolicy.automated.allowEmpty`): let a sync whose
+    /// set of objects is empty prune everything this project applied. Default `false`: a sync whose set is
+    /// empty while its inventory is not is refused with an error and nothing is pruned, so a glob that
+    /// matches nothing, an emptied repository or emptied files cannot wipe a cluster. Set it to remove
+    /// everything a project applied by emptying the project.
     #[serde(default)]
     pub allow_empty: bool,
 }
@@ -253,6 +263,27 @@ fn yes() -> bool {
 /// Most manifest projects one agent may list.
 pub const MAX_MANIFEST_PROJECTS: usize = 100;
 
+/// Where the manifest projects are in the file, for validation errors: a second, lenient pass (unknown
+/// keys ignored) over text that already parsed strictly.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Located {
+    gitops: LocatedGitops,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LocatedGitops {
+    manifest_projects: Vec<Spanned<LocatedProject>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LocatedProject {
+    id: Option<Spanned<IgnoredAny>>,
+    paths: Option<Spanned<IgnoredAny>>,
+}
+
 impl AgentConfig {
     /// Parses and validates `config.yaml`. `file` names it in errors. An empty or comment-only file is the
     /// default configuration.
@@ -275,53 +306,112 @@ impl AgentConfig {
             return Ok(Self::default());
         }
         let config: Self = parse_yaml(file, text)?;
-        config.validate(file)?;
+        // Text that parsed strictly parses leniently too; should it not, errors just carry no line.
+        let located: Located = parse_yaml(file, text).unwrap_or_default();
+        config.validate(file, &located)?;
         Ok(config)
     }
 
-    /// Checks what the types cannot express; errors name the field by its path in the file.
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: &str| ConfigError::Invalid {
-            file: file.to_owned(),
-            field,
-            message: message.to_owned(),
+    /// Checks what the types cannot express; errors name the field by its path in the file, and its line
+    /// when `located` knows it.
+    fn validate(&self, file: &str, located: &Located) -> Result<(), ConfigError> {
+        let invalid = |field: String, at: Option<Location>, message: &str| match at {
+            Some(at) if at.line() > 0 => ConfigError::InvalidAt {
+                file: file.to_owned(),
+                line: at.line() as usize,
+                column: at.column() as usize,
+                field,
+                message: message.to_owned(),
+            },
+            _ => ConfigError::Invalid {
+                file: file.to_owned(),
+                field,
+                message: message.to_owned(),
+            },
         };
         let projects = &self.gitops.manifest_projects;
+        let entries = &located.gitops.manifest_projects;
+        let entry = |i: usize| entries.get(i).map(|e| e.referenced);
+        let id_at = |i: usize| {
+            entries
+                .get(i)
+                .and_then(|e| e.value.id.as_ref().map(|id| id.referenced))
+                .or(entry(i))
+        };
         if projects.len() > MAX_MANIFEST_PROJECTS {
             return Err(invalid(
                 "gitops.manifest_projects".into(),
+                entry(MAX_MANIFEST_PROJECTS),
                 &format!(
                     "at most {MAX_MANIFEST_PROJECTS} entries are allowed, found {}",
                     projects.len()
                 ),
             ));
         }
+        // Normalised id → index of its first entry.
+        let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, p) in projects.iter().enumerate() {
             let field = |name: &str| format!("gitops.manifest_projects[{i}].{name}");
             if p.id.trim().is_empty() {
-                return Err(invalid(field("id"), "must not be empty"));
+                return Err(invalid(field("id"), id_at(i), "must not be empty"));
             }
+            let key = p.id.trim().trim_matches('/').to_lowercase();
+            if let Some(&first) = seen.get(&key) {
+                let first_line = id_at(first).map_or(0, |l| l.line());
+                return Err(invalid(
+                    field("id"),
+                    id_at(i),
+                    &format!(
+                        "project {:?} is already listed by gitops.manifest_projects[{first}] (line {first_line}): \
+                         two entries of one project would share its inventory and prune each other's objects; \
+                         list all its files in one entry's paths",
+                        p.id
+                    ),
+                ));
+            }
+            seen.insert(key, i);
             if p.default_namespace.is_empty() {
-                return Err(invalid(field("default_namespace"), "must not be empty"));
+                return Err(invalid(
+                    field("default_namespace"),
+                    entry(i),
+                    "must not be empty",
+                ));
             }
             if let Some(GitRefConfig::Branch(v) | GitRefConfig::Tag(v) | GitRefConfig::Commit(v)) =
                 &p.reference
                 && v.trim().is_empty()
             {
-                return Err(invalid(field("ref"), "must not be empty"));
+                return Err(invalid(field("ref"), entry(i), "must not be empty"));
             }
             if let Some(GitRefConfig::Commit(c)) = &p.reference
                 && !(c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit()))
             {
                 return Err(invalid(
                     field("ref.commit"),
+                    entry(i),
                     "must be a full 40-character commit id",
+                ));
+            }
+            if p.paths.is_empty() {
+                let at = entries
+                    .get(i)
+                    .and_then(|e| e.value.paths.as_ref().map(|p| p.referenced))
+                    .or(entry(i));
+                return Err(invalid(
+                    field("paths"),
+                    at,
+                    "at least one glob or file is required (an empty selection would ask to prune \
+                     everything the project applied)",
                 ));
             }
             for (j, path) in p.paths.iter().enumerate() {
                 let (PathConfig::Glob(v) | PathConfig::File(v)) = path;
                 if v.trim().is_empty() {
-                    return Err(invalid(field(&format!("paths[{j}]")), "must not be empty"));
+                    return Err(invalid(
+                        field(&format!("paths[{j}]")),
+                        entry(i),
+                        "must not be empty",
+                    ));
                 }
             }
         }
@@ -333,6 +423,7 @@ impl AgentConfig {
                 if e.id.trim().is_empty() {
                     return Err(invalid(
                         format!("ci_access.{kind}[{i}].id"),
+                        None,
                         "must not be empty",
                     ));
                 }
@@ -355,6 +446,7 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MAX_YAML_ALIASES;
 
     const FILE: &str = ".gitlab/agents/gitops/config.yaml";
 
@@ -490,7 +582,7 @@ observability:
         let err = parse("gitops:\n  manifest_projects:\n  - id: ''\n").unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("{FILE}: gitops.manifest_projects[0].id: must not be empty")
+            format!("{FILE}:3:9: gitops.manifest_projects[0].id: must not be empty")
         );
         let err =
             parse("gitops:\n  manifest_projects:\n  - id: a/b\n    ref:\n      commit: abc\n")
@@ -513,6 +605,242 @@ observability:
                 ConfigError::Syntax { .. } | ConfigError::SyntaxNoLocation { .. }
             ),
             "{err}"
+        );
+    }
+
+    fn projects(entries: &str) -> String {
+        format!("gitops:\n  manifest_projects:\n{entries}")
+    }
+
+    #[test]
+    fn paths_omitted_empty_or_null_is_refused_with_its_line() {
+        for (text, line) in [
+            (projects("  - id: a/b\n    default_namespace: apps\n"), 3),
+            (projects("  - id: a/b\n    paths: []\n"), 4),
+            (
+                projects(
+                    "  - id: a/b\n    paths:\n    - glob: '*.yaml'\n  - id: c/d\n    prune: true\n    paths: []\n",
+                ),
+                8,
+            ),
+        ] {
+            let err = parse(&text).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, ConfigError::InvalidAt { ref field, .. } if field.ends_with("].paths")),
+                "{message}"
+            );
+            assert_eq!(err.line(), Some(line), "{message}\n{text}");
+            assert!(message.starts_with(&format!("{FILE}:{line}:")), "{message}");
+            assert!(message.contains("at least one glob or file"), "{message}");
+        }
+        // `paths:` with no value is null, which the types refuse, also with its line.
+        let err = parse(&projects("  - id: a/b\n    paths:\n")).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { line: 4, .. }), "{err}");
+    }
+
+    #[test]
+    fn allow_empty_is_an_extension_that_defaults_to_false() {
+        let text = projects("  - id: a/b\n    paths: [{glob: '*.yaml'}]\n");
+        assert!(!parse(&text).unwrap().gitops.manifest_projects[0].allow_empty);
+        let text = projects("  - id: a/b\n    paths: [{glob: '*.yaml'}]\n    allow_empty: true\n");
+        let config = parse(&text).unwrap();
+        assert!(config.gitops.manifest_projects[0].allow_empty);
+        assert_eq!(AgentConfig::from_json(&config.to_json()).unwrap(), config);
+    }
+
+    #[test]
+    fn duplicate_project_ids_are_refused_with_both_lines() {
+        for second in ["group/app", "Group/App", "/group/app/"] {
+            let text = projects(&format!(
+                "  - id: group/app\n    paths: [{{glob: 'base/*.yaml'}}]\n  - id: {second}\n    ref:\n      branch: staging\n    paths: [{{glob: 'staging/*.yaml'}}]\n"
+            ));
+            let err = parse(&text).unwrap_err();
+            let message = err.to_string();
+            assert_eq!(err.line(), Some(5), "{message}");
+            assert!(
+                message.starts_with(&format!(
+                    "{FILE}:5:9: gitops.manifest_projects[1].id: project \"{second}\" is already listed by gitops.manifest_projects[0] (line 3)"
+                )),
+                "{message}"
+            );
+            assert!(message.contains("prune each other"), "{message}");
+        }
+        // Different projects are fine.
+        parse(&projects(
+            "  - id: group/app\n    paths: [{glob: '*'}]\n  - id: group/app2\n    paths: [{glob: '*'}]\n",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn too_many_manifest_projects_are_refused_at_the_first_extra_entry() {
+        let entries: String = (0..=MAX_MANIFEST_PROJECTS)
+            .map(|i| format!("  - id: group/p{i}\n    paths: [{{glob: '*'}}]\n"))
+            .collect();
+        let err = parse(&projects(&entries)).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("at most 100 entries are allowed, found 101"),
+            "{message}"
+        );
+        // Entry 101 starts on line 3 + 2 * 100.
+        assert_eq!(err.line(), Some(203), "{message}");
+    }
+
+    #[test]
+    fn non_utf8_bytes_are_refused() {
+        let err = AgentConfig::parse(
+            FILE,
+            b"gitops:\n  manifest_projects:\n  - id: \xff\xfe\n",
+            DEFAULT_MAX_CONFIG_SIZE,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::SyntaxNoLocation { .. }), "{err}");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
+
+    /// Within the size limit: one 60 KiB string aliased 4,000 times would be 250 MiB once deserialized;
+    /// the budget counts the text aliases copy and stops at 4 MiB (serde-saphyr's default: 64 MiB).
+    #[test]
+    fn an_alias_bomb_within_the_size_limit_is_refused_by_the_yaml_budget() {
+        let text = alias_bomb();
+        assert!(text.len() <= DEFAULT_MAX_CONFIG_SIZE, "{}", text.len());
+        let err = parse(&text).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::TooComplex { ref limit, .. } if limit.contains("4 MiB of text")),
+            "{err}"
+        );
+        // Long before the last alias: the 4 MiB are reached at about the 68th copy of 60 KiB.
+        assert!(
+            err.line()
+                .is_some_and(|l| (6..=5 + MAX_YAML_ALIASES).contains(&l)),
+            "{err}"
+        );
+    }
+
+    /// A 60 KiB string, then as many aliases of it as fit in the size limit, then enough anchors that the
+    /// alias/anchor ratio heuristic alone would not catch it.
+    fn alias_bomb() -> String {
+        let head = format!(
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    paths:\n    - glob: &s {}\n",
+            "x".repeat(60 * 1024)
+        );
+        let tail: String = std::iter::once("ci_access:\n  projects:\n".to_owned())
+            .chain((0..500).map(|i| format!("  - id: &a{i} p{i}\n")))
+            .collect();
+        let alias = "    - glob: *s\n";
+        let n = (DEFAULT_MAX_CONFIG_SIZE - head.len() - tail.len()) / alias.len();
+        assert!(n < 10 * 500 && n > 4_000, "{n} aliases");
+        format!("{head}{}{tail}", alias.repeat(n))
+    }
+
+    /// The classic billion laughs: nine levels of nine aliases. Refused (unknown key at its line, before
+    /// any alias is expanded) and, inside a known field, by the budget or the types.
+    #[test]
+    fn billion_laughs_are_refused() {
+        let mut laughs = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for (prev, next) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            laughs.push_str(&format!("{next}: &{next} [{refs}]\n"));
+        }
+        let err = parse(&laughs).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { line: 1, .. }), "{err}");
+        // The same inside `ci_access.projects[0].environments` (a list of strings).
+        let mut inside = String::from(
+            "ci_access:\n  projects:\n  - id: x\n    environments: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+        );
+        for (i, (prev, next)) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+            .enumerate()
+        {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            inside.push_str(&format!(
+                "  - id: x{i}\n    environments: &{next} [{refs}]\n"
+            ));
+        }
+        let err = parse(&inside).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        // Flow collections, 60,000 deep, in a field that takes any sequence.
+        let flow = format!(
+            "ci_access:\n  projects:\n  - id: x\n    environments: {}{}\n",
+            "[".repeat(60_000),
+            "]".repeat(60_000)
+        );
+        let err = parse(&flow).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
+            "{err}"
+        );
+        // Block mappings nested by indentation, as deep as 128 KiB allows (about 500 levels), under a
+        // key the lenient location pass would read.
+        let mut block = String::from("user_access:\n  access_as:\n");
+        for depth in 2..500 {
+            block.push_str(&format!("{}k{depth}:\n", " ".repeat(depth)));
+        }
+        let err = parse(&block).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Syntax { .. } | ConfigError::TooComplex { .. }
+            ),
+            "{err}"
+        );
+        // Sequences nested by indentation where a project is expected: the types refuse the first one
+        // (the depth budget itself is tested in `lib.rs`, with a type that takes any nesting).
+        let mut seqs = String::from("gitops:\n  manifest_projects:\n");
+        for depth in 1..100 {
+            seqs.push_str(&format!("{}-\n", " ".repeat(2 * depth)));
+        }
+        let err = parse(&seqs).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { line: 4, .. }), "{err}");
+    }
+
+    #[test]
+    fn huge_durations_are_refused_with_the_limit() {
+        for huge in ["500000000000y", "99999999999999999999999s", "31days"] {
+            let text = projects(&format!(
+                "  - id: a/b\n    paths: [{{glob: '*'}}]\n    prune_timeout: {huge}\n"
+            ));
+            let err = parse(&text).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Syntax { line: 5, .. }),
+                "{huge}: {err}"
+            );
+            assert!(err.to_string().contains(huge), "{err}");
+        }
+        let err = parse(&projects(
+            "  - id: a/b\n    paths: [{glob: '*'}]\n    reconcile_timeout: 500000000000y\n",
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("over the limit of 30days"),
+            "{err}"
+        );
+        let ok = parse(&projects(
+            "  - id: a/b\n    paths: [{glob: '*'}]\n    reconcile_timeout: 30days\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.gitops.manifest_projects[0].reconcile_timeout,
+            crate::duration::MAX_DURATION
         );
     }
 }
