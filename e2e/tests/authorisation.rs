@@ -886,7 +886,7 @@ async fn sync_reports_on_unconfigured_projects_are_refused_and_store_nothing() -
         commit_seen: "a".repeat(40),
         commit_applied: "a".repeat(40),
         finished_at_unix: 1_700_000_000,
-        outcome: "synced".into(),
+        outcome: gitops_protocol::SyncOutcome::Synced.into(),
         message: String::new(),
         objects: vec![],
     };

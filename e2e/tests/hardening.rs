@@ -868,7 +868,11 @@ async fn a_five_mib_manifest_is_delivered_when_the_limit_allows_it() -> anyhow::
             p.snapshot.as_ref().map(|s| s.commit_id.clone())
         ))
     );
-    let size = agent.gitops.borrow()["group/big"]
+    let size = agent
+        .gitops
+        .borrow()
+        .get("group/big")
+        .expect("group/big")
         .snapshot
         .as_ref()
         .map(|s| s.files[0].data.len());

@@ -131,12 +131,23 @@ async fn a_project_of_another_owner_is_refused_until_granted() -> anyhow::Result
         s.get("other/manifests").is_some_and(|p| p.error.is_some())
     })
     .await?;
-    let error = state["other/manifests"].error.clone().unwrap();
+    let error = state
+        .get("other/manifests")
+        .expect("other/manifests")
+        .error
+        .clone()
+        .unwrap();
     assert!(
         error.contains("\"other/manifests\"") && error.contains("may not read"),
         "{error}"
     );
-    assert!(state["other/manifests"].snapshot.is_none());
+    assert!(
+        state
+            .get("other/manifests")
+            .expect("other/manifests")
+            .snapshot
+            .is_none()
+    );
     let listing = h.admin.list_agents(None).await?;
     assert!(
         listing[0]["manifestProjects"][0]["error"]
@@ -277,7 +288,12 @@ async fn a_limit_breach_is_reported_and_the_last_snapshot_is_kept() -> anyhow::R
         s.get("group/big").is_some_and(|p| p.error.is_some())
     })
     .await?;
-    let error = state["group/big"].error.clone().unwrap();
+    let error = state
+        .get("group/big")
+        .expect("group/big")
+        .error
+        .clone()
+        .unwrap();
     assert!(
         error.contains("huge.yaml") && error.contains("max_file_size"),
         "{error}"
