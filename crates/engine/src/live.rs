@@ -59,10 +59,15 @@ pub async fn read_live(
     let read: Vec<(usize, Result<Option<DynamicObject>, String>)> = futures::stream::iter(singles)
         .map(|i| async move {
             let (resource, key) = objects[i];
-            let result = api(client, resource, key.namespace.as_deref())
+            let result = match api(client, resource, key.namespace.as_deref())
                 .get_opt(&key.name)
                 .await
-                .map_err(|e| kube_error_message(&e));
+            {
+                // `get_opt` knows a 404 by its Status reason; a kind that is no longer served (its CRD
+                // just went) answers a plain-text "404 page not found", which has none. Gone all the same.
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                other => other.map_err(|e| kube_error_message(&e)),
+            };
             (i, result)
         })
         .buffer_unordered(GET_CONCURRENCY)
