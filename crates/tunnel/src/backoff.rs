@@ -1,4 +1,4 @@
-//! Exponential backoff with full jitter, for reconnects: many agents restarted together must not reconnect
+//! Exponential backoff with equal jitter, for reconnects: many agents restarted together must not reconnect
 //! in lockstep.
 
 use std::time::Duration;
