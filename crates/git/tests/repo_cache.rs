@@ -1253,8 +1253,9 @@ async fn a_trickling_server_hits_the_fetch_deadline_and_other_reads_go_on() -> a
     // The interrupted fetch stops too, with the server still trickling.
     let stopping = Instant::now();
     while proxy.stats().open > 0 {
+        // Bounded by `http_timeout` (10 s) while gix waits inside one read; slack for a loaded CI machine.
         assert!(
-            stopping.elapsed() < Duration::from_secs(15),
+            stopping.elapsed() < Duration::from_secs(30),
             "the interrupted fetch is still running: {:?}",
             proxy.stats()
         );
