@@ -13,7 +13,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -106,8 +106,7 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut refused = 0u64;
-    let mut last_warning: Option<Instant> = None;
+    let mut full = crate::server::Throttled::new("API", "listen.max_api_connections reached");
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -123,16 +122,7 @@ pub async fn serve<S, B>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                warn!(
-                    refused,
-                    limit = limits.max_connections,
-                    "closed API connections at once: listen.max_api_connections reached"
-                );
-                last_warning = Some(Instant::now());
-                refused = 0;
-            }
+            full.hit(limits.max_connections);
             continue;
         };
         let (service, tls, limits) = (service.clone(), tls.clone(), limits.clone());

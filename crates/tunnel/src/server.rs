@@ -171,23 +171,26 @@ impl Connection {
     }
 }
 
-/// Logs refused connections at most once per interval, with how many there were.
-struct Throttled {
+/// Logs refused connections at most once per interval, with how many there were (both listeners).
+pub(crate) struct Throttled {
+    /// Whose connections: `agent`, `API`.
+    listener: &'static str,
     what: &'static str,
     count: u64,
     last: Option<Instant>,
 }
 
 impl Throttled {
-    fn new(what: &'static str) -> Self {
+    pub(crate) fn new(listener: &'static str, what: &'static str) -> Self {
         Self {
+            listener,
             what,
             count: 0,
             last: None,
         }
     }
 
-    fn hit(&mut self, limit: usize) {
+    pub(crate) fn hit(&mut self, limit: usize) {
         self.count += 1;
         if self
             .last
@@ -195,7 +198,7 @@ impl Throttled {
         {
             warn!(
                 refused = self.count,
-                limit, "closed agent connections at once: {}", self.what
+                limit, "closed {} connections at once: {}", self.listener, self.what
             );
             self.last = Some(Instant::now());
             self.count = 0;
@@ -237,8 +240,9 @@ impl<A: Authenticator> AgentListener<A> {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.limits.max_connections));
         let pending = Arc::new(Semaphore::new(this.limits.max_unauthenticated));
-        let mut full = Throttled::new("listen.max_agent_connections reached");
-        let mut unauthenticated = Throttled::new("listen.max_unauthenticated_connections reached");
+        let mut full = Throttled::new("agent", "listen.max_agent_connections reached");
+        let mut unauthenticated =
+            Throttled::new("agent", "listen.max_unauthenticated_connections reached");
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let (stream, peer) = tokio::select! {
