@@ -74,6 +74,9 @@ pub fn run(backend: BackendChoice, cargo_args: &[String]) -> Result<ExitCode> {
 /// Runs the workspace's tests with the state file exported; true when they passed. A Ctrl-C stops the tests
 /// and still lets the caller tear the environment down.
 async fn run_cargo_test(dir: &Path, cargo_args: &[String]) -> Result<bool> {
+    if !build_process_binaries(cargo_args).await? {
+        return Ok(false);
+    }
     let state = cluster::state_file(dir);
     let mut command =
         tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
@@ -96,6 +99,64 @@ async fn run_cargo_test(dir: &Path, cargo_args: &[String]) -> Result<bool> {
             let _ = child.kill().await;
             Ok(false)
         }
+    }
+}
+
+/// The process tests (`e2e`) start the `kas` and `agentk` binaries beside their own test binary, and
+/// `cargo test` builds a package's binaries only for that package's own integration tests: `kas` would be
+/// missing on a clean checkout. They are built first, with the profile the tests use.
+async fn build_process_binaries(cargo_args: &[String]) -> Result<bool> {
+    let profile = profile_args(cargo_args);
+    eprintln!(
+        "==> cargo build --locked -p kas -p agentk {}",
+        profile.join(" ")
+    );
+    let status =
+        tokio::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .args(["build", "--locked", "-p", "kas", "-p", "agentk"])
+            .args(&profile)
+            .current_dir(crate::repo_root())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("run cargo build")?;
+    Ok(status.success())
+}
+
+/// The profile flags among the arguments passed on to `cargo test` (`--release`, `--profile <name>`).
+fn profile_args(cargo_args: &[String]) -> Vec<String> {
+    let mut profile = Vec::new();
+    let mut args = cargo_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--release" || arg.starts_with("--profile=") {
+            profile.push(arg.clone());
+        } else if arg == "--profile" {
+            profile.push(arg.clone());
+            profile.extend(args.next().cloned());
+        }
+    }
+    profile
+}
+
+#[cfg(test)]
+mod tests {
+    use super::profile_args;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    #[test]
+    fn only_the_profile_flags_reach_the_binaries_build() {
+        assert_eq!(
+            profile_args(&strings(&["-p", "e2e", "--release", "--test", "faults"])),
+            strings(&["--release"])
+        );
+        assert_eq!(
+            profile_args(&strings(&["--profile", "ci", "-p", "kas"])),
+            strings(&["--profile", "ci"])
+        );
+        assert!(profile_args(&strings(&["-p", "e2e"])).is_empty());
     }
 }
 
