@@ -25,3 +25,26 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     }
     Ok(duration)
 }
+
+/// Lifetimes (of tokens, say) rather than timeouts: up to ten years, which deadline arithmetic still holds.
+pub mod long {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub use super::serialize;
+
+    pub const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(text.trim())
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))?;
+        if duration > MAX {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is over the limit of 10 years"
+            )));
+        }
+        Ok(duration)
+    }
+}

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub webhooks: WebhookConfig,
     #[serde(default)]
     pub logging: ServerLogging,
+    /// The Kubernetes API proxy (CI/CD tunnel, user access); served when `listen.k8s_proxy` is set.
+    #[serde(default)]
+    pub k8s_proxy: K8sProxyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +71,12 @@ pub struct ListenConfig {
     pub max_calls_per_token: usize,
     /// Open API connections; more are closed at once. Default 1000.
     pub max_api_connections: usize,
+    /// The Kubernetes API proxy for CI jobs and people (`kubectl` through the agent's connection), like
+    /// GitLab's `:8154/k8s-proxy/`. Off when absent; the chart and `cargo xtask up` set `0.0.0.0:8154`.
+    pub k8s_proxy: Option<SocketAddr>,
+    /// TLS for the proxy listener (`https://`); bearer credentials cross it. Plain text (with a warning at
+    /// start when not on loopback) when absent.
+    pub k8s_proxy_tls: Option<TlsFiles>,
 }
 
 impl Default for ListenConfig {
@@ -85,6 +94,8 @@ impl Default for ListenConfig {
             max_unauthenticated_connections: 1_000,
             max_calls_per_token: 500,
             max_api_connections: 1_000,
+            k8s_proxy: None,
+            k8s_proxy_tls: None,
         }
     }
 }
@@ -160,6 +171,50 @@ impl Default for ManifestLimits {
             max_total_size: 50 * 1024 * 1024,
             max_files: 5000,
             max_paths: 20,
+        }
+    }
+}
+
+/// Longest a Git server's answer about a personal access token (who it is, which projects and groups it
+/// may reach) is reused: a token revoked in the Git server stops working within this.
+pub const MAX_USER_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// The Kubernetes API proxy's settings besides its listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K8sProxyConfig {
+    /// The proxy's URL as clients reach it, written into kubeconfigs (`kas kubeconfig`, GraphQL). Default:
+    /// `http(s)://127.0.0.1:<port>` of `listen.k8s_proxy`.
+    pub url: Option<String>,
+    /// CA certificate (PEM) that clients should trust for `url`, written into kubeconfigs. Default: the
+    /// certificate of `listen.k8s_proxy_tls` when it is self-signed or a chain ending in its CA.
+    pub ca_file: Option<PathBuf>,
+    /// How long the Git server's answer about a personal access token is reused. Default and maximum `10s`.
+    #[serde(with = "crate::duration")]
+    pub user_cache_ttl: Duration,
+    /// Lifetime of a CI token when its creator names none. Default `30d` (720h).
+    #[serde(with = "crate::duration::long")]
+    pub ci_token_default_ttl: Duration,
+    /// Longest lifetime a CI token may be given. Default `365d` (8760h).
+    #[serde(with = "crate::duration::long")]
+    pub ci_token_max_ttl: Duration,
+    /// Audit entries kept per agent (oldest dropped first). Default 1000.
+    pub audit_entries_per_agent: usize,
+    /// Proxied requests in flight per agent (watches and exec sessions included); more are answered 429.
+    /// Default 500.
+    pub max_requests_per_agent: usize,
+}
+
+impl Default for K8sProxyConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            ca_file: None,
+            user_cache_ttl: MAX_USER_CACHE_TTL,
+            ci_token_default_ttl: Duration::from_secs(30 * 24 * 3600),
+            ci_token_max_ttl: Duration::from_secs(365 * 24 * 3600),
+            audit_entries_per_agent: 1000,
+            max_requests_per_agent: 500,
         }
     }
 }
@@ -266,10 +321,55 @@ impl ServerConfig {
             ),
             ("listen.max_calls_per_token", listen.max_calls_per_token),
             ("listen.max_api_connections", listen.max_api_connections),
+            (
+                "k8s_proxy.audit_entries_per_agent",
+                self.k8s_proxy.audit_entries_per_agent,
+            ),
+            (
+                "k8s_proxy.max_requests_per_agent",
+                self.k8s_proxy.max_requests_per_agent,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1".into()));
             }
+        }
+        self.check_k8s_proxy(file)
+    }
+
+    fn check_k8s_proxy(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            field: field.into(),
+            message,
+        };
+        let proxy = &self.k8s_proxy;
+        if proxy.user_cache_ttl > MAX_USER_CACHE_TTL {
+            return Err(invalid(
+                "k8s_proxy.user_cache_ttl",
+                "at most 10s: a token revoked in the Git server must stop working within 10s"
+                    .into(),
+            ));
+        }
+        if proxy.ci_token_default_ttl.is_zero() || proxy.ci_token_max_ttl.is_zero() {
+            return Err(invalid(
+                "k8s_proxy.ci_token_default_ttl",
+                "CI tokens always expire; lifetimes must be more than 0s".into(),
+            ));
+        }
+        if proxy.ci_token_default_ttl > proxy.ci_token_max_ttl {
+            return Err(invalid(
+                "k8s_proxy.ci_token_default_ttl",
+                "must not exceed k8s_proxy.ci_token_max_ttl".into(),
+            ));
+        }
+        if let Some(url) = &proxy.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "k8s_proxy.url",
+                "must be an http:// or https:// URL".into(),
+            ));
         }
         Ok(())
     }
@@ -384,6 +484,48 @@ mod tests {
         ] {
             let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
             assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_is_off_by_default_and_its_limits_are_checked() {
+        let c = ServerConfig::parse("kas.yaml", GIT).unwrap();
+        assert!(c.listen.k8s_proxy.is_none());
+        assert_eq!(c.k8s_proxy.user_cache_ttl, Duration::from_secs(10));
+        assert_eq!(
+            c.k8s_proxy.ci_token_default_ttl,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        let c = ServerConfig::parse(
+            "kas.yaml",
+            &format!(
+                "listen:\n  k8s_proxy: 127.0.0.1:8154\nk8s_proxy:\n  user_cache_ttl: 2s\n{GIT}"
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.listen.k8s_proxy.unwrap().port(), 8154);
+        assert_eq!(c.k8s_proxy.user_cache_ttl, Duration::from_secs(2));
+        for (yaml, field) in [
+            (
+                "k8s_proxy:\n  user_cache_ttl: 11s\n",
+                "k8s_proxy.user_cache_ttl",
+            ),
+            (
+                "k8s_proxy:\n  ci_token_default_ttl: 0s\n",
+                "k8s_proxy.ci_token_default_ttl",
+            ),
+            (
+                "k8s_proxy:\n  ci_token_default_ttl: 9000h\n",
+                "k8s_proxy.ci_token_default_ttl",
+            ),
+            ("k8s_proxy:\n  url: kas:8154\n", "k8s_proxy.url"),
+            (
+                "k8s_proxy:\n  max_requests_per_agent: 0\n",
+                "k8s_proxy.max_requests_per_agent",
+            ),
+        ] {
+            let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{yaml}: {err}");
         }
     }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod connections;
 pub mod graphql;
+pub mod k8s_proxy;
 pub mod manifests;
 pub mod store;
 pub mod tokens;
@@ -74,6 +75,8 @@ pub struct KasState {
     pub webhook_secret: Option<String>,
     pub limits: AgentLimits,
     pub manifest_limits: manifests::ManifestLimits,
+    /// The Kubernetes API proxy's settings and state.
+    pub k8s_proxy: k8s_proxy::ProxyState,
 }
 
 impl std::fmt::Debug for KasState {
@@ -149,6 +152,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         webhook_secret: config.read_webhook_secret()?,
         limits: config.agent.clone(),
         manifest_limits: config.manifests.clone(),
+        k8s_proxy: k8s_proxy::ProxyState {
+            config: config.k8s_proxy.clone(),
+            ..Default::default()
+        },
     });
 
     let read = |p: &std::path::Path| {

@@ -57,6 +57,98 @@ pub struct GetInfoResponse {
     #[prost(int64, tag = "4")]
     pub agent_id: i64,
 }
+/// One header field; a name repeated means a header repeated, in order.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HttpHeader {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpRequestHeader {
+    #[prost(string, tag = "1")]
+    pub method: ::prost::alloc::string::String,
+    /// Path and query as the client sent them, e.g. `/api/v1/namespaces/default/pods?watch=true`. kas only
+    /// forwards Kubernetes API paths.
+    #[prost(string, tag = "2")]
+    pub path_and_query: ::prost::alloc::string::String,
+    /// End-to-end headers only: kas removes `Authorization` and hop-by-hop headers (keeping `Connection` and
+    /// `Upgrade` of an upgrade request), and refuses (400) a client's `Impersonate-*` headers whenever
+    /// `impersonation` is set.
+    #[prost(message, repeated, tag = "3")]
+    pub headers: ::prost::alloc::vec::Vec<HttpHeader>,
+    /// Unset: the request acts as agentk's ServiceAccount (`access_as: agent`), the only mode in which the
+    /// client's own `Impersonate-*` headers pass. Set: agentk impersonates exactly this identity.
+    #[prost(message, optional, tag = "4")]
+    pub impersonation: ::core::option::Option<Impersonation>,
+}
+/// Who the request acts as in the cluster (Kubernetes user impersonation).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Impersonation {
+    #[prost(string, tag = "1")]
+    pub username: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "3")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "4")]
+    pub extra: ::prost::alloc::vec::Vec<ImpersonationExtra>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ImpersonationExtra {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HttpBodyEnd {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpRequestPart {
+    #[prost(oneof = "http_request_part::Part", tags = "1, 2, 3, 4")]
+    pub part: ::core::option::Option<http_request_part::Part>,
+}
+/// Nested message and enum types in `HttpRequestPart`.
+pub mod http_request_part {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Part {
+        #[prost(message, tag = "1")]
+        Header(super::HttpRequestHeader),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+        #[prost(message, tag = "3")]
+        End(super::HttpBodyEnd),
+        #[prost(bytes, tag = "4")]
+        UpgradeData(::prost::alloc::vec::Vec<u8>),
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpResponseHeader {
+    #[prost(uint32, tag = "1")]
+    pub status: u32,
+    #[prost(message, repeated, tag = "2")]
+    pub headers: ::prost::alloc::vec::Vec<HttpHeader>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpResponsePart {
+    #[prost(oneof = "http_response_part::Part", tags = "1, 2, 3, 4")]
+    pub part: ::core::option::Option<http_response_part::Part>,
+}
+/// Nested message and enum types in `HttpResponsePart`.
+pub mod http_response_part {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Part {
+        #[prost(message, tag = "1")]
+        Header(super::HttpResponseHeader),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+        #[prost(message, tag = "3")]
+        End(super::HttpBodyEnd),
+        #[prost(bytes, tag = "4")]
+        UpgradeData(::prost::alloc::vec::Vec<u8>),
+    }
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ObjectsToSynchronizeRequest {
     /// The manifest project's path, e.g. "group/manifests".
@@ -644,7 +736,7 @@ pub mod reverse_tunnel_client {
     use tonic::codegen::http::Uri;
     /// Reverse calls: agentk opens `Open` streams to kas, and each stream carries the bytes of one HTTP/2
     /// connection on which kas is the client and agentk the server. kas then calls agentk's gRPC services (such as
-    /// `AgentInfo`, later the Kubernetes API proxy) as ordinary gRPC, over the connection agentk dialled.
+    /// `AgentInfo` and `KubernetesApi`) as ordinary gRPC, over the connection agentk dialled.
     #[derive(Debug, Clone)]
     pub struct ReverseTunnelClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -777,7 +869,7 @@ pub mod reverse_tunnel_server {
     }
     /// Reverse calls: agentk opens `Open` streams to kas, and each stream carries the bytes of one HTTP/2
     /// connection on which kas is the client and agentk the server. kas then calls agentk's gRPC services (such as
-    /// `AgentInfo`, later the Kubernetes API proxy) as ordinary gRPC, over the connection agentk dialled.
+    /// `AgentInfo` and `KubernetesApi`) as ordinary gRPC, over the connection agentk dialled.
     #[derive(Debug)]
     pub struct ReverseTunnelServer<T> {
         inner: Arc<T>,
@@ -1233,6 +1325,332 @@ pub mod agent_info_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "gitops.agent.v1.AgentInfo";
     impl<T> tonic::server::NamedService for AgentInfoServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod kubernetes_api_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// The Kubernetes API proxy (CI/CD tunnel and user access), served by agentk through the reverse tunnel. One
+    /// call carries one HTTP request that kas accepted and authorised: agentk sends it to its apiserver with its
+    /// own ServiceAccount credentials (plus the impersonation kas chose) and streams the answer back. Both
+    /// directions stream with HTTP/2 flow control, so watches, `logs -f` and large lists are never buffered whole.
+    ///
+    /// Request stream: `header` exactly once, first; then `data` chunks of the body; then `end` (the body is
+    /// complete). When the response is `101 Switching Protocols` (exec, attach, port-forward over WebSocket or
+    /// SPDY), both streams then carry the upgraded connection's bytes as `upgrade_data` until either side closes
+    /// its stream. Closing the request stream before `end` aborts the request.
+    #[derive(Debug, Clone)]
+    pub struct KubernetesApiClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl KubernetesApiClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> KubernetesApiClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> KubernetesApiClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            KubernetesApiClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        pub async fn make_request(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::HttpRequestPart>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::HttpResponsePart>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gitops.agent.v1.KubernetesApi/MakeRequest",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("gitops.agent.v1.KubernetesApi", "MakeRequest"));
+            self.inner.streaming(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod kubernetes_api_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with KubernetesApiServer.
+    #[async_trait]
+    pub trait KubernetesApi: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the MakeRequest method.
+        type MakeRequestStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::HttpResponsePart, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        async fn make_request(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::HttpRequestPart>>,
+        ) -> std::result::Result<
+            tonic::Response<Self::MakeRequestStream>,
+            tonic::Status,
+        >;
+    }
+    /// The Kubernetes API proxy (CI/CD tunnel and user access), served by agentk through the reverse tunnel. One
+    /// call carries one HTTP request that kas accepted and authorised: agentk sends it to its apiserver with its
+    /// own ServiceAccount credentials (plus the impersonation kas chose) and streams the answer back. Both
+    /// directions stream with HTTP/2 flow control, so watches, `logs -f` and large lists are never buffered whole.
+    ///
+    /// Request stream: `header` exactly once, first; then `data` chunks of the body; then `end` (the body is
+    /// complete). When the response is `101 Switching Protocols` (exec, attach, port-forward over WebSocket or
+    /// SPDY), both streams then carry the upgraded connection's bytes as `upgrade_data` until either side closes
+    /// its stream. Closing the request stream before `end` aborts the request.
+    #[derive(Debug)]
+    pub struct KubernetesApiServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> KubernetesApiServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for KubernetesApiServer<T>
+    where
+        T: KubernetesApi,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/gitops.agent.v1.KubernetesApi/MakeRequest" => {
+                    #[allow(non_camel_case_types)]
+                    struct MakeRequestSvc<T: KubernetesApi>(pub Arc<T>);
+                    impl<
+                        T: KubernetesApi,
+                    > tonic::server::StreamingService<super::HttpRequestPart>
+                    for MakeRequestSvc<T> {
+                        type Response = super::HttpResponsePart;
+                        type ResponseStream = T::MakeRequestStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::HttpRequestPart>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as KubernetesApi>::make_request(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = MakeRequestSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for KubernetesApiServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "gitops.agent.v1.KubernetesApi";
+    impl<T> tonic::server::NamedService for KubernetesApiServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

@@ -5,6 +5,9 @@
 //! `PreviousIo` until the database is reopened. [`Handle`] reopens it then, so kas recovers by itself once
 //! space returns; [`Store::check`] (behind `/healthz`) reports a database that cannot be reopened or read.
 
+pub mod audit;
+pub mod ci_tokens;
+
 use std::{
     path::{Path, PathBuf},
     sync::RwLock,
@@ -307,6 +310,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(GRANTS)?;
         txn.open_table(MANIFEST_STATUS)?;
         txn.open_table(SYNC_STATUS)?;
+        ci_tokens::create_tables(&txn)?;
+        audit::create_tables(&txn)?;
         txn.commit()?;
         Ok(())
     };
