@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use agentk::k8s_proxy::{ApiserverClient, KubernetesApiService};
+use futures::StreamExt;
 use gitops_protocol::{
     HttpBodyEnd, HttpHeader, HttpRequestHeader, HttpRequestPart, HttpResponseHeader,
     HttpResponsePart, Impersonation, http_request_part::Part as RequestPart,
@@ -489,6 +490,14 @@ async fn impersonated_requests_are_subject_to_the_identitys_rbac() {
         body["message"].as_str().unwrap().contains("serviceaccount"),
         "{body}"
     );
+    // Cluster-scoped, so not deleted with the namespace.
+    kubectl(
+        &[
+            "delete",
+            &format!("clusterrolebinding/gitlab-agent-impersonate:{}", ns.name),
+        ],
+        None,
+    );
     ns.delete().await.unwrap();
 }
 
@@ -705,5 +714,72 @@ async fn a_request_stream_that_ends_before_end_aborts_the_request() {
             .unwrap()
             .is_none()
     );
+    ns.delete().await.unwrap();
+}
+
+/// Back-pressure: while kas reads nothing, the apiserver's response stops flowing once the bounded buffers
+/// on the way (TCP, HTTP/2 windows, agentk's few queued messages) are full, far short of the whole body;
+/// then the rest arrives when kas reads again. A proxy that buffered whole bodies would pull it all at once.
+#[tokio::test]
+async fn a_reader_that_stops_reading_holds_the_apiserver_response_back() {
+    let ns = TestNamespace::create("proxy-slow").await.unwrap();
+    const COUNT: usize = 48;
+    const SIZE: usize = 1_000_000;
+    let data = "z".repeat(SIZE);
+    let (namespace, data) = (&ns, &data);
+    let creates = (0..COUNT).map(|i| async move {
+        create_config_map(namespace, &format!("big-{i}"), data).await;
+    });
+    futures::stream::iter(creates)
+        .buffer_unordered(4)
+        .collect::<Vec<()>>()
+        .await;
+    let apiserver =
+        FaultProxy::in_front_of_apiserver(UpstreamIdentity::KubeconfigClientCertificate)
+            .await
+            .unwrap();
+    let kubeconfig =
+        kube::config::Kubeconfig::from_yaml(&apiserver.kubeconfig(None).unwrap()).unwrap();
+    let config = kube_config(kubeconfig).await;
+    let mut proxy = serve(Some(ApiserverClient::new(&config).unwrap())).await;
+    let mut call = Call::start(
+        &mut proxy,
+        header(
+            "GET",
+            &format!("/api/v1/namespaces/{}/configmaps", ns.name),
+            &[],
+        ),
+        Some(&[]),
+    )
+    .await;
+    assert_eq!(call.head().await.status, 200);
+    let mut received = match call.next().await {
+        Some(ResponsePart::Data(d)) => d.len(),
+        other => panic!("expected data, got {other:?}"),
+    };
+    // Wait until the flow has stopped: the byte count stands still.
+    let mut held = apiserver.stats().bytes_to_client;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let now = apiserver.stats().bytes_to_client;
+        if now == held {
+            break;
+        }
+        held = now;
+    }
+    let total = COUNT * SIZE;
+    println!("held back after {held} of at least {total} bytes");
+    assert!(
+        (held as usize) < total / 2,
+        "the apiserver sent {held} of {total} bytes to a reader that read nothing"
+    );
+    loop {
+        match call.next().await {
+            Some(ResponsePart::Data(d)) => received += d.len(),
+            Some(ResponsePart::End(_)) => break,
+            other => panic!("expected data or end, got {other:?}"),
+        }
+    }
+    assert!(received > total, "{received} bytes");
     ns.delete().await.unwrap();
 }
