@@ -1,6 +1,6 @@
 //! agentk's side of the Kubernetes API proxy against the real kube-apiserver: the `KubernetesApi` service
-//! is served on a loopback gRPC server in this process and driven with the generated client, the way kas
-//! calls it through a reverse tunnel. Needs the test environment (`cargo xtask cluster up`, then export
+//! is served in this process on a loopback gRPC server (and, for the streaming cases, on a real reverse
+//! tunnel as agentk serves it) and driven with the generated client, as kas calls it. Needs the test environment (`cargo xtask cluster up`, then export
 //! `GITOPS_TEST_ENV` and `KUBECONFIG`).
 
 use std::time::Duration;
@@ -27,24 +27,55 @@ use tonic::{Streaming, transport::Channel};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The service on a loopback gRPC server, and a client of it.
+/// A gRPC transport to the service: a loopback connection or a reverse tunnel.
+type Transport = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tower::BoxError,
+>;
+
+/// The service being served, and a client of it.
 struct Proxy {
-    api: KubernetesApiClient<Channel>,
-    server: tokio::task::JoinHandle<()>,
+    api: KubernetesApiClient<Transport>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.server.abort();
+        self.tasks.iter().for_each(|task| task.abort());
     }
 }
 
+fn service(client: Option<ApiserverClient>) -> KubernetesApiServer<KubernetesApiService> {
+    KubernetesApiServer::new(KubernetesApiService::new(client))
+        .max_decoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
+}
+
+fn client<T>(transport: T) -> KubernetesApiClient<Transport>
+where
+    T: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    T::Error: Into<tower::BoxError>,
+    T::Future: Send + 'static,
+{
+    use tower::ServiceExt;
+    KubernetesApiClient::new(Transport::new(transport.map_err(Into::into)))
+        .max_decoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
+}
+
+/// The service on a loopback gRPC server.
 async fn serve(client: Option<ApiserverClient>) -> Proxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(KubernetesApiServer::new(KubernetesApiService::new(client)))
+            .add_service(service(client))
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await
             .unwrap();
@@ -55,8 +86,69 @@ async fn serve(client: Option<ApiserverClient>) -> Proxy {
         .await
         .unwrap();
     Proxy {
-        api: KubernetesApiClient::new(channel),
-        server,
+        api: self::client(channel),
+        tasks: vec![server],
+    }
+}
+
+/// kas's side of the reverse tunnel, admitting anyone as agent 1.
+struct AnyAgent;
+
+impl gitops_tunnel::reverse::TunnelAuthority<u64> for AnyAgent {
+    fn admit(
+        &self,
+        _: &http::Extensions,
+    ) -> Result<(u64, tokio_util::sync::CancellationToken), tonic::Status> {
+        Ok((1, tokio_util::sync::CancellationToken::new()))
+    }
+}
+
+/// The service the way agentk serves it in production: on the routes of a reverse tunnel that agentk
+/// dialled to a (loopback) kas, called by kas as the HTTP/2 client inside the tunnel.
+async fn serve_over_a_reverse_tunnel(client: Option<ApiserverClient>) -> Proxy {
+    use gitops_protocol::reverse_tunnel_client::ReverseTunnelClient;
+    use gitops_tunnel::reverse::{ReverseTunnelService, TunnelRegistry, serve_tunnels};
+    let registry = std::sync::Arc::new(TunnelRegistry::<u64>::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kas = tokio::spawn({
+        let registry = registry.clone();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(ReverseTunnelService::new(
+                    registry,
+                    std::sync::Arc::new(AnyAgent),
+                ))
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        }
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let routes = tonic::service::Routes::new(service(client));
+    let agent = tokio::spawn(serve_tunnels(
+        ReverseTunnelClient::new(channel),
+        routes,
+        1,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let tunnel = registry
+        .find(&1, WAIT)
+        .await
+        .expect("agentk opened a tunnel");
+    Proxy {
+        api: self::client(
+            tower::ServiceBuilder::new()
+                .map_response(|r: http::Response<hyper::body::Incoming>| {
+                    r.map(tonic::body::Body::new)
+                })
+                .service(tunnel),
+        ),
+        tasks: vec![kas, agent],
     }
 }
 
@@ -67,12 +159,16 @@ async fn kube_config(kubeconfig: kube::config::Kubeconfig) -> kube::Config {
         .unwrap()
 }
 
-/// The proxy with the test kubeconfig's (cluster-admin) credentials as agentk's own.
-async fn admin_proxy() -> Proxy {
+/// A client with the test kubeconfig's (cluster-admin) credentials, as agentk's own.
+async fn admin_client() -> ApiserverClient {
     let kubeconfig =
         kube::config::Kubeconfig::read_from(&test_env().kubernetes.kubeconfig).unwrap();
-    let config = kube_config(kubeconfig).await;
-    serve(Some(ApiserverClient::new(&config).unwrap())).await
+    ApiserverClient::new(&kube_config(kubeconfig).await).unwrap()
+}
+
+/// The proxy on loopback with [`admin_client`].
+async fn admin_proxy() -> Proxy {
+    serve(Some(admin_client().await)).await
 }
 
 fn header(method: &str, path: &str, headers: &[(&str, &str)]) -> HttpRequestHeader {
@@ -256,14 +352,20 @@ async fn a_large_list_streams_in_several_chunks() {
     ns.delete().await.unwrap();
 }
 
-/// Reads data chunks until one mentions `needle`, returning it; fails if the stream ends first.
+/// Reads data chunks until one mentions `needle`, returning that event (line); fails if the stream ends
+/// first. The apiserver flushes after each event and the proxy sends each read on at once, so a chunk ends
+/// with a whole event: nothing of the wanted event waits for later data.
 async fn chunk_mentioning(call: &mut Call, needle: &str) -> String {
     loop {
         match call.next().await {
             Some(ResponsePart::Data(d)) => {
                 let text = String::from_utf8(d).unwrap();
-                if text.contains(needle) {
-                    return text;
+                if let Some(line) = text.lines().find(|line| line.contains(needle)) {
+                    assert!(
+                        text.ends_with('\n'),
+                        "the chunk ends with a whole event: {text}"
+                    );
+                    return line.to_owned();
                 }
             }
             other => panic!("expected a watch event mentioning {needle}, got {other:?}"),
@@ -273,8 +375,19 @@ async fn chunk_mentioning(call: &mut Call, needle: &str) -> String {
 
 #[tokio::test]
 async fn a_watch_delivers_each_event_as_it_happens() {
+    watch_delivers_each_event_as_it_happens(admin_proxy().await).await;
+}
+
+#[tokio::test]
+async fn a_watch_delivers_each_event_as_it_happens_over_a_reverse_tunnel() {
+    watch_delivers_each_event_as_it_happens(
+        serve_over_a_reverse_tunnel(Some(admin_client().await)).await,
+    )
+    .await;
+}
+
+async fn watch_delivers_each_event_as_it_happens(mut proxy: Proxy) {
     let ns = TestNamespace::create("proxy-watch").await.unwrap();
-    let mut proxy = admin_proxy().await;
     let path = format!(
         "/api/v1/namespaces/{}/configmaps?watch=true&allowWatchBookmarks=false",
         ns.name
@@ -286,7 +399,7 @@ async fn a_watch_delivers_each_event_as_it_happens() {
     for name in ["first", "second"] {
         create_config_map(&ns, name, "v").await;
         let event = chunk_mentioning(&mut call, &format!("\"name\":\"{name}\"")).await;
-        let event: Value = serde_json::from_str(event.trim()).expect("one whole event per chunk");
+        let event: Value = serde_json::from_str(&event).expect("a whole event");
         assert_eq!(event["type"], "ADDED");
         assert_eq!(event["object"]["metadata"]["name"], name);
     }
@@ -567,8 +680,19 @@ fn parse_frame(buffer: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
 /// and the response stream ends.
 #[tokio::test]
 async fn an_upgrade_passes_through_with_bytes_both_ways() {
+    upgrade_passes_through_with_bytes_both_ways(admin_proxy().await).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_passes_through_with_bytes_both_ways_over_a_reverse_tunnel() {
+    upgrade_passes_through_with_bytes_both_ways(
+        serve_over_a_reverse_tunnel(Some(admin_client().await)).await,
+    )
+    .await;
+}
+
+async fn upgrade_passes_through_with_bytes_both_ways(mut proxy: Proxy) {
     let ns = TestNamespace::create("proxy-ws").await.unwrap();
-    let mut proxy = admin_proxy().await;
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let path = format!("/api/v1/namespaces/{}/configmaps?watch=true", ns.name);
     let mut call = Call::start(
@@ -603,12 +727,13 @@ async fn an_upgrade_passes_through_with_bytes_both_ways() {
 
     create_config_map(&ns, "over-websocket", "v").await;
     let mut buffer = Vec::new();
-    let event = loop {
+    // One read may hold several frames (the namespace's root CA ConfigMap comes first) or part of one.
+    let event = 'frames: loop {
         match call.next().await {
             Some(ResponsePart::UpgradeData(d)) => buffer.extend_from_slice(&d),
             other => panic!("expected upgrade_data, got {other:?}"),
         }
-        if let Some((opcode, payload, used)) = parse_frame(&buffer) {
+        while let Some((opcode, payload, used)) = parse_frame(&buffer) {
             buffer.drain(..used);
             let text = String::from_utf8(payload).unwrap();
             assert!(
@@ -616,7 +741,7 @@ async fn an_upgrade_passes_through_with_bytes_both_ways() {
                 "a data frame, got opcode {opcode}"
             );
             if text.contains("over-websocket") {
-                break text;
+                break 'frames text;
             }
         }
     };
