@@ -91,23 +91,13 @@ async fn serve(client: Option<ApiserverClient>) -> Proxy {
     }
 }
 
-/// kas's side of the reverse tunnel, admitting anyone as agent 1.
-struct AnyAgent;
-
-impl gitops_tunnel::reverse::TunnelAuthority<u64> for AnyAgent {
-    fn admit(
-        &self,
-        _: &http::Extensions,
-    ) -> Result<(u64, tokio_util::sync::CancellationToken), tonic::Status> {
-        Ok((1, tokio_util::sync::CancellationToken::new()))
-    }
-}
-
-/// The service the way agentk serves it in production: on the routes of a reverse tunnel that agentk
-/// dialled to a (loopback) kas, called by kas as the HTTP/2 client inside the tunnel.
-async fn serve_over_a_reverse_tunnel(client: Option<ApiserverClient>) -> Proxy {
-    use gitops_protocol::reverse_tunnel_client::ReverseTunnelClient;
-    use gitops_tunnel::reverse::{ReverseTunnelService, TunnelRegistry, serve_tunnels};
+/// A kas that only accepts reverse tunnels (admitting anyone as agent 1), and its registry of them.
+async fn tunnel_only_kas() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<gitops_tunnel::reverse::TunnelRegistry<u64>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use gitops_tunnel::reverse::{ReverseTunnelService, TunnelRegistry};
     let registry = std::sync::Arc::new(TunnelRegistry::<u64>::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -124,13 +114,42 @@ async fn serve_over_a_reverse_tunnel(client: Option<ApiserverClient>) -> Proxy {
                 .unwrap();
         }
     });
+    (addr, registry, kas)
+}
+
+/// A client of the service on a tunnel that kas holds.
+fn over(tunnel: gitops_tunnel::reverse::TunnelChannel) -> KubernetesApiClient<Transport> {
+    client(
+        tower::ServiceBuilder::new()
+            .map_response(|r: http::Response<hyper::body::Incoming>| r.map(tonic::body::Body::new))
+            .service(tunnel),
+    )
+}
+
+/// kas's side of the reverse tunnel, admitting anyone as agent 1.
+struct AnyAgent;
+
+impl gitops_tunnel::reverse::TunnelAuthority<u64> for AnyAgent {
+    fn admit(
+        &self,
+        _: &http::Extensions,
+    ) -> Result<(u64, tokio_util::sync::CancellationToken), tonic::Status> {
+        Ok((1, tokio_util::sync::CancellationToken::new()))
+    }
+}
+
+/// The service the way agentk serves it in production: on the routes of a reverse tunnel that agentk
+/// dialled to a (loopback) kas, called by kas as the HTTP/2 client inside the tunnel.
+async fn serve_over_a_reverse_tunnel(client: Option<ApiserverClient>) -> Proxy {
+    use gitops_protocol::reverse_tunnel_client::ReverseTunnelClient;
+    let (addr, registry, kas) = tunnel_only_kas().await;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     let routes = tonic::service::Routes::new(service(client));
-    let agent = tokio::spawn(serve_tunnels(
+    let agent = tokio::spawn(gitops_tunnel::reverse::serve_tunnels(
         ReverseTunnelClient::new(channel),
         routes,
         1,
@@ -141,15 +160,40 @@ async fn serve_over_a_reverse_tunnel(client: Option<ApiserverClient>) -> Proxy {
         .await
         .expect("agentk opened a tunnel");
     Proxy {
-        api: self::client(
-            tower::ServiceBuilder::new()
-                .map_response(|r: http::Response<hyper::body::Incoming>| {
-                    r.map(tonic::body::Body::new)
-                })
-                .service(tunnel),
-        ),
+        api: over(tunnel),
         tasks: vec![kas, agent],
     }
+}
+
+/// `agentk::start` registers the service on its reverse tunnels, with the client from its options.
+#[tokio::test]
+async fn a_started_agent_serves_the_proxy_on_its_reverse_tunnels() {
+    let (addr, registry, kas) = tunnel_only_kas().await;
+    let address = gitops_tunnel::KasAddress::parse(&format!("grpc://{addr}")).unwrap();
+    let options = agentk::AgentOptions {
+        reverse_tunnels: 1,
+        kubernetes_api: Some(admin_client().await),
+        ..Default::default()
+    };
+    // This kas serves nothing else: the agent's configuration stream fails and retries meanwhile.
+    let agent = agentk::start(
+        gitops_tunnel::client::ClientConfig::new(address, "unused".into()),
+        options,
+        None,
+    )
+    .unwrap();
+    let tunnel = registry
+        .find(&1, WAIT)
+        .await
+        .expect("agentk opened a tunnel");
+    let mut proxy = Proxy {
+        api: over(tunnel),
+        tasks: vec![kas],
+    };
+    let (status, body) = get(&mut proxy, header("GET", "/version", &[])).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["gitVersion"].as_str().unwrap().starts_with("v1."));
+    agent.shutdown().await;
 }
 
 async fn kube_config(kubeconfig: kube::config::Kubeconfig) -> kube::Config {

@@ -8,7 +8,7 @@
 //! - sends it to its own apiserver with its own credentials ([`client::ApiserverClient`], built from the
 //!   same `kube::Config` as the GitOps engine's client: in-cluster ServiceAccount with token rotation, or
 //!   `KUBECONFIG`), over HTTP/1.1 so that upgrades work;
-//! - streams the bodies both ways through bounded buffers ([`forward`]): each response chunk becomes one
+//! - streams the bodies both ways through bounded buffers (`forward`): each response chunk becomes one
 //!   message as soon as the apiserver writes it, so a watch event is not held back, and HTTP/2 flow control
 //!   on the tunnel slows the apiserver's reader when kas reads slowly;
 //! - after `101 Switching Protocols` (exec, attach, port-forward, cp over WebSocket or SPDY) pipes the raw
