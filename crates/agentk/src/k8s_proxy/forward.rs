@@ -122,7 +122,9 @@ async fn exchange(
         Ok(response) => response,
         Err(e) => {
             // A request stream that broke mid-body is why the request failed: the call fails as a whole.
-            request_stream.failure().await?;
+            if let Some(broken) = cause::<BrokenRequestStream>(&*e) {
+                return Err(broken.0.clone());
+            }
             let refusal = Refusal::unavailable(format!(
                 "agentk cannot reach its apiserver at {}: {e}",
                 client.cluster_url()
@@ -154,16 +156,6 @@ enum RequestStream {
 }
 
 impl RequestStream {
-    /// The request stream's error, if the body task already stopped because of one.
-    async fn failure(self) -> Result<(), Status> {
-        match self {
-            RequestStream::Pumping(pump) if pump.is_finished() => {
-                pump.await.map_or(Ok(()), |r| r.map(drop))
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// The request stream after `end`, for the upgraded connection's bytes.
     async fn finish(self) -> Result<Streaming<HttpRequestPart>, Status> {
         match self {
@@ -202,21 +194,45 @@ async fn pump_body(
             Ok(RequestPart::Header(_) | RequestPart::UpgradeData(_)) => {
                 let status =
                     Status::invalid_argument("a request body may only hold `data` until `end`");
-                let _ = body.send(Err(status.message().into())).await;
+                let _ = body
+                    .send(Err(Box::new(BrokenRequestStream(status.clone()))))
+                    .await;
                 return Err(status);
             }
             Err(status) => {
                 let _ = body
-                    .send(Err(format!(
-                        "the request stream broke: {}",
-                        status.message()
-                    )
-                    .into()))
+                    .send(Err(Box::new(BrokenRequestStream(status.clone()))))
                     .await;
                 return Err(status);
             }
         }
     }
+}
+
+/// The error a broken request stream puts into the request body, found again in the HTTP client's error.
+#[derive(Debug)]
+struct BrokenRequestStream(Status);
+
+impl std::fmt::Display for BrokenRequestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request stream broke: {}", self.0.message())
+    }
+}
+
+impl std::error::Error for BrokenRequestStream {}
+
+/// The first error of type `E` in `error`'s chain of sources.
+fn cause<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn response_header(response: &Response<Incoming>, switching: bool) -> HttpResponseHeader {
