@@ -69,6 +69,18 @@ where
         .max_decoding_message_size(gitops_protocol::MAX_MESSAGE_BYTES)
 }
 
+/// Accepted connections with Nagle's algorithm off, as kas and agentk set it (else each small message
+/// waits for the peer's delayed ACK).
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// The service on a loopback gRPC server.
 async fn serve(client: Option<ApiserverClient>) -> Proxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -76,7 +88,7 @@ async fn serve(client: Option<ApiserverClient>) -> Proxy {
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service(client))
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(incoming(listener))
             .await
             .unwrap();
     });
@@ -109,7 +121,7 @@ async fn tunnel_only_kas() -> (
                     registry,
                     std::sync::Arc::new(AnyAgent),
                 ))
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(incoming(listener))
                 .await
                 .unwrap();
         }

@@ -58,6 +58,9 @@ impl ApiserverClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(config.connect_timeout);
+        // Exec and attach sessions write keystroke-sized packets; Nagle would hold each one back until the
+        // apiserver's delayed ACK.
+        http.set_nodelay(true);
         let https = config
             .rustls_https_connector_with_connector(http)
             .map_err(|e| kube_error(config, e))?;
