@@ -6,7 +6,7 @@
 //! built from the same `kube::Config` with the same parts kube uses (`ConfigExt`): the rustls connector with
 //! the cluster's CA and client certificate (HTTP/1.1 only, so upgrades work), the base URI, the
 //! authorization layer (whose in-cluster ServiceAccount token is re-read from its file as kubelet rotates it)
-//! and the kubeconfig's extra headers. It leaves out kube's retry layer (a proxied request is the client's to
+//! and the kubeconfig's extra headers (a kubeconfig that itself impersonates, `as:`, is refused). It leaves out kube's retry layer (a proxied request is the client's to
 //! retry) and its read timeout (watches and exec sessions are long by design).
 
 use std::sync::Arc;
@@ -50,6 +50,18 @@ impl ApiserverClient {
             return Err(AgentError::KubernetesConfig(format!(
                 "the kubeconfig names the HTTP proxy {proxy}, which the Kubernetes API proxy does not support"
             )));
+        }
+        // The proxy writes Impersonate-* itself; on top of a kubeconfig's own (`as:`) they would clash, and
+        // dropping the kubeconfig's would lend the proxy more than agentk's identity.
+        let auth = &config.auth_info;
+        if auth.impersonate.is_some()
+            || auth.impersonate_uid.is_some()
+            || auth.impersonate_groups.is_some()
+            || auth.impersonate_user_extra.is_some()
+        {
+            return Err(AgentError::KubernetesConfig(
+                "the kubeconfig impersonates a user (`as`), which the Kubernetes API proxy does not support: it sets impersonation itself".into(),
+            ));
         }
         // kube needs a process-wide rustls provider; install agentk's one unless one is there already.
         if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -101,4 +113,35 @@ fn kube_error(config: &kube::Config, e: kube::Error) -> AgentError {
         "cannot build a client for the apiserver at {}: {e}",
         config.cluster_url
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> kube::Config {
+        kube::Config::new("https://127.0.0.1:6443".parse().unwrap())
+    }
+
+    #[test]
+    fn a_plain_config_gives_a_client() {
+        let client = ApiserverClient::new(&config()).unwrap();
+        assert_eq!(client.cluster_url(), "https://127.0.0.1:6443/");
+    }
+
+    #[test]
+    fn a_kubeconfig_that_impersonates_is_refused() {
+        let mut config = config();
+        config.auth_info.impersonate = Some("someone".into());
+        let error = ApiserverClient::new(&config).unwrap_err().to_string();
+        assert!(error.contains("impersonates"), "{error}");
+    }
+
+    #[test]
+    fn an_http_proxy_is_refused_by_name() {
+        let mut config = config();
+        config.proxy_url = Some("http://proxy.example:3128".parse().unwrap());
+        let error = ApiserverClient::new(&config).unwrap_err().to_string();
+        assert!(error.contains("http://proxy.example:3128"), "{error}");
+    }
 }
