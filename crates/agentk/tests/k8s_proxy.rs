@@ -964,3 +964,80 @@ async fn a_reader_that_stops_reading_holds_the_apiserver_response_back() {
     assert!(received > total, "{received} bytes");
     ns.delete().await.unwrap();
 }
+
+/// A stand-in for the kubelet behind `pods/exec` over SPDY (the test cluster's kwok nodes serve no exec
+/// here): a bare HTTP/1.1 server that switches to `SPDY/3.1`, reads the upgraded connection to its end and
+/// only then answers with what it read, and closes. It shows the SPDY upgrade passing unchanged, the
+/// client's stream end arriving as a half-close (EOF at the server while the other direction still
+/// works), the server's close ending the response stream, and the client's `Authorization` never reaching
+/// the server.
+#[tokio::test]
+async fn a_spdy_upgrade_half_closes_and_streams_back_after_the_client_is_done() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            socket.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        socket
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        socket.read_to_end(&mut received).await.unwrap();
+        socket.write_all(b"got:").await.unwrap();
+        socket.write_all(&received).await.unwrap();
+        socket.shutdown().await.unwrap();
+        head
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let mut proxy = serve(Some(ApiserverClient::new(&config).unwrap())).await;
+    let mut call = Call::start(
+        &mut proxy,
+        header(
+            "POST",
+            "/api/v1/namespaces/n/pods/p/exec?command=cat&stdin=true&stdout=true",
+            &[
+                ("Connection", "Upgrade"),
+                ("Upgrade", "SPDY/3.1"),
+                ("X-Stream-Protocol-Version", "v4.channel.k8s.io"),
+                ("Authorization", "Bearer ci:1:client-secret"),
+            ],
+        ),
+        Some(&[]),
+    )
+    .await;
+    let head = call.head().await;
+    assert_eq!(head.status, 101);
+    assert_eq!(header_value(&head, "upgrade"), Some("SPDY/3.1"));
+    call.send(RequestPart::UpgradeData(b"hello ".to_vec()))
+        .await;
+    call.send(RequestPart::UpgradeData(b"world".to_vec())).await;
+    call.requests = None;
+    let mut answer = Vec::new();
+    loop {
+        match call.next().await {
+            Some(ResponsePart::UpgradeData(d)) => answer.extend_from_slice(&d),
+            None => break,
+            other => panic!("expected upgrade_data or the end, got {other:?}"),
+        }
+    }
+    assert_eq!(String::from_utf8(answer).unwrap(), "got:hello world");
+    let head = server.await.unwrap();
+    assert!(
+        head.starts_with("post /api/v1/namespaces/n/pods/p/exec?command=cat"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nupgrade: spdy/3.1\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nx-stream-protocol-version: v4.channel.k8s.io\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("client-secret"), "{head}");
+}
