@@ -18,6 +18,10 @@
 //! HTTP responses carrying a Kubernetes `Status`, so kubectl shows their message. gRPC errors mean the call
 //! itself broke (kas sent something malformed, or a stream died midway); kas then aborts the client's
 //! response. When kas ends the call the apiserver request is dropped, which closes its connection.
+//!
+//! agentk sends the request once it has the header and the first body part: `end` right away means no body
+//! (a GET, an upgrade), so no chunked encoding is announced to the apiserver; kas must therefore send `end`
+//! of a bodiless request at once rather than wait for the response.
 
 pub mod client;
 mod forward;
