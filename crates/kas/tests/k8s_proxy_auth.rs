@@ -635,3 +635,114 @@ async fn gitea_tokens_of_developers_are_allowed_and_revocation_ends_them_within_
     kas.shutdown().await;
     Ok(())
 }
+
+/// Runs the `kas` binary against the in-process kas (without blocking it); returns stdout, failing on a
+/// non-zero exit.
+async fn kas_cli(kas: &RunningKas, args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kas"))
+        .args(args)
+        .env("KAS_API_URL", format!("http://{}", kas.api_addr))
+        .env("KAS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!(
+            "kas {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[tokio::test]
+async fn the_cli_issues_lists_and_revokes_ci_tokens_and_prints_kubeconfigs() -> anyhow::Result<()> {
+    let gitea = GiteaApi::new();
+    let org = gitea.org("cli").await?;
+    let config_project = gitea.repo(&org, "clusters").await?;
+    let app = gitea.repo(&org, "app").await?;
+    let config = format!(
+        "ci_access:\n  projects:\n  - id: {app}\n    default_namespace: team-a\n    environments: [staging]\n"
+    );
+    gitea
+        .write_file(&config_project, ".gitlab/agents/edge/config.yaml", &config)
+        .await?;
+    let (kas, _dir) = start_kas("10s").await?;
+    let admin = AdminClient::new(&format!("http://{}", kas.api_addr), ADMIN_TOKEN.into());
+    let agent = agent_id(&admin.create_agent(&config_project, "edge").await?)?.to_string();
+
+    let created: Value = serde_json::from_str(
+        &kas_cli(
+            &kas,
+            &[
+                "ci-token",
+                "create",
+                "--project",
+                &app,
+                "--environment",
+                "staging",
+                "--expires-in",
+                "2d",
+            ],
+        )
+        .await?,
+    )?;
+    let secret = created["token"].as_str().context("the secret")?;
+    let id = created["ciToken"]["id"].as_str().context("the id")?;
+    let expires = humantime::parse_rfc3339(created["ciToken"]["expiresAt"].as_str().unwrap())?;
+    let lifetime = expires.duration_since(std::time::SystemTime::now())?;
+    assert!(
+        lifetime > Duration::from_secs(47 * 3600) && lifetime <= Duration::from_secs(48 * 3600)
+    );
+
+    let listed = kas_cli(&kas, &["ci-token", "list", "--project", &app]).await?;
+    assert!(listed.contains(id) && !listed.contains(secret), "{listed}");
+
+    let yaml = kas_cli(&kas, &["kubeconfig", "--agent", &agent, "--token", secret]).await?;
+    let parsed = Kubeconfig::from_yaml(&yaml).map_err(anyhow::Error::msg)?;
+    assert_eq!(parsed.current_context, format!("{config_project}:edge"));
+    assert_eq!(
+        parsed.contexts[0].context.namespace.as_deref(),
+        Some("team-a")
+    );
+    assert_eq!(parsed.users[0].user.token, format!("ci:{agent}:{secret}"));
+    let pat_yaml = kas_cli(
+        &kas,
+        &["kubeconfig", "--agent", &agent, "--token", "gitea-pat"],
+    )
+    .await?;
+    let pat = Kubeconfig::from_yaml(&pat_yaml).map_err(anyhow::Error::msg)?;
+    assert_eq!(pat.users[0].user.token, format!("pat:{agent}:gitea-pat"));
+    assert_eq!(pat.contexts[0].context.namespace, None);
+
+    kas_cli(&kas, &["ci-token", "revoke", id]).await?;
+    let listed: Value = serde_json::from_str(&kas_cli(&kas, &["ci-token", "list"]).await?)?;
+    let revoked = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["id"] == id)
+        .context("listed")?;
+    assert_eq!(revoked["revoked"], true);
+    let err = kas_cli(&kas, &["kubeconfig", "--agent", &agent, "--token", secret])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let err = kas_cli(
+        &kas,
+        &[
+            "ci-token",
+            "create",
+            "--project",
+            &app,
+            "--expires-in",
+            "0s",
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("expire"), "{err}");
+
+    kas.shutdown().await;
+    Ok(())
+}
