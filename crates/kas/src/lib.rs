@@ -141,6 +141,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         password: config.read_git_password()?,
         extra_ca_pem,
     };
+    let credentials = k8s_proxy::auth::CredentialState::new(&config, git.extra_ca_pem.clone());
     let repos = RepoCache::new(git, config.data_dir.join("git-cache"));
     let state = Arc::new(KasState {
         store: store.clone(),
@@ -154,6 +155,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         manifest_limits: config.manifests.clone(),
         k8s_proxy: k8s_proxy::ProxyState {
             config: config.k8s_proxy.clone(),
+            credentials,
             ..Default::default()
         },
     });
