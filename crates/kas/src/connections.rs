@@ -332,7 +332,9 @@ mod tests {
             assert_eq!(connections.last_seen(7), None);
         }
         assert!(connections.of_agent(7).is_empty());
-        let seen = connections.last_seen(7).expect("last seen when its last connection ended");
+        let seen = connections
+            .last_seen(7)
+            .expect("last seen when its last connection ended");
         assert!((crate::store::now() - seen).abs() <= 1);
         assert_eq!(connections.last_seen(8), None);
 

@@ -140,12 +140,13 @@ fn trim(
     agent: u64,
     keep: usize,
 ) -> Result<(), StoreError> {
-    let bounds = |table: &redb::Table<(u64, u64), &[u8]>| -> Result<Option<(u64, u64)>, StoreError> {
-        let mut range = table.range((agent, 0)..=(agent, u64::MAX))?;
-        let first = range.next().transpose()?.map(|(k, _)| k.value().1);
-        let last = range.next_back().transpose()?.map(|(k, _)| k.value().1);
-        Ok(first.map(|first| (first, last.unwrap_or(first))))
-    };
+    let bounds =
+        |table: &redb::Table<(u64, u64), &[u8]>| -> Result<Option<(u64, u64)>, StoreError> {
+            let mut range = table.range((agent, 0)..=(agent, u64::MAX))?;
+            let first = range.next().transpose()?.map(|(k, _)| k.value().1);
+            let last = range.next_back().transpose()?.map(|(k, _)| k.value().1);
+            Ok(first.map(|first| (first, last.unwrap_or(first))))
+        };
     let Some((first, last)) = bounds(table)? else {
         return Ok(());
     };
@@ -197,7 +198,11 @@ mod tests {
                 .map(|(_, r)| r.name.unwrap())
                 .collect()
         };
-        assert_eq!(names(1, 10), ["d", "e", "f"], "the oldest are dropped first");
+        assert_eq!(
+            names(1, 10),
+            ["d", "e", "f"],
+            "the oldest are dropped first"
+        );
         assert_eq!(names(1, 2), ["e", "f"], "`last` takes the newest");
         assert_eq!(names(2, 10), ["other"], "per agent");
         assert!(names(3, 10).is_empty());

@@ -37,7 +37,10 @@ impl AuditLog {
 
     fn submit(&self, record: AuditRecord) {
         if let Err(e) = self.queue.try_send(record) {
-            warn!(agent_id = e.into_inner().agent_id, "the proxy's audit queue is full: a record was logged but not stored");
+            warn!(
+                agent_id = e.into_inner().agent_id,
+                "the proxy's audit queue is full: a record was logged but not stored"
+            );
         }
     }
 }
@@ -139,9 +142,7 @@ impl Drop for AuditTicket {
                 environment.as_deref(),
                 None,
             ),
-            AuditCaller::User { username } => {
-                ("user", None, None, None, Some(username.as_str()))
-            }
+            AuditCaller::User { username } => ("user", None, None, None, Some(username.as_str())),
         };
         info!(
             target: "kas::k8s_proxy::audit",

@@ -227,7 +227,8 @@ fn agent_error(agent_id: u64, status: &tonic::Status) -> ProxyError {
 
 fn revoked_error() -> ProxyError {
     ProxyError::Forbidden(
-        "the credential was revoked or is no longer allowed while the request was in progress".into(),
+        "the credential was revoked or is no longer allowed while the request was in progress"
+            .into(),
     )
 }
 
@@ -371,7 +372,11 @@ async fn pipe_upgraded(
             match from_client.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if up.send(part(Up::UpgradeData(buf[..n].to_vec()))).await.is_err() {
+                    if up
+                        .send(part(Up::UpgradeData(buf[..n].to_vec())))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

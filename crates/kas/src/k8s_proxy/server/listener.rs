@@ -68,7 +68,10 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             refused.0 += 1;
-            if refused.1.is_none_or(|last| last.elapsed() > Duration::from_secs(10)) {
+            if refused
+                .1
+                .is_none_or(|last| last.elapsed() > Duration::from_secs(10))
+            {
                 warn!(
                     refused = refused.0,
                     limit = limits.max_connections,
@@ -87,7 +90,9 @@ pub async fn serve(
                     match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await
                     {
                         Ok(Ok(tls)) => Box::new(tls),
-                        Ok(Err(e)) => return debug!(%peer, error = %e, "k8s proxy TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            return debug!(%peer, error = %e, "k8s proxy TLS handshake failed");
+                        }
                         Err(_) => return debug!(%peer, "k8s proxy TLS handshake timed out"),
                     }
                 }

@@ -96,7 +96,10 @@ pub fn end_to_end(headers: &HeaderMap, upgrade: bool) -> Vec<(HeaderName, http::
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     if upgrade {
-        out.push((header::CONNECTION, http::HeaderValue::from_static("Upgrade")));
+        out.push((
+            header::CONNECTION,
+            http::HeaderValue::from_static("Upgrade"),
+        ));
         out.extend(
             headers
                 .get_all(header::UPGRADE)
@@ -260,7 +263,11 @@ mod tests {
             ("/k8s-proxy/api/v1/namespaces", "/api/v1/namespaces"),
             ("/k8s-proxy/version?timeout=32s", "/version?timeout=32s"),
         ] {
-            assert_eq!(api_path_and_query(&uri(given)).unwrap(), forwarded, "{given}");
+            assert_eq!(
+                api_path_and_query(&uri(given)).unwrap(),
+                forwarded,
+                "{given}"
+            );
         }
         for refused in [
             "/",
@@ -381,14 +388,26 @@ mod tests {
             }
         );
         assert_eq!(info(Method::GET, "/api/v1/pods").verb, Verb::List);
-        let w = info(Method::GET, "/api/v1/namespaces/a/configmaps?watch=true&rv=1");
+        let w = info(
+            Method::GET,
+            "/api/v1/namespaces/a/configmaps?watch=true&rv=1",
+        );
         assert_eq!((w.verb, w.streaming), (Verb::Watch, true));
         assert_eq!(info(Method::GET, "/api/v1/watch/pods").verb, Verb::Watch);
         let c = info(Method::POST, "/apis/apps/v1/namespaces/a/deployments");
-        assert_eq!((c.verb, c.resource.as_deref()), (Verb::Create, Some("deployments")));
-        assert_eq!(info(Method::PUT, "/api/v1/namespaces/a/pods/p").verb, Verb::Update);
+        assert_eq!(
+            (c.verb, c.resource.as_deref()),
+            (Verb::Create, Some("deployments"))
+        );
+        assert_eq!(
+            info(Method::PUT, "/api/v1/namespaces/a/pods/p").verb,
+            Verb::Update
+        );
         assert_eq!(info(Method::PATCH, "/api/v1/nodes/n").verb, Verb::Patch);
-        assert_eq!(info(Method::DELETE, "/api/v1/namespaces/a/pods/p").verb, Verb::Delete);
+        assert_eq!(
+            info(Method::DELETE, "/api/v1/namespaces/a/pods/p").verb,
+            Verb::Delete
+        );
         assert_eq!(
             info(Method::DELETE, "/api/v1/namespaces/a/pods").verb,
             Verb::DeleteCollection
@@ -398,8 +417,15 @@ mod tests {
             (logs.verb, logs.subresource.as_deref(), logs.streaming),
             (Verb::Get, Some("log"), true)
         );
-        let exec = request_info(&Method::GET, "/api/v1/namespaces/a/pods/p/exec?command=sh", true);
-        assert_eq!((exec.verb, exec.subresource.as_deref()), (Verb::Connect, Some("exec")));
+        let exec = request_info(
+            &Method::GET,
+            "/api/v1/namespaces/a/pods/p/exec?command=sh",
+            true,
+        );
+        assert_eq!(
+            (exec.verb, exec.subresource.as_deref()),
+            (Verb::Connect, Some("exec"))
+        );
         let ns = info(Method::GET, "/api/v1/namespaces/a");
         assert_eq!(
             (ns.resource.as_deref(), ns.name.as_deref(), ns.namespace),
