@@ -181,23 +181,27 @@ fn ok_header() -> HttpResponseHeader {
     }
 }
 
-async fn read_body(parts: &mut Streaming<HttpRequestPart>) -> Result<Vec<u8>, Status> {
-    let mut body = Vec::new();
+/// The request body and how many `data` messages it came in.
+async fn read_body(parts: &mut Streaming<HttpRequestPart>) -> Result<(Vec<u8>, usize), Status> {
+    let (mut body, mut messages) = (Vec::new(), 0);
     loop {
         match parts.message().await? {
             Some(HttpRequestPart {
                 part: Some(Up::Data(data)),
-            }) => body.extend(data),
+            }) => {
+                body.extend(data);
+                messages += 1;
+            }
             Some(HttpRequestPart {
                 part: Some(Up::End(_)),
-            }) => return Ok(body),
+            }) => return Ok((body, messages)),
             _ => return Err(Status::invalid_argument("the body ended without `end`")),
         }
     }
 }
 
 async fn echo(header: HttpRequestHeader, mut parts: Streaming<HttpRequestPart>, tx: Parts) {
-    let Ok(body) = read_body(&mut parts).await else {
+    let Ok((body, messages)) = read_body(&mut parts).await else {
         return;
     };
     let headers: Vec<_> = header
@@ -210,6 +214,7 @@ async fn echo(header: HttpRequestHeader, mut parts: Streaming<HttpRequestPart>, 
         "path": header.path_and_query,
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
+        "body_messages": messages,
         "impersonation": header.impersonation.is_some(),
     });
     let _ = tx.send(down(Down::Header(ok_header()))).await;
@@ -258,7 +263,7 @@ async fn to_apiserver(
     mut parts: Streaming<HttpRequestPart>,
     tx: &Parts,
 ) -> anyhow::Result<()> {
-    let body = read_body(&mut parts).await?;
+    let (body, _) = read_body(&mut parts).await?;
     let mut request = http::Request::builder()
         .method(header.method.as_str())
         .uri(header.path_and_query.as_str());
@@ -572,7 +577,8 @@ async fn a_watch_receives_events_and_ends_when_revoked() -> anyhow::Result<()> {
     configmaps.create(&Default::default(), &cm).await?;
     let mut received = String::new();
     tokio::time::timeout(Duration::from_secs(10), async {
-        while !received.contains("\"watched\"") {
+        // Watch events are newline-delimited; a chunk may hold part of one.
+        while !(received.contains("\"watched\"") && received.ends_with('\n')) {
             match watch.chunk().await? {
                 Some(chunk) => received.push_str(&String::from_utf8_lossy(&chunk)),
                 None => bail!("the watch ended before the event: {received}"),
@@ -583,13 +589,9 @@ async fn a_watch_receives_events_and_ends_when_revoked() -> anyhow::Result<()> {
     .await
     .context("no event within 10 s")??;
     ensure!(received.contains("\"ADDED\""), "{received}");
-    // Control: the watch stays open while the credential is valid.
-    ensure!(
-        tokio::time::timeout(Duration::from_millis(500), watch.chunk())
-            .await
-            .is_err(),
-        "the watch ended on its own"
-    );
+    // Control: the watch stays open (and quiet) while the credential is valid.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), watch.chunk()).await;
+    ensure!(quiet.is_err(), "the watch did not stay open: {quiet:?}");
     let cancelled_at = tokio::time::Instant::now();
     revoked.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(1), async {
@@ -954,6 +956,37 @@ async fn a_watch_ends_cleanly_when_the_agents_tunnel_closes() -> anyhow::Result<
     ensure!(
         matches!(end, Ok(None)),
         "the watch did not end cleanly: {end:?}"
+    );
+    Ok(())
+}
+
+/// A request body of several MiB goes up in chunks (never one message of the whole) and arrives whole.
+#[tokio::test]
+async fn a_large_request_body_streams_up_in_chunks() -> anyhow::Result<()> {
+    let h = ProxyHarness::start(false, 500).await?;
+    h.grant(None);
+    let _stop = h.stand_in_agent("grpc").await?;
+    let body: String = (0..3 * 1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let echoed: Value = h
+        .http()?
+        .put(h.proxy_url("/api/v1/namespaces/a/configmaps/big"))
+        .bearer_auth(format!("ci:{}:{SECRET}", h.agent_id))
+        .header("x-stand-in", "echo")
+        .body(body.clone())
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        echoed["body"].as_str() == Some(body.as_str()),
+        "the body changed on the way"
+    );
+    let messages = echoed["body_messages"].as_u64().unwrap_or_default();
+    ensure!(
+        messages >= 12,
+        "3 MiB came in {messages} messages; chunks are at most 256 KiB"
     );
     Ok(())
 }
