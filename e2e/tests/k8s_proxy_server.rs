@@ -566,14 +566,16 @@ async fn a_watch_receives_events_and_ends_when_revoked() -> anyhow::Result<()> {
     let ns = TestNamespace::create("proxy-watch").await?;
     let mut watch = h
         .get(&format!(
-            "/api/v1/namespaces/{}/configmaps?watch=true",
+            // Only ours: the controller-manager adds `kube-root-ca.crt` to new namespaces at its own pace.
+            "/api/v1/namespaces/{}/configmaps?watch=true&labelSelector=proxy-test%3Dwatched",
             ns.name
         ))
         .await?;
     ensure!(watch.status() == 200, "{}", watch.status());
     let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
-    let cm: k8s_openapi::api::core::v1::ConfigMap =
-        serde_json::from_value(json!({ "metadata": { "name": "watched" } }))?;
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": { "name": "watched", "labels": { "proxy-test": "watched" } }
+    }))?;
     configmaps.create(&Default::default(), &cm).await?;
     let mut received = String::new();
     tokio::time::timeout(Duration::from_secs(10), async {

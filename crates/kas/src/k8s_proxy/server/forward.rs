@@ -5,9 +5,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use gitops_protocol::{
-    HttpBodyEnd, HttpHeader, HttpRequestHeader, HttpRequestPart, HttpResponsePart,
-    MAX_MESSAGE_BYTES, http_request_part::Part as Up, http_response_part::Part as Down,
-    kubernetes_api_client::KubernetesApiClient,
+    HttpBodyEnd, HttpHeader, HttpRequestHeader, HttpRequestPart, HttpResponseHeader,
+    HttpResponsePart, MAX_MESSAGE_BYTES, http_request_part::Part as Up,
+    http_response_part::Part as Down, kubernetes_api_client::KubernetesApiClient,
 };
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
@@ -25,7 +25,7 @@ use tracing::debug;
 use super::{
     BoxError, InFlight, ProxyBody, ProxyServer,
     audit::{AuditTicket, Subject},
-    empty, ends_cleanly,
+    empty,
     request::{self, RequestInfo},
     status_code,
 };
@@ -73,33 +73,10 @@ impl Call<'_> {
         path_and_query: String,
         ticket: &mut Option<AuditTicket>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let state = &self.server.state;
         let (mut req, body) = req.into_parts();
-        let credential = parse_authorization(req.headers.get(header::AUTHORIZATION))?;
-        let authorized = self.server.authorizer.authorize(&credential).await?;
+        let (authorized, in_flight) = self.admit(&req.headers, ticket).await?;
         let agent_id = authorized.agent_id;
-        if let Some(ticket) = ticket.as_mut() {
-            ticket.subject(Subject {
-                agent_id,
-                caller: authorized.caller.clone(),
-            });
-        }
-        if authorized.impersonation.is_some() {
-            request::refuse_client_impersonation(&req.headers)?;
-        }
-        let limit = state.k8s_proxy.config.max_requests_per_agent;
-        let in_flight = state
-            .k8s_proxy
-            .sessions
-            .acquire(agent_id, limit)
-            .ok_or_else(|| {
-                ProxyError::TooManyRequests(format!(
-                    "agent {:?} (id {agent_id}) already has {limit} proxied requests in flight \
-                     (k8s_proxy.max_requests_per_agent); retry later",
-                    authorized.agent_name
-                ))
-            })?;
-        let channel = match state.tunnels.find(&agent_id, TUNNEL_WAIT).await {
+        let channel = match self.server.state.tunnels.find(&agent_id, TUNNEL_WAIT).await {
             Some(channel) => channel,
             None => return Err(self.not_connected(&authorized)),
         };
@@ -121,41 +98,13 @@ impl Call<'_> {
             tokio::spawn(pump_body(body, up.clone(), call_over.clone()));
             None
         };
-        let mut client = KubernetesApiClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let revoked = authorized.revoked.clone();
-        let answer = async {
-            let mut stream = client
-                .make_request(ReceiverStream::new(parts))
-                .await
-                .map_err(|status| agent_error(agent_id, &status))?
-                .into_inner();
-            match stream.message().await {
-                Ok(Some(HttpResponsePart {
-                    part: Some(Down::Header(header)),
-                })) => Ok((header, stream)),
-                Ok(_) => Err(ProxyError::Agent {
-                    agent_id,
-                    message: "answered without a response header".into(),
-                }),
-                Err(status) => Err(agent_error(agent_id, &status)),
-            }
-        };
-        let (header, stream) = tokio::select! {
-            answer = tokio::time::timeout(RESPONSE_HEADER_TIMEOUT, answer) => answer.map_err(|_| {
-                ProxyError::Timeout(format!(
-                    "agent {:?} (id {agent_id}) did not answer within {RESPONSE_HEADER_TIMEOUT:?}",
-                    authorized.agent_name
-                ))
-            })??,
-            () = revoked.cancelled() => return Err(revoked_error()),
-        };
+        let (header, stream) = answer(channel, parts, &authorized).await?;
         let status = status_code(agent_id, header.status)?;
-        let Some(mut ticket) = ticket.take() else {
-            unreachable!("the ticket is taken only here");
-        };
+        let mut ticket = ticket
+            .take()
+            .expect("the ticket moves to the response only here");
         ticket.status(status.as_u16());
+        let revoked = authorized.revoked.clone();
         let held = Held {
             ticket,
             _in_flight: in_flight,
@@ -180,13 +129,49 @@ impl Call<'_> {
         let downstream = Downstream {
             stream,
             revoked,
-            ends_cleanly: ends_cleanly(&self.info),
+            ends_cleanly: self.info.streaming,
             held,
             _call_over: call_over.drop_guard(),
             done: false,
         };
         let body = StreamBody::new(futures::stream::unfold(downstream, Downstream::next));
         Ok(response.body(body.boxed_unsync()).expect("valid response"))
+    }
+
+    /// Who the request is and whether it may go: the credential decided by the authoriser, the client's own
+    /// impersonation refused when kas impersonates, and a slot under the agent's cap.
+    async fn admit(
+        &self,
+        headers: &http::HeaderMap,
+        ticket: &mut Option<AuditTicket>,
+    ) -> Result<(Authorized, InFlight), ProxyError> {
+        let credential = parse_authorization(headers.get(header::AUTHORIZATION))?;
+        let authorized = self.server.authorizer.authorize(&credential).await?;
+        let agent_id = authorized.agent_id;
+        if let Some(ticket) = ticket.as_mut() {
+            ticket.subject(Subject {
+                agent_id,
+                caller: authorized.caller.clone(),
+            });
+        }
+        if authorized.impersonation.is_some() {
+            request::refuse_client_impersonation(headers)?;
+        }
+        let limit = self.server.state.k8s_proxy.config.max_requests_per_agent;
+        let in_flight = self
+            .server
+            .state
+            .k8s_proxy
+            .sessions
+            .acquire(agent_id, limit)
+            .ok_or_else(|| {
+                ProxyError::TooManyRequests(format!(
+                    "agent {:?} (id {agent_id}) already has {limit} proxied requests in flight \
+                     (k8s_proxy.max_requests_per_agent); retry later",
+                    authorized.agent_name
+                ))
+            })?;
+        Ok((authorized, in_flight))
     }
 
     fn not_connected(&self, authorized: &Authorized) -> ProxyError {
@@ -206,6 +191,45 @@ impl Call<'_> {
             agent_name: authorized.agent_name.clone(),
             last_seen,
         }
+    }
+}
+
+/// Makes the call and waits for the agent's response header, unless the credential is revoked first or
+/// the agent takes longer than [`RESPONSE_HEADER_TIMEOUT`].
+async fn answer(
+    channel: gitops_tunnel::reverse::TunnelChannel,
+    parts: mpsc::Receiver<HttpRequestPart>,
+    authorized: &Authorized,
+) -> Result<(HttpResponseHeader, Streaming<HttpResponsePart>), ProxyError> {
+    let agent_id = authorized.agent_id;
+    let mut client = KubernetesApiClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let answer = async {
+        let mut stream = client
+            .make_request(ReceiverStream::new(parts))
+            .await
+            .map_err(|status| agent_error(agent_id, &status))?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(HttpResponsePart {
+                part: Some(Down::Header(header)),
+            })) => Ok((header, stream)),
+            Ok(_) => Err(ProxyError::Agent {
+                agent_id,
+                message: "answered without a response header".into(),
+            }),
+            Err(status) => Err(agent_error(agent_id, &status)),
+        }
+    };
+    tokio::select! {
+        answer = tokio::time::timeout(RESPONSE_HEADER_TIMEOUT, answer) => answer.map_err(|_| {
+            ProxyError::Timeout(format!(
+                "agent {:?} (id {agent_id}) did not answer within {RESPONSE_HEADER_TIMEOUT:?}",
+                authorized.agent_name
+            ))
+        })?,
+        () = authorized.revoked.cancelled() => Err(revoked_error()),
     }
 }
 

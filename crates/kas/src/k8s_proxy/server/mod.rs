@@ -28,7 +28,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 
 pub use self::audit::AuditLog;
-use self::{audit::AuditTicket, request::RequestInfo};
+use self::audit::AuditTicket;
 use super::{ProxyError, auth::ProxyAuthorizer};
 use crate::KasState;
 
@@ -178,9 +178,4 @@ fn status_code(agent_id: u64, status: u32) -> Result<StatusCode, ProxyError> {
             agent_id,
             message: format!("answered with an invalid HTTP status {status}"),
         })
-}
-
-/// Whether the request is one whose end the client expects whenever it comes (a watch, a followed log).
-fn ends_cleanly(info: &RequestInfo) -> bool {
-    info.streaming
 }
