@@ -649,7 +649,8 @@ async fn a_watch_receives_events_and_ends_when_revoked() -> anyhow::Result<()> {
         .context(audit.to_string())?;
     ensure!(entry["caller"] == "CI_JOB", "{entry}");
     ensure!(
-        entry["tokenId"].as_str().map(str::parse::<u64>) == Some(Ok(TOKEN_ID)),
+        entry["tokenId"].as_str()
+            == Some(format!("gid://kas/Clusters::CiToken/{TOKEN_ID}").as_str()),
         "{entry}"
     );
     ensure!(entry["project"] == CI_PROJECT, "{entry}");

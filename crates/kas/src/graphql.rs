@@ -425,7 +425,8 @@ fn proxy_audit(
                     environment,
                 } => (
                     ProxyCaller::CiJob,
-                    Some(ID(token_id.to_string())),
+                    // The CI token's global id, as the CI token API writes it.
+                    Some(ID(format!("{GID_PREFIX}Clusters::CiToken/{token_id}"))),
                     Some(project),
                     environment,
                     None,
