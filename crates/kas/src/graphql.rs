@@ -167,6 +167,15 @@ impl ClusterAgent {
     async fn granted_projects(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<String>> {
         Ok(state(ctx).store.granted_projects(self.0.id)?)
     }
+    /// The Kubernetes API proxy's audit log of this agent: its last `last` requests (default 100), oldest
+    /// first.
+    async fn proxy_audit(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 100, validator(minimum = 0, maximum = 1000))] last: i32,
+    ) -> async_graphql::Result<Vec<ProxyAuditEntry>> {
+        proxy_audit(state(ctx), self.0.id, last)
+    }
     /// Per manifest project: the newest commit kas saw, the last one sent, and why delivery failed, if it did.
     async fn manifest_projects(
         &self,
@@ -345,6 +354,104 @@ pub enum ObjectHealth {
     Terminating,
     NotFound,
     Unknown,
+}
+
+// The Kubernetes API proxy's audit log (`clusterAgent { proxyAudit(last: N) }`).
+
+/// One proxied request, recorded when it ended.
+#[derive(SimpleObject)]
+pub struct ProxyAuditEntry {
+    /// When the request arrived.
+    at: String,
+    caller: ProxyCaller,
+    /// The CI token a CI job presented (`caller: CI_JOB`).
+    token_id: Option<ID>,
+    /// The CI token's project (`caller: CI_JOB`).
+    project: Option<String>,
+    /// The CI token's environment, if it names one.
+    environment: Option<String>,
+    /// The Git server user (`caller: USER`).
+    username: Option<String>,
+    verb: KubernetesVerb,
+    /// Null for non-resource paths (`/version`, `/healthz`, …).
+    resource: Option<String>,
+    subresource: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    /// The status the client got, kas's own refusals included.
+    status_code: i32,
+    duration_ms: u64,
+}
+
+/// Who made a proxied request.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyCaller {
+    /// A CI job, with a CI token.
+    CiJob,
+    /// A person, with a personal access token of the Git server.
+    User,
+}
+
+/// A request's Kubernetes verb, as RBAC names it; `connect` for an upgraded connection (exec, attach,
+/// port-forward).
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "crate::store::audit::Verb")]
+pub enum KubernetesVerb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    DeleteCollection,
+    Connect,
+}
+
+fn proxy_audit(
+    state: &KasState,
+    agent_id: u64,
+    last: i32,
+) -> async_graphql::Result<Vec<ProxyAuditEntry>> {
+    use crate::store::audit::AuditCaller;
+    let records = state.store.proxy_audit(agent_id, last.max(0) as usize)?;
+    Ok(records
+        .into_iter()
+        .map(|(_, r)| {
+            let (caller, token_id, project, environment, username) = match r.caller {
+                AuditCaller::CiJob {
+                    token_id,
+                    project,
+                    environment,
+                } => (
+                    ProxyCaller::CiJob,
+                    // The CI token's global id, as the CI token API writes it.
+                    Some(ID(format!("{GID_PREFIX}Clusters::CiToken/{token_id}"))),
+                    Some(project),
+                    environment,
+                    None,
+                ),
+                AuditCaller::User { username } => {
+                    (ProxyCaller::User, None, None, None, Some(username))
+                }
+            };
+            ProxyAuditEntry {
+                at: rfc3339(r.at),
+                caller,
+                token_id,
+                project,
+                environment,
+                username,
+                verb: r.verb.into(),
+                resource: r.resource,
+                subresource: r.subresource,
+                namespace: r.namespace,
+                name: r.name,
+                status_code: i32::from(r.status_code),
+                duration_ms: r.duration_ms,
+            }
+        })
+        .collect())
 }
 
 #[derive(SimpleObject)]
