@@ -323,6 +323,8 @@ pub async fn start_with(
         stop.clone(),
     ));
     if let Some((socket, addr)) = k8s_proxy_socket {
+        // Kubeconfigs name the port actually bound (`listen.k8s_proxy` may say port 0) unless `k8s_proxy.url` is set.
+        state.k8s_proxy.credentials.set_listen_addr(addr);
         if k8s_proxy_tls.is_none() && !addr.ip().is_loopback() {
             warn!(
                 k8s_proxy_addr = %addr,
