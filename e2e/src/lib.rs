@@ -165,6 +165,7 @@ impl Harness {
             pod_name: "agentk-test".into(),
             reverse_tunnels: 2,
             apply,
+            kubernetes_api: None,
         };
         Ok(agentk::start(client, options, None)?)
     }

@@ -35,6 +35,7 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
         agent_version: "stable".into(),
         image_repository: "agentk".into(),
         cluster_write: false,
+        impersonate: false,
     });
     let applied = kubectl(&["apply", "-f", "-"], Some(&manifests))?;
     let n = &ns.name;
@@ -70,6 +71,7 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
         agent_version: "stable".into(),
         image_repository: "agentk".into(),
         cluster_write: true,
+        impersonate: false,
     });
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&seed_like))?;
     assert!(

@@ -77,6 +77,7 @@ impl Install {
                     agent_version: "stable".into(),
                     image_repository: "agentk".into(),
                     cluster_write,
+                    impersonate: false,
                 });
                 kubectl(&["apply", "-f", "-"], Some(&yaml))?;
                 let mut bindings = vec![

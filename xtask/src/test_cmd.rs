@@ -138,28 +138,6 @@ fn profile_args(cargo_args: &[String]) -> Vec<String> {
     profile
 }
 
-#[cfg(test)]
-mod tests {
-    use super::profile_args;
-
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|arg| (*arg).to_owned()).collect()
-    }
-
-    #[test]
-    fn only_the_profile_flags_reach_the_binaries_build() {
-        assert_eq!(
-            profile_args(&strings(&["-p", "e2e", "--release", "--test", "faults"])),
-            strings(&["--release"])
-        );
-        assert_eq!(
-            profile_args(&strings(&["--profile", "ci", "-p", "kas"])),
-            strings(&["--profile", "ci"])
-        );
-        assert!(profile_args(&strings(&["-p", "e2e"])).is_empty());
-    }
-}
-
 /// What the local backend needs from the machine besides the Go modules; said up front, by name.
 fn check_prerequisites() -> Result<()> {
     for (program, why) in [
@@ -183,4 +161,26 @@ fn check_prerequisites() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::profile_args;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    #[test]
+    fn only_the_profile_flags_reach_the_binaries_build() {
+        assert_eq!(
+            profile_args(&strings(&["-p", "e2e", "--release", "--test", "faults"])),
+            strings(&["--release"])
+        );
+        assert_eq!(
+            profile_args(&strings(&["--profile", "ci", "-p", "kas"])),
+            strings(&["--profile", "ci"])
+        );
+        assert!(profile_args(&strings(&["-p", "e2e"])).is_empty());
+    }
 }

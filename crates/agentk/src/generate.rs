@@ -12,6 +12,11 @@
 //!   agent's namespace only; a manifest for another namespace then fails, that object only, with the
 //!   apiserver's "forbidden" message.
 //!
+//! - impersonation (`impersonate: true`, off by default): `gitlab-agent-impersonate`, granting `impersonate` on
+//!   the users, groups, service accounts, uids and user extras the Kubernetes API proxy acts as when
+//!   an agent's `ci_access`/`user_access` uses `access_as` other than `agent`. Without it such requests are
+//!   refused by the apiserver (403), so an agent that only does GitOps never holds the permission.
+//!
 //! The cluster roles are the same for every install and keep the article's names; the cluster role
 //! bindings carry the namespace (`gitops-read-all:<namespace>`), so a second agent installed in another
 //! namespace adds its own binding instead of replacing the first agent's subject.
@@ -30,6 +35,9 @@ pub struct InstallOptions {
     /// Grant the agent write access to the whole cluster (the article's `gitops-write-all`). Without it,
     /// the agent can read everything but write only in its own namespace.
     pub cluster_write: bool,
+    /// Grant the agent `impersonate` (users, groups, uids, service accounts, user extras) for the
+    /// Kubernetes API proxy's `access_as: impersonate | ci_job | user`.
+    pub impersonate: bool,
 }
 
 fn q(s: &str) -> String {
@@ -186,6 +194,40 @@ subjects:
 "#
         );
     }
+    if o.impersonate {
+        let _ = write!(
+            out,
+            r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: gitlab-agent-impersonate
+rules:
+- apiGroups: [""]
+  resources: ["users", "groups", "serviceaccounts"]
+  verbs: ["impersonate"]
+# `*` here means `uids` and every `userextras/<key>`: RBAC matches no `userextras/*` pattern, and the
+# extras' keys include whatever `access_as: impersonate` configures.
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["*"]
+  verbs: ["impersonate"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: {impersonate_binding}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: gitlab-agent-impersonate
+subjects:
+- kind: ServiceAccount
+  name: gitlab-agent
+  namespace: {ns}
+---
+"#,
+            impersonate_binding = q(&format!("gitlab-agent-impersonate:{}", o.namespace)),
+        );
+    }
     let _ = write!(
         out,
         r#"apiVersion: apps/v1
@@ -251,6 +293,10 @@ mod tests {
     use super::*;
 
     fn options(cluster_write: bool) -> InstallOptions {
+        options_with(cluster_write, false)
+    }
+
+    fn options_with(cluster_write: bool, impersonate: bool) -> InstallOptions {
         InstallOptions {
             namespace: "gitlab-kubernetes-agent".into(),
             kas_address: "wss://kas.example".into(),
@@ -258,6 +304,7 @@ mod tests {
             agent_version: "stable".into(),
             image_repository: "agentk".into(),
             cluster_write,
+            impersonate,
         }
     }
 
@@ -348,5 +395,42 @@ mod tests {
         let yaml = manifests(&options(false));
         assert!(!yaml.contains("gitops-write-all"));
         assert!(yaml.contains("kind: RoleBinding"));
+    }
+
+    /// The impersonation grant appears only when asked for, in both write modes, and covers every kind of
+    /// identity the proxy sets (user, uid, groups, extras; service accounts for `access_as: impersonate`).
+    #[test]
+    fn impersonation_is_granted_only_when_asked() {
+        for cluster_write in [true, false] {
+            let plain = manifests(&options_with(cluster_write, false));
+            assert!(!plain.contains("impersonate"), "{plain}");
+            let yaml = manifests(&options_with(cluster_write, true));
+            assert_eq!(
+                yaml.matches("\n---\n").count(),
+                plain.matches("\n---\n").count() + 2,
+                "a ClusterRole and its binding"
+            );
+            let roles = documents(&yaml, "ClusterRole");
+            let role = roles
+                .iter()
+                .find(|d| d.contains("name: gitlab-agent-impersonate\n"))
+                .expect("the impersonation ClusterRole");
+            for needle in [
+                "- apiGroups: [\"\"]\n  resources: [\"users\", \"groups\", \"serviceaccounts\"]\n  verbs: [\"impersonate\"]\n",
+                "- apiGroups: [\"authentication.k8s.io\"]\n  resources: [\"*\"]\n  verbs: [\"impersonate\"]",
+            ] {
+                assert!(role.contains(needle), "{needle:?} missing from\n{role}");
+            }
+            let bindings = documents(&yaml, "ClusterRoleBinding");
+            let binding = bindings
+                .iter()
+                .find(|d| d.contains("name: gitlab-agent-impersonate\n"))
+                .expect("the impersonation binding");
+            assert!(
+                binding.contains("name: \"gitlab-agent-impersonate:gitlab-kubernetes-agent\"")
+                    && binding.contains("- kind: ServiceAccount\n  name: gitlab-agent\n"),
+                "{binding}"
+            );
+        }
     }
 }

@@ -7,13 +7,14 @@ pub mod config_watcher;
 pub mod generate;
 pub mod gitops;
 pub mod info;
+pub mod k8s_proxy;
 pub mod leader;
 
 use std::sync::Arc;
 
 use gitops_protocol::{
     MAX_MESSAGE_BYTES, agent_info_server::AgentInfoServer,
-    reverse_tunnel_client::ReverseTunnelClient,
+    kubernetes_api_server::KubernetesApiServer, reverse_tunnel_client::ReverseTunnelClient,
 };
 use gitops_telemetry::LogHandle;
 use gitops_tunnel::client::ClientConfig;
@@ -37,6 +38,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum AgentError {
     #[error(transparent)]
     Transport(#[from] gitops_tunnel::Error),
+    /// The Kubernetes configuration cannot be used for the API proxy's client.
+    #[error("{0}")]
+    KubernetesConfig(String),
 }
 
 /// What the agent needs besides the connection settings.
@@ -49,6 +53,9 @@ pub struct AgentOptions {
     pub reverse_tunnels: usize,
     /// How to apply manifests; `None` only receives them.
     pub apply: Option<gitops::ApplySettings>,
+    /// agentk's own client for its apiserver, for the Kubernetes API proxy; `None` answers every proxied
+    /// request 503.
+    pub kubernetes_api: Option<k8s_proxy::ApiserverClient>,
 }
 
 /// A running agent, for embedding (tests, benchmarks) as well as for `main`.
@@ -120,6 +127,13 @@ pub fn start(
         AgentInfoServer::new(info::AgentInfoService {
             state: state_rx.clone(),
         })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        KubernetesApiServer::new(k8s_proxy::KubernetesApiService::new(
+            options.kubernetes_api.clone(),
+        ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );

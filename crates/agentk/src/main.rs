@@ -76,6 +76,10 @@ enum Command {
         /// Bind the article's `gitops-write-all` (write anywhere); otherwise write only in --namespace.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         cluster_write: bool,
+        /// Grant `impersonate` (users, groups, uids, service accounts, user extras), needed only when an
+        /// agent's `ci_access`/`user_access` uses `access_as` other than `agent`.
+        #[arg(long)]
+        impersonate: bool,
     },
 }
 
@@ -95,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         namespace,
         image_repository,
         cluster_write,
+        impersonate,
     }) = cli.command
     {
         KasAddress::parse(&kas_address)?;
@@ -107,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 agent_version,
                 image_repository,
                 cluster_write,
+                impersonate,
             })
         );
         return Ok(());
@@ -148,19 +154,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
     let pod_name = std::env::var("POD_NAME").unwrap_or_default();
     let stop = tokio_util::sync::CancellationToken::new();
-    let (apply, election) = if args.no_apply {
-        (None, None)
-    } else {
-        match apply_settings(&pod_namespace, &pod_name, args.drift_check_interval).await {
-            Some((apply, election)) => (Some(apply), election),
-            None => (None, None),
+    let kube_config = match kube::Config::infer().await {
+        Ok(config) => Some(config),
+        Err(e) if args.no_apply => {
+            tracing::warn!(error = %e, "no Kubernetes configuration: Kubernetes API proxy requests are answered 503");
+            None
         }
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes configuration: manifests will be received but not applied, and Kubernetes API proxy requests are answered 503");
+            None
+        }
+    };
+    let kubernetes_api = kube_config.as_ref().and_then(|config| {
+        agentk::k8s_proxy::ApiserverClient::new(config)
+            .inspect_err(|e| tracing::error!(error = %e, "the Kubernetes API proxy answers 503"))
+            .ok()
+    });
+    let (apply, election) = match kube_config {
+        Some(config) if !args.no_apply => {
+            match apply_settings(config, &pod_namespace, &pod_name, args.drift_check_interval) {
+                Some((apply, election)) => (Some(apply), election),
+                None => (None, None),
+            }
+        }
+        _ => (None, None),
     };
     let options = agentk::AgentOptions {
         pod_namespace,
         pod_name,
         reverse_tunnels: 2,
         apply,
+        kubernetes_api,
     };
     let mut agent = agentk::start(client, options, Some(logs))?;
     if let Some(e) = election {
@@ -194,20 +218,14 @@ struct Election {
     leading: tokio::sync::watch::Sender<bool>,
 }
 
-/// The cluster agentk runs in (in-cluster config, else KUBECONFIG), leader election when it runs as a pod,
-/// and the engine. Without a reachable cluster agentk still connects and receives, and says why it won't apply.
-async fn apply_settings(
+/// For the cluster agentk runs in (`config`: in-cluster, else KUBECONFIG): leader election when it runs as a
+/// pod, and the engine. Without a usable cluster agentk still connects and receives, and says why it won't apply.
+fn apply_settings(
+    config: kube::Config,
     namespace: &str,
     pod_name: &str,
     drift_check_interval: Duration,
 ) -> Option<(agentk::gitops::ApplySettings, Option<Election>)> {
-    let config = match kube::Config::infer().await {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!(error = %e, "no Kubernetes configuration: manifests will be received but not applied");
-            return None;
-        }
-    };
     let cluster_url = config.cluster_url.to_string();
     let client = match kube::Client::try_from(config) {
         Ok(client) => client,
