@@ -20,13 +20,13 @@ use crate::process::{Killed, free_port, sibling_binary};
 pub const AGENT: &str = "proxy";
 const ADMIN_TOKEN: &str = "admin-secret-for-k8s-proxy";
 
-/// How a kas of a [`ProxyEnv`] listens.
+/// How a kas of a [`ProxyEnv`] listens for agents. The proxy itself always serves `https://` (with the same
+/// self-signed certificate for `localhost` and `127.0.0.1`): kubectl sends no bearer token over `http://`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tls {
-    /// Plain agent port (`grpc://`, `ws://`) and plain proxy (`http://`).
+    /// Plain agent port (`grpc://`, `ws://`).
     Off,
-    /// TLS on the agent port (`grpcs://`, `wss://`) and on the proxy (`https://`), one self-signed
-    /// certificate for `localhost` and `127.0.0.1`.
+    /// TLS on the agent port (`grpcs://`, `wss://`).
     On,
 }
 
@@ -57,6 +57,8 @@ pub struct ProxyEnv {
     pub agent_token: String,
     pub dir: tempfile::TempDir,
     kas_config: PathBuf,
+    /// The last `config.yaml` commit pushed; kas reads it once an agent is connected.
+    config_commit: std::sync::Mutex<String>,
 }
 
 impl ProxyEnv {
@@ -76,25 +78,23 @@ impl ProxyEnv {
         std::fs::write(d.join("admin-token"), ADMIN_TOKEN)?;
         std::fs::write(d.join("git-password"), &env.gitea.admin_password)?;
         let (agent_port, api_port, proxy_port) = (free_port()?, free_port()?, free_port()?);
-        let (tls_listen, proxy_scheme) = match tls {
-            Tls::Off => (String::new(), "http"),
-            Tls::On => {
-                let cert = rcgen::generate_simple_self_signed(vec![
-                    "localhost".to_owned(),
-                    "127.0.0.1".to_owned(),
-                ])?;
-                std::fs::write(d.join("tls.crt"), cert.cert.pem())?;
-                std::fs::write(d.join("tls.key"), cert.signing_key.serialize_pem())?;
-                let files = format!(
-                    "    cert_file: {0}/tls.crt\n    key_file: {0}/tls.key\n",
-                    d.display()
-                );
-                (
-                    format!("  agent_tls:\n{files}  k8s_proxy_tls:\n{files}"),
-                    "https",
-                )
-            }
+        // The proxy always serves TLS: kubectl (client-go) sends no bearer token over plain http://.
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])?;
+        std::fs::write(d.join("tls.crt"), cert.cert.pem())?;
+        std::fs::write(d.join("tls.key"), cert.signing_key.serialize_pem())?;
+        let files = format!(
+            "    cert_file: {0}/tls.crt\n    key_file: {0}/tls.key\n",
+            d.display()
+        );
+        let agent_tls = match tls {
+            Tls::Off => String::new(),
+            Tls::On => format!("  agent_tls:\n{files}"),
         };
+        let tls_listen = format!("{agent_tls}  k8s_proxy_tls:\n{files}");
+        let proxy_scheme = "https";
         let kas_config = d.join("kas.yaml");
         std::fs::write(
             &kas_config,
@@ -137,6 +137,7 @@ impl ProxyEnv {
             agent_token,
             dir,
             kas_config,
+            config_commit: std::sync::Mutex::new(String::new()),
         };
         env.set_agent_config(config_yaml).await?;
         Ok(env)
@@ -147,14 +148,27 @@ impl ProxyEnv {
         self.dir.path().join("kas.log")
     }
 
-    /// Commits `config_yaml` as the agent's `config.yaml` and waits until kas has read that commit.
+    /// Commits `config_yaml` as the agent's `config.yaml`; while an agent is connected, waits until kas has
+    /// read that commit (kas reads the configuration of connected agents only).
     pub async fn set_agent_config(&self, config_yaml: &str) -> anyhow::Result<()> {
         let path = format!(".gitlab/agents/{AGENT}/config.yaml");
-        let (commit, _) = {
-            // Checkout is not Send-safe to move in and out of a blocking task; pushing is quick.
-            self.config_checkout
-                .commit_and_push(&[(path.as_str(), config_yaml.as_bytes())], "agent config")?
-        };
+        let (commit, _) = self
+            .config_checkout
+            .commit_and_push(&[(path.as_str(), config_yaml.as_bytes())], "agent config")?;
+        *self.config_commit.lock().expect("config commit") = commit;
+        let agents = self
+            .admin
+            .list_agents(Some(&self.config_repo.full_name))
+            .await?;
+        if agents[0]["connected"].as_bool() == Some(true) {
+            self.wait_for_config().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until kas has read the last pushed `config.yaml` commit.
+    async fn wait_for_config(&self) -> anyhow::Result<()> {
+        let commit = self.config_commit.lock().expect("config commit").clone();
         let started = Instant::now();
         loop {
             let agents = self
@@ -212,6 +226,7 @@ impl ProxyEnv {
         }
         let agentk = Killed(command.spawn().context("starting agentk")?);
         self.wait_connected(true, Duration::from_secs(30)).await?;
+        self.wait_for_config().await?;
         Ok(agentk)
     }
 
@@ -303,7 +318,7 @@ impl ProxyEnv {
             .dir
             .path()
             .join(format!("kubeconfig-{}", rand_suffix()));
-        std::fs::write(&path, yaml)?;
+        std::fs::write(&path, &yaml)?;
         Ok(path)
     }
 
@@ -314,20 +329,15 @@ impl ProxyEnv {
 
     /// The proxy's base URL.
     pub fn proxy_url(&self) -> String {
-        match self.tls {
-            Tls::Off => format!("http://127.0.0.1:{}", self.proxy_port),
-            Tls::On => format!("https://127.0.0.1:{}", self.proxy_port),
-        }
+        format!("https://127.0.0.1:{}", self.proxy_port)
     }
 
     /// An HTTP client for the proxy (trusting its certificate), for requests kubectl cannot make.
     pub fn http(&self) -> anyhow::Result<reqwest::Client> {
-        let mut builder = reqwest::Client::builder();
-        if self.tls == Tls::On {
-            let pem = std::fs::read(self.dir.path().join("tls.crt"))?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        Ok(builder.build()?)
+        let pem = std::fs::read(self.dir.path().join("tls.crt"))?;
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .build()?)
     }
 
     /// `Bearer ci:<agent>:<secret>` (or `pat:` for anything but a `kasci_` token), as kubeconfigs carry it.
