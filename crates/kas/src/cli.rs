@@ -167,6 +167,65 @@ impl AdminClient {
         .await
     }
 
+    // --- Kubernetes API proxy: CI tokens and kubeconfigs ---
+
+    /// `ciTokenCreate`; the answer holds the secret (`token`) once.
+    pub async fn create_ci_token(
+        &self,
+        project: &str,
+        environment: Option<&str>,
+        expires_in: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<Value, CliError> {
+        self.mutate(
+            "ciTokenCreate",
+            "mutation($p: String!, $e: String, $x: String, $d: String) { ciTokenCreate(input: {project: $p, environment: $e, expiresIn: $x, description: $d}) { token ciToken { id project environment description createdAt expiresAt } errors } }",
+            json!({ "p": project, "e": environment, "x": expires_in, "d": description }),
+        )
+        .await
+    }
+
+    pub async fn list_ci_tokens(&self, project: Option<&str>) -> Result<Value, CliError> {
+        let data = self
+            .execute(
+                "query($p: String) { ciTokens(project: $p) { id project environment description createdAt expiresAt expired revoked revokedAt } }",
+                json!({ "p": project }),
+            )
+            .await?;
+        Ok(data["ciTokens"].clone())
+    }
+
+    pub async fn revoke_ci_token(&self, id: &str) -> Result<Value, CliError> {
+        self.mutate(
+            "ciTokenRevoke",
+            "mutation($t: ID!) { ciTokenRevoke(input: {id: $t}) { errors } }",
+            json!({ "t": id }),
+        )
+        .await
+    }
+
+    /// A kubeconfig for `agents` with `token` in it. The secret stays here: kas gets only a CI token's
+    /// SHA-256 (to find its project's namespaces) and answers with a placeholder, filled in here.
+    pub async fn kubeconfig(&self, agents: &[String], token: &str) -> Result<String, CliError> {
+        let sha256 = token
+            .starts_with(crate::k8s_proxy::auth::ci::CI_TOKEN_PREFIX)
+            .then(|| crate::tokens::hash(token));
+        let payload = self
+            .mutate(
+                "k8sProxyKubeconfig",
+                "query($a: [ID!]!, $h: String) { k8sProxyKubeconfig(agentIds: $a, ciTokenSha256: $h) { kubeconfig errors } }",
+                json!({ "a": agents, "h": sha256 }),
+            )
+            .await?;
+        let yaml = payload["kubeconfig"]
+            .as_str()
+            .ok_or_else(|| CliError::Failed("kas returned no kubeconfig".into()))?;
+        let mut config =
+            crate::k8s_proxy::kubeconfig::Kubeconfig::from_yaml(yaml).map_err(CliError::Failed)?;
+        config.fill_token(token).map_err(CliError::Failed)?;
+        Ok(config.to_yaml())
+    }
+
     pub async fn list_agents(&self, project_path: Option<&str>) -> Result<Value, CliError> {
         let data = self
             .execute(

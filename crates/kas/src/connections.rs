@@ -97,6 +97,9 @@ pub struct Connections {
     /// Per agent: reverse tunnels admitted in the last [`TUNNEL_HANDSHAKE_GRACE`], which the registry may
     /// not list yet (it adds a tunnel after its HTTP/2 handshake).
     tunnel_admissions: Arc<Mutex<HashMap<u64, usize>>>,
+    /// Per agent: when its last connection ended (Unix seconds), for "not connected, last seen …". Kept in
+    /// memory only, so unknown after a kas restart.
+    last_seen: Mutex<HashMap<u64, i64>>,
     pub limits: StreamLimits,
 }
 
@@ -118,6 +121,11 @@ impl Drop for ConnectionGuard {
             conns.remove(&self.id);
             if conns.is_empty() {
                 by_agent.remove(&self.agent_id);
+                self.connections
+                    .last_seen
+                    .lock()
+                    .expect("last seen lock")
+                    .insert(self.agent_id, crate::store::now());
             }
         }
     }
@@ -181,6 +189,16 @@ impl Connections {
             .unwrap_or_default();
         list.sort_by_key(|c| c.connected_at);
         list
+    }
+
+    /// When the agent last had no connection left to this kas (Unix seconds); `None` when that has not
+    /// happened since kas started. Ask [`Self::of_agent`] whether it is connected now.
+    pub fn last_seen(&self, agent_id: u64) -> Option<i64> {
+        self.last_seen
+            .lock()
+            .expect("last seen lock")
+            .get(&agent_id)
+            .copied()
     }
 
     /// A cancellation token that fires when `token_id` is revoked; already cancelled if it was.
@@ -311,8 +329,14 @@ mod tests {
             let _a = connections.register(7, info(1));
             let _b = connections.register(7, info(2));
             assert_eq!(connections.of_agent(7).len(), 2);
+            assert_eq!(connections.last_seen(7), None);
         }
         assert!(connections.of_agent(7).is_empty());
+        let seen = connections
+            .last_seen(7)
+            .expect("last seen when its last connection ended");
+        assert!((crate::store::now() - seen).abs() <= 1);
+        assert_eq!(connections.last_seen(8), None);
 
         let (one, two) = (connections.token_switch(1), connections.token_switch(2));
         connections.revoke(1);

@@ -167,6 +167,15 @@ impl ClusterAgent {
     async fn granted_projects(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<String>> {
         Ok(state(ctx).store.granted_projects(self.0.id)?)
     }
+    /// The Kubernetes API proxy's audit log of this agent: its last `last` requests (default 100), oldest
+    /// first.
+    async fn proxy_audit(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 100, validator(minimum = 0, maximum = 1000))] last: i32,
+    ) -> async_graphql::Result<Vec<ProxyAuditEntry>> {
+        proxy_audit(state(ctx), self.0.id, last)
+    }
     /// Per manifest project: the newest commit kas saw, the last one sent, and why delivery failed, if it did.
     async fn manifest_projects(
         &self,
@@ -347,6 +356,104 @@ pub enum ObjectHealth {
     Unknown,
 }
 
+// The Kubernetes API proxy's audit log (`clusterAgent { proxyAudit(last: N) }`).
+
+/// One proxied request, recorded when it ended.
+#[derive(SimpleObject)]
+pub struct ProxyAuditEntry {
+    /// When the request arrived.
+    at: String,
+    caller: ProxyCaller,
+    /// The CI token a CI job presented (`caller: CI_JOB`).
+    token_id: Option<ID>,
+    /// The CI token's project (`caller: CI_JOB`).
+    project: Option<String>,
+    /// The CI token's environment, if it names one.
+    environment: Option<String>,
+    /// The Git server user (`caller: USER`).
+    username: Option<String>,
+    verb: KubernetesVerb,
+    /// Null for non-resource paths (`/version`, `/healthz`, …).
+    resource: Option<String>,
+    subresource: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    /// The status the client got, kas's own refusals included.
+    status_code: i32,
+    duration_ms: u64,
+}
+
+/// Who made a proxied request.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyCaller {
+    /// A CI job, with a CI token.
+    CiJob,
+    /// A person, with a personal access token of the Git server.
+    User,
+}
+
+/// A request's Kubernetes verb, as RBAC names it; `connect` for an upgraded connection (exec, attach,
+/// port-forward).
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "crate::store::audit::Verb")]
+pub enum KubernetesVerb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    DeleteCollection,
+    Connect,
+}
+
+fn proxy_audit(
+    state: &KasState,
+    agent_id: u64,
+    last: i32,
+) -> async_graphql::Result<Vec<ProxyAuditEntry>> {
+    use crate::store::audit::AuditCaller;
+    let records = state.store.proxy_audit(agent_id, last.max(0) as usize)?;
+    Ok(records
+        .into_iter()
+        .map(|(_, r)| {
+            let (caller, token_id, project, environment, username) = match r.caller {
+                AuditCaller::CiJob {
+                    token_id,
+                    project,
+                    environment,
+                } => (
+                    ProxyCaller::CiJob,
+                    // The CI token's global id, as the CI token API writes it.
+                    Some(ID(format!("{GID_PREFIX}Clusters::CiToken/{token_id}"))),
+                    Some(project),
+                    environment,
+                    None,
+                ),
+                AuditCaller::User { username } => {
+                    (ProxyCaller::User, None, None, None, Some(username))
+                }
+            };
+            ProxyAuditEntry {
+                at: rfc3339(r.at),
+                caller,
+                token_id,
+                project,
+                environment,
+                username,
+                verb: r.verb.into(),
+                resource: r.resource,
+                subresource: r.subresource,
+                namespace: r.namespace,
+                name: r.name,
+                status_code: i32::from(r.status_code),
+                duration_ms: r.duration_ms,
+            }
+        })
+        .collect())
+}
+
 #[derive(SimpleObject)]
 pub struct AgentLiveInfo {
     version: String,
@@ -378,6 +485,32 @@ impl QueryRoot {
     ) -> async_graphql::Result<Option<ClusterAgent>> {
         let id = parse_gid(&id, "Agent")?;
         Ok(state(ctx).store.agent(id)?.map(ClusterAgent))
+    }
+
+    // --- Kubernetes API proxy: CI tokens and kubeconfigs ---
+
+    /// CI tokens of the Kubernetes API proxy (never their secrets), of one project or all.
+    async fn ci_tokens(
+        &self,
+        ctx: &Context<'_>,
+        project: Option<String>,
+    ) -> async_graphql::Result<Vec<CiToken>> {
+        let tokens = state(ctx).store.ci_tokens(project.as_deref())?;
+        Ok(tokens.into_iter().map(CiToken).collect())
+    }
+
+    /// A kubeconfig with one context per agent, for the CI token `ciTokenId` (or the one whose SHA-256 is
+    /// `ciTokenSha256`, as `kas kubeconfig` sends it), else for a Git server token. The secret is written
+    /// as `<token>`: `kas kubeconfig` fills it in on the client.
+    #[graphql(name = "k8sProxyKubeconfig")]
+    async fn k8s_proxy_kubeconfig(
+        &self,
+        ctx: &Context<'_>,
+        agent_ids: Vec<ID>,
+        ci_token_id: Option<ID>,
+        ci_token_sha256: Option<String>,
+    ) -> async_graphql::Result<KubeconfigPayload> {
+        Ok(kubeconfig_payload(state(ctx), &agent_ids, ci_token_id, ci_token_sha256).await?)
     }
 }
 
@@ -629,6 +762,286 @@ impl MutationRoot {
             )])),
         }
     }
+
+    // --- Kubernetes API proxy: CI tokens ---
+
+    /// Issues a CI token for a project (and optionally one environment); the secret is in the answer once.
+    async fn ci_token_create(
+        &self,
+        ctx: &Context<'_>,
+        input: CiTokenCreateInput,
+    ) -> async_graphql::Result<CiTokenCreatePayload> {
+        Ok(create_ci_token(state(ctx), input).await?)
+    }
+
+    /// Revokes a CI token; requests made with it end within a second.
+    async fn ci_token_revoke(
+        &self,
+        ctx: &Context<'_>,
+        input: CiTokenRevokeInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let id = match parse_gid(&input.id, "CiToken") {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        match state.store.revoke_ci_token(id)? {
+            Some(token) => {
+                state.k8s_proxy.credentials.revoke_ci_token(token.id);
+                tracing::info!(token_id = token.id, project_id = %token.project_path, "CI token revoked");
+                Ok(errors(vec![]))
+            }
+            None => Ok(errors(vec![format!(
+                "CI token {} does not exist",
+                input.id.as_str()
+            )])),
+        }
+    }
+}
+
+// --- Kubernetes API proxy: CI tokens and kubeconfigs ---
+
+fn ci_token_gid(id: u64) -> ID {
+    ID(format!("{GID_PREFIX}Clusters::CiToken/{id}"))
+}
+
+/// A CI token of the Kubernetes API proxy, without its secret.
+pub struct CiToken(crate::store::ci_tokens::CiTokenRecord);
+
+#[Object]
+impl CiToken {
+    async fn id(&self) -> ID {
+        ci_token_gid(self.0.id)
+    }
+    /// The project whose CI jobs present it.
+    async fn project(&self) -> &str {
+        &self.0.project_path
+    }
+    async fn environment(&self) -> Option<&str> {
+        self.0.environment.as_deref()
+    }
+    async fn description(&self) -> Option<&str> {
+        self.0.description.as_deref()
+    }
+    async fn created_at(&self) -> String {
+        rfc3339(self.0.created_at)
+    }
+    async fn expires_at(&self) -> String {
+        rfc3339(self.0.expires_at)
+    }
+    async fn expired(&self) -> bool {
+        crate::store::now() >= self.0.expires_at
+    }
+    async fn revoked(&self) -> bool {
+        self.0.revoked_at.is_some()
+    }
+    async fn revoked_at(&self) -> Option<String> {
+        self.0.revoked_at.map(rfc3339)
+    }
+}
+
+#[derive(InputObject)]
+pub struct CiTokenCreateInput {
+    /// `owner/name` on the Git server.
+    project: String,
+    /// Only jobs of this environment (what `ci_access` entries' `environments` match).
+    environment: Option<String>,
+    /// Lifetime, e.g. `30d`, `12h`; default `k8s_proxy.ci_token_default_ttl`, at most
+    /// `k8s_proxy.ci_token_max_ttl`.
+    expires_in: Option<String>,
+    description: Option<String>,
+    /// Agents to put in the answer's kubeconfig (with the secret in it).
+    agent_ids: Option<Vec<ID>>,
+}
+
+#[derive(SimpleObject)]
+pub struct CiTokenCreatePayload {
+    /// The secret: shown here once, never again.
+    token: Option<String>,
+    ci_token: Option<CiToken>,
+    /// For `agentIds`: a kubeconfig with the secret in it.
+    kubeconfig: Option<String>,
+    errors: Vec<String>,
+}
+
+#[derive(InputObject)]
+pub struct CiTokenRevokeInput {
+    id: ID,
+}
+
+#[derive(SimpleObject)]
+pub struct KubeconfigPayload {
+    /// YAML; the credential is `ci:<agent-id>:<token>` or `pat:<agent-id>:<token>`.
+    kubeconfig: Option<String>,
+    errors: Vec<String>,
+}
+
+/// Environments are names such as `production` or `review/feature-1`.
+fn validate_environment(environment: &str) -> Result<(), String> {
+    let ok = !environment.is_empty()
+        && environment.len() <= 255
+        && !environment.starts_with('/')
+        && !environment.ends_with('/')
+        && environment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "environment {environment:?} is invalid: 1-255 letters, digits, '-', '_', '.' and '/' (not first or last)"
+        ))
+    }
+}
+
+/// The lifetime `expires_in` asks for, within the configured maximum.
+fn ci_token_lifetime(
+    expires_in: Option<&str>,
+    config: &gitops_config::server::K8sProxyConfig,
+) -> Result<Duration, String> {
+    let Some(text) = expires_in else {
+        return Ok(config.ci_token_default_ttl);
+    };
+    let lifetime = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("expiresIn {text:?} is not a duration such as 30d or 12h: {e}"))?;
+    if lifetime.is_zero() {
+        return Err("expiresIn must be more than 0s: CI tokens always expire".into());
+    }
+    if lifetime > config.ci_token_max_ttl {
+        return Err(format!(
+            "expiresIn {text:?} is longer than k8s_proxy.ci_token_max_ttl ({})",
+            humantime::format_duration(config.ci_token_max_ttl)
+        ));
+    }
+    Ok(lifetime)
+}
+
+fn parse_agent_ids(ids: &[ID]) -> Result<Vec<u64>, String> {
+    ids.iter().map(|id| parse_gid(id, "Agent")).collect()
+}
+
+async fn create_ci_token(
+    state: &Arc<KasState>,
+    input: CiTokenCreateInput,
+) -> Result<CiTokenCreatePayload, StoreError> {
+    let failed = |e: String| {
+        Ok(CiTokenCreatePayload {
+            token: None,
+            ci_token: None,
+            kubeconfig: None,
+            errors: vec![e],
+        })
+    };
+    let checked = validate_project_path(&input.project)
+        .map_err(|e| e.replace("projectPath", "project"))
+        .and_then(|()| {
+            input
+                .environment
+                .as_deref()
+                .map_or(Ok(()), validate_environment)
+        })
+        .and_then(|()| match input.description.as_deref() {
+            Some(d) if d.len() > 1024 => {
+                Err("description must be at most 1024 characters".to_owned())
+            }
+            _ => Ok(()),
+        })
+        .and_then(|()| ci_token_lifetime(input.expires_in.as_deref(), &state.k8s_proxy.config))
+        .and_then(|lifetime| {
+            Ok((
+                lifetime,
+                parse_agent_ids(input.agent_ids.as_deref().unwrap_or_default())?,
+            ))
+        });
+    let (lifetime, agent_ids) = match checked {
+        Ok(v) => v,
+        Err(e) => return failed(e),
+    };
+    match state.watchers.repos().exists(&input.project).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return failed(format!(
+                "project {:?} does not exist on the Git server",
+                input.project
+            ));
+        }
+        Err(e) => return failed(format!("could not check project {:?}: {e}", input.project)),
+    }
+    let secret = crate::k8s_proxy::auth::ci::generate_secret();
+    let token = state
+        .store
+        .create_ci_token(crate::store::ci_tokens::NewCiToken {
+            project_path: input.project,
+            environment: input.environment,
+            description: input.description.filter(|d| !d.is_empty()),
+            expires_at: crate::store::now().saturating_add(lifetime.as_secs() as i64),
+            token_hash: tokens::hash(&secret),
+        })?;
+    tracing::info!(token_id = token.id, project_id = %token.project_path, expires_at = %rfc3339(token.expires_at), "CI token created");
+    let (kubeconfig, errors) = if agent_ids.is_empty() {
+        (None, vec![])
+    } else {
+        match crate::k8s_proxy::kubeconfig::for_agents(state, &agent_ids, Some(&token), &secret)
+            .await
+        {
+            Ok(config) => (Some(config.to_yaml()), vec![]),
+            Err(errors) => (None, errors),
+        }
+    };
+    Ok(CiTokenCreatePayload {
+        token: Some(secret),
+        ci_token: Some(CiToken(token)),
+        kubeconfig,
+        errors,
+    })
+}
+
+async fn kubeconfig_payload(
+    state: &Arc<KasState>,
+    agent_ids: &[ID],
+    ci_token_id: Option<ID>,
+    ci_token_sha256: Option<String>,
+) -> Result<KubeconfigPayload, StoreError> {
+    let failed = |errors: Vec<String>| {
+        Ok(KubeconfigPayload {
+            kubeconfig: None,
+            errors,
+        })
+    };
+    let agent_ids = match parse_agent_ids(agent_ids) {
+        Ok(ids) if ids.is_empty() => return failed(vec!["name at least one agent".into()]),
+        Ok(ids) => ids,
+        Err(e) => return failed(vec![e]),
+    };
+    let token = match (ci_token_id, ci_token_sha256) {
+        (Some(id), _) => match parse_gid(&id, "CiToken") {
+            Ok(id) => state
+                .store
+                .ci_token(id)?
+                .ok_or_else(|| format!("CI token {id} does not exist")),
+            Err(e) => Err(e),
+        },
+        (None, Some(hash)) => state
+            .store
+            .ci_token_by_hash(&hash.to_ascii_lowercase())?
+            .ok_or_else(|| "kas issued no CI token with that SHA-256".to_owned()),
+        (None, None) => Err(String::new()),
+    };
+    let token = match token {
+        Ok(token) => Some(token),
+        Err(e) if e.is_empty() => None,
+        Err(e) => return failed(vec![e]),
+    };
+    let placeholder = crate::k8s_proxy::kubeconfig::TOKEN_PLACEHOLDER;
+    match crate::k8s_proxy::kubeconfig::for_agents(state, &agent_ids, token.as_ref(), placeholder)
+        .await
+    {
+        Ok(config) => Ok(KubeconfigPayload {
+            kubeconfig: Some(config.to_yaml()),
+            errors: vec![],
+        }),
+        Err(errors) => failed(errors),
+    }
 }
 
 #[cfg(test)]
@@ -660,6 +1073,31 @@ mod tests {
         assert!(validate_agent_name(&"a".repeat(63)).is_ok());
         for bad in ["", "Gitops", "-a", "a-", "a_b", "a.b", &"a".repeat(64)] {
             assert!(validate_agent_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ci_token_lifetimes_default_and_are_capped() {
+        let config = gitops_config::server::K8sProxyConfig::default();
+        assert_eq!(
+            ci_token_lifetime(None, &config),
+            Ok(config.ci_token_default_ttl)
+        );
+        assert_eq!(
+            ci_token_lifetime(Some("12h"), &config),
+            Ok(Duration::from_secs(12 * 3600))
+        );
+        for (bad, says) in [
+            ("0s", "more than 0s"),
+            ("400d", "ci_token_max_ttl"),
+            ("soon", "not a duration"),
+        ] {
+            let err = ci_token_lifetime(Some(bad), &config).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        assert!(validate_environment("review/feature-1").is_ok());
+        for bad in ["", "/prod", "prod/", "a b", "prod*"] {
+            assert!(validate_environment(bad).is_err(), "{bad}");
         }
     }
 

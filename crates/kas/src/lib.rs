@@ -33,6 +33,10 @@ use crate::{
     agent_config::AgentConfigurationService,
     auth::{AgentTunnelAuthority, TokenAuthenticator},
     connections::Connections,
+    k8s_proxy::{
+        auth::ProxyAuthorizer,
+        server::{ProxyServer, listener::ProxyListenerLimits},
+    },
     store::Store,
     watch::ProjectWatchers,
 };
@@ -100,6 +104,8 @@ impl std::fmt::Debug for KasState {
 pub struct RunningKas {
     pub agent_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The Kubernetes API proxy's address, when `listen.k8s_proxy` is set.
+    pub k8s_proxy_addr: Option<SocketAddr>,
     pub state: Arc<KasState>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -112,14 +118,41 @@ impl RunningKas {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Resolves when either listener stops (only on shutdown).
+    /// Resolves when a listener stops (only on shutdown).
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
     }
 }
 
-/// Opens storage, binds both listeners and starts serving.
+/// Builds the Kubernetes API proxy's authoriser from kas's state.
+pub type AuthorizerFactory = Box<dyn FnOnce(Arc<KasState>) -> Arc<dyn ProxyAuthorizer> + Send>;
+
+/// What an embedder may replace when starting kas.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Decides the proxy's requests instead of kas's own credential checks ([`k8s_proxy::auth::authorizer`]);
+    /// for tests of the proxy's forwarding that are not about credentials.
+    pub k8s_proxy_authorizer: Option<AuthorizerFactory>,
+}
+
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("k8s_proxy_authorizer", &self.k8s_proxy_authorizer.is_some())
+            .finish()
+    }
+}
+
+/// Opens storage, binds the listeners and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// [`start`], with parts replaced.
+pub async fn start_with(
+    config: ServerConfig,
+    options: StartOptions,
+) -> Result<RunningKas, KasError> {
     let store = Store::open(&config.data_dir)?;
     let extra_ca_pem = match &config.git.ca_file {
         Some(path) => {
@@ -141,6 +174,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         password: config.read_git_password()?,
         extra_ca_pem,
     };
+    let credentials = k8s_proxy::auth::CredentialState::new(&config, git.extra_ca_pem.clone());
     let repos = RepoCache::new(git, config.data_dir.join("git-cache"));
     let state = Arc::new(KasState {
         store: store.clone(),
@@ -154,6 +188,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         manifest_limits: config.manifests.clone(),
         k8s_proxy: k8s_proxy::ProxyState {
             config: config.k8s_proxy.clone(),
+            credentials,
             ..Default::default()
         },
     });
@@ -169,6 +204,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
             tls_acceptor(&read(&files.cert_file)?, &read(&files.key_file)?).map_err(|source| {
                 KasError::Tls {
                     listener: "listen.agent_tls",
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let k8s_proxy_tls = match &config.listen.k8s_proxy_tls {
+        Some(files) => Some(
+            tls_acceptor(&read(&files.cert_file)?, &read(&files.key_file)?).map_err(|source| {
+                KasError::Tls {
+                    listener: "listen.k8s_proxy_tls",
                     source,
                 }
             })?,
@@ -241,6 +287,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         addr: config.listen.api,
         source,
     })?;
+    let k8s_proxy_socket = match config.listen.k8s_proxy {
+        Some(addr) => {
+            let socket = bind(addr).await?;
+            let local = socket
+                .local_addr()
+                .map_err(|source| KasError::Listen { addr, source })?;
+            Some((socket, local))
+        }
+        None => None,
+    };
+    let k8s_proxy_addr = k8s_proxy_socket.as_ref().map(|(_, addr)| *addr);
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -265,16 +322,46 @@ pub async fn start(config: ServerConfig) -> Result<RunningKas, KasError> {
         api_limits,
         stop.clone(),
     ));
+    if let Some((socket, addr)) = k8s_proxy_socket {
+        // Kubeconfigs name the port actually bound (`listen.k8s_proxy` may say port 0) unless `k8s_proxy.url` is set.
+        state.k8s_proxy.credentials.set_listen_addr(addr);
+        if k8s_proxy_tls.is_none() && !addr.ip().is_loopback() {
+            warn!(
+                k8s_proxy_addr = %addr,
+                "the Kubernetes API proxy serves plain HTTP: CI tokens and personal access tokens cross the \
+                 network in clear unless a TLS proxy fronts it; set listen.k8s_proxy_tls"
+            );
+        }
+        let authorizer = match options.k8s_proxy_authorizer {
+            Some(factory) => factory(state.clone()),
+            None => k8s_proxy::auth::authorizer(state.clone()),
+        };
+        let limits = ProxyListenerLimits {
+            header_read_timeout: config.listen.header_read_timeout,
+            keepalive: config.listen.keepalive,
+            max_connections: config.listen.max_agent_connections,
+        };
+        tasks.spawn(k8s_proxy::server::listener::serve(
+            socket,
+            ProxyServer::new(state.clone(), authorizer),
+            k8s_proxy_tls,
+            limits,
+            stop.clone(),
+        ));
+    }
     info!(
         %agent_addr,
         %api_addr,
+        k8s_proxy_addr = k8s_proxy_addr.map(|a| a.to_string()),
         agent_tls = config.listen.agent_tls.is_some(),
         api_tls = config.listen.api_tls.is_some(),
+        k8s_proxy_tls = config.listen.k8s_proxy_tls.is_some(),
         "kas is serving"
     );
     Ok(RunningKas {
         agent_addr,
         api_addr,
+        k8s_proxy_addr,
         state,
         stop,
         tasks,

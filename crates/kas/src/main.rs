@@ -39,6 +39,51 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Create, list and revoke CI tokens of the Kubernetes API proxy on a running kas.
+    CiToken {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: CiTokenCommand,
+    },
+    /// Print a kubeconfig for the Kubernetes API proxy: one context per agent.
+    Kubeconfig {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// `gid://kas/Clusters::Agent/N` or `N`; repeat for more agents.
+        #[arg(long = "agent", required = true)]
+        agents: Vec<String>,
+        /// A kas CI token (`kasci_…`) or a personal access token of the Git server.
+        #[arg(long, env = "KAS_PROXY_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CiTokenCommand {
+    /// Prints JSON with the new token's secret (`token`) once.
+    Create {
+        /// `owner/name` on the Git server.
+        #[arg(long)]
+        project: String,
+        /// Only jobs of this environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Lifetime such as `30d` or `12h` (default: k8s_proxy.ci_token_default_ttl).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Lists CI tokens without their secrets.
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    Revoke {
+        /// `gid://kas/Clusters::CiToken/N` or `N`.
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -145,6 +190,43 @@ async fn main() -> anyhow::Result<()> {
                     eprintln!("token {id} revoked");
                 }
             }
+            Ok(())
+        }
+        Command::CiToken { api, command } => {
+            let client = api.client()?;
+            let out = match command {
+                CiTokenCommand::Create {
+                    project,
+                    environment,
+                    expires_in,
+                    description,
+                } => {
+                    let out = client
+                        .create_ci_token(
+                            &project,
+                            environment.as_deref(),
+                            expires_in.as_deref(),
+                            description.as_deref(),
+                        )
+                        .await?;
+                    eprintln!("CI token created; its secret (`token`) is shown only once");
+                    out
+                }
+                CiTokenCommand::List { project } => {
+                    client.list_ci_tokens(project.as_deref()).await?
+                }
+                CiTokenCommand::Revoke { id } => {
+                    client.revoke_ci_token(&id).await?;
+                    eprintln!("CI token {id} revoked");
+                    return Ok(());
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Kubeconfig { api, agents, token } => {
+            let client = api.client()?;
+            print!("{}", client.kubeconfig(&agents, &token).await?);
             Ok(())
         }
     }

@@ -44,6 +44,12 @@ pub enum ProxyError {
     TooManyRequests(String),
     #[error("{0}")]
     Timeout(String),
+    /// kas cannot decide now (e.g. it has not read the agent's `config.yaml` yet); worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
+    /// kas itself failed (its database).
+    #[error("{0}")]
+    Internal(String),
     /// The call down the agent's connection failed.
     #[error("agent {agent_id}: {message}")]
     Agent { agent_id: u64, message: String },
@@ -67,12 +73,13 @@ impl ProxyError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UnknownAgent { .. } | Self::NotApiPath { .. } => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::AgentNotConnected { .. } | Self::GitServerUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::AgentNotConnected { .. }
+            | Self::GitServerUnavailable(_)
+            | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Agent { .. } => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -12,6 +12,9 @@
 
 pub mod auth;
 pub mod error;
+pub mod gitea;
+pub mod identity;
+pub mod kubeconfig;
 pub mod server;
 
 pub use error::ProxyError;
