@@ -1,6 +1,7 @@
 //! Whole-system tests: kas and agentk run in-process on loopback, over real gRPC and WebSocket connections,
 //! against a real Git server over smart HTTP. [`Harness`] starts them; the tests are in `tests/`.
 
+pub mod k8s_proxy;
 pub mod process;
 
 use std::{path::PathBuf, time::Duration};

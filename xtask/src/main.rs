@@ -86,6 +86,8 @@ enum BenchWhich {
         #[arg(long, default_value_t = 1000)]
         agents: usize,
     },
+    /// The Kubernetes API proxy against the apiserver directly: GET latency, LIST, watches, log streams.
+    Proxy,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +164,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             which: BenchWhich::Gitops,
         } => return scenarios::bench_gitops(),
+        Command::Bench {
+            which: BenchWhich::Proxy,
+        } => return scenarios::bench_proxy(),
         Command::Test {
             backend,
             no_lint,

@@ -67,12 +67,23 @@ pub fn seed() -> anyhow::Result<ExitCode> {
 
 /// The apply benchmark needs the cluster: started here, torn down after.
 pub fn bench_gitops() -> anyhow::Result<ExitCode> {
-    let dir = crate::target_dir().join("bench-env");
+    bench_on_cluster("bench-gitops", "bench-env")
+}
+
+/// The Kubernetes API proxy benchmark: the cluster and Gitea started here, torn down after.
+pub fn bench_proxy() -> anyhow::Result<ExitCode> {
+    bench_on_cluster("bench-proxy", "bench-proxy-env")
+}
+
+/// Runs the release scenario binary `scenario` against a local test environment of its own in `env_dir`
+/// (under the target directory).
+fn bench_on_cluster(scenario: &str, env_dir: &str) -> anyhow::Result<ExitCode> {
+    let dir = crate::target_dir().join(env_dir);
     let state = crate::cluster::up_local(&dir)?;
     let state_file = crate::cluster::state_file(&dir.canonicalize()?);
     let result = build_and_run(
         true,
-        "bench-gitops",
+        scenario,
         &[],
         &[
             ("GITOPS_TEST_ENV", state_file.as_os_str()),

@@ -132,6 +132,109 @@ impl Gitea {
         Ok(())
     }
 
+    /// Creates user `<prefix>-<random>` (password `password`, no forced change); returns its name.
+    pub async fn create_user(&self, prefix: &str, password: &str) -> Result<String, GiteaError> {
+        let name = unique_name(prefix);
+        let body = json!({
+            "username": name,
+            "email": format!("{name}@example.invalid"),
+            "password": password,
+            "must_change_password": false,
+        });
+        let request = self.http.post(self.api("/admin/users")).json(&body);
+        self.send("create user", request).await?;
+        Ok(name)
+    }
+
+    /// Creates a personal access token of `user` (authenticating as them with `password`); returns the
+    /// token's name and secret.
+    pub async fn create_access_token(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(String, String), GiteaError> {
+        #[derive(Deserialize)]
+        struct Created {
+            name: String,
+            sha1: String,
+        }
+        let body = json!({
+            "name": unique_name("kas"),
+            "scopes": ["read:user", "read:repository", "read:organization"],
+        });
+        let response = self
+            .http
+            .post(self.api(&format!("/users/{user}/tokens")))
+            .basic_auth(user, Some(password))
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(GiteaError::Status {
+                what: format!("create a token of {user}"),
+                status,
+                body: response.text().await.unwrap_or_default(),
+            });
+        }
+        let created: Created = response.json().await?;
+        Ok((created.name, created.sha1))
+    }
+
+    /// Deletes personal access token `name` of `user`.
+    pub async fn delete_access_token(
+        &self,
+        user: &str,
+        password: &str,
+        name: &str,
+    ) -> Result<(), GiteaError> {
+        let response = self
+            .http
+            .delete(self.api(&format!("/users/{user}/tokens/{name}")))
+            .basic_auth(user, Some(password))
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(GiteaError::Status {
+                what: format!("delete token {name} of {user}"),
+                status,
+                body: response.text().await.unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes `user` a collaborator of `repo` with `permission` (`read`, `write`, `admin`).
+    pub async fn add_collaborator(
+        &self,
+        repo: &Repository,
+        user: &str,
+        permission: &str,
+    ) -> Result<(), GiteaError> {
+        let request = self
+            .http
+            .put(self.api(&format!("/repos/{}/collaborators/{user}", repo.full_name)))
+            .json(&json!({ "permission": permission }));
+        self.send("add collaborator", request).await?;
+        Ok(())
+    }
+
+    /// Creates a private repository `<prefix>-<random>` owned by the admin user.
+    pub async fn create_private_repository(&self, prefix: &str) -> Result<Repository, GiteaError> {
+        let name = unique_name(prefix);
+        let body =
+            json!({ "name": name, "private": true, "auto_init": false, "default_branch": "main" });
+        let request = self.http.post(self.api("/user/repos")).json(&body);
+        let mut repo: Repository = self
+            .send("create repository", request)
+            .await?
+            .json()
+            .await?;
+        repo.authenticated_url = self.with_credentials(&repo.clone_url);
+        Ok(repo)
+    }
+
     /// `http://user:password@host/...` for an `http://host/...` URL.
     fn with_credentials(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));

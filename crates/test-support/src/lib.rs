@@ -6,5 +6,7 @@ pub mod env;
 pub mod fault_proxy;
 pub mod git_http;
 pub mod gitea;
+pub mod kubectl;
+pub mod kwok;
 pub mod state;
 pub mod webhook;

@@ -1,5 +1,20 @@
 //! The local backend's Kubernetes: etcd, kube-apiserver, kube-controller-manager and kube-scheduler built
 //! from Go modules, on 127.0.0.1 with free ports, and kwok standing in for kubelets on fake nodes.
+//!
+//! kwok also serves the kubelet's streaming API for its fake pods, so `kubectl exec`, `logs` and
+//! `port-forward` work against them: the nodes advertise kwok's server as their kubelet endpoint
+//! (127.0.0.1 and kwok's port), and the apiserver dials the InternalIP. What each of them does is
+//! kwok's own configuration:
+//! - exec: the `ClusterExec` in [`KWOK_CONFIG`] runs the requested command on this machine (in the run
+//!   directory's `kwok-exec`), so `exec -i … -- head -n 1` echoes stdin and `kubectl cp` works through
+//!   `tar`. kwok v0.8.0 never closes the command's stdin when the client's ends (its `utils/exec` copies
+//!   into the pipe and leaves it open), so a command that reads to end of input never finishes; for `kubectl
+//!   cp` into a pod, kwok finds a `tar` of ours first on its `PATH` ([`TAR_WRAPPER`]) that ends the input
+//!   at the archive's end marker;
+//! - logs and port-forward: per pod, through kwok's namespaced `Logs` and `PortForward` resources (CRDs
+//!   installed here), which a test creates next to its pod: a `Logs` names a file in the CRI log format
+//!   that the test writes (and appends to, for `logs -f`), a `PortForward` names a local address the
+//!   test listens on.
 
 use std::path::Path;
 use std::process::Command;
@@ -62,7 +77,8 @@ pub fn start(dir: &Path, started: &mut Vec<Started>) -> Result<ClusterState> {
     )?;
     started.push(start_scheduler(&scheduler_kubeconfig, &logs)?);
 
-    let kwok = start_kwok(&admin_kubeconfig, &logs)?;
+    install_kwok_crds(&kubectl, dir)?;
+    let kwok = start_kwok(dir, &admin_kubeconfig, &logs)?;
     started.push(kwok.clone());
     register_nodes(&kubectl, dir)?;
     wait_for(
@@ -147,6 +163,9 @@ fn start_apiserver(pki: &Pki, etcd_port: u16, port: u16, logs: &Path) -> Result<
         // Endpoints may not hold loopback addresses, so the `kubernetes` Service's endpoints cannot name this
         // server; nothing in the tests reaches the API through that Service.
         "--endpoint-reconciler-type=none",
+        // The kwok nodes' names do not resolve; their InternalIP is kwok's server on loopback. kwok serves
+        // a self-signed certificate, which the apiserver does not verify without --kubelet-certificate-authority.
+        "--kubelet-preferred-address-types=InternalIP",
         "--profiling=false",
         "--v=0",
     ]);
@@ -189,8 +208,152 @@ fn component_command(binary: &str, kubeconfig: &Path) -> Result<Command> {
     Ok(command)
 }
 
-fn start_kwok(kubeconfig: &Path, logs: &Path) -> Result<Started> {
+/// kwok's configuration besides the stages: exec runs the command on this machine for every fake pod.
+/// `{exec_dir}` is replaced with the working directory of those commands.
+const KWOK_CONFIG: &str = "apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterExec
+metadata:
+  name: local-exec
+spec:
+  execs:
+  - local:
+      workDir: {exec_dir}
+";
+
+/// The kwok kinds tests create per pod (namespaced; name = the pod's name).
+const KWOK_CRDS: &[(&str, &str, &str)] = &[
+    ("Logs", "logs", "logs"),
+    ("PortForward", "portforwards", "portforward"),
+];
+
+/// Minimal CRDs for [`KWOK_CRDS`]: kwok's own carry the full schema; the apiserver here only has to store
+/// the objects for kwok to read, so the schema preserves whatever fields they have.
+fn install_kwok_crds(kubectl: &Kubectl, dir: &Path) -> Result<()> {
+    let mut manifest = String::new();
+    for (kind, plural, singular) in KWOK_CRDS {
+        manifest.push_str(&format!(
+            "---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: {plural}.kwok.x-k8s.io
+spec:
+  group: kwok.x-k8s.io
+  names: {{kind: {kind}, listKind: {kind}List, plural: {plural}, singular: {singular}}}
+  scope: Namespaced
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    subresources: {{status: {{}}}}
+    schema:
+      openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
+"
+        ));
+    }
+    let path = dir.join("kwok-crds.yaml");
+    std::fs::write(&path, manifest)?;
+    kubectl.run(&["apply", "-f", &path.display().to_string()])?;
+    for (_, plural, _) in KWOK_CRDS {
+        kubectl.run(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{plural}.kwok.x-k8s.io"),
+            "--timeout=30s",
+        ])?;
+    }
+    Ok(())
+}
+
+/// `tar` for kwok's exec (see the module comment): extraction reads the archive block by block and closes
+/// the real tar's input after the two zero blocks that end it; anything else runs the real tar as is.
+/// `{real_tar}` is replaced with its path.
+const TAR_WRAPPER: &str = r#"#!/usr/bin/env python3
+import os, subprocess, sys
+
+REAL = "{real_tar}"
+args = sys.argv[1:]
+short = [a for a in args if a.startswith("-") and not a.startswith("--")]
+extracting = "--extract" in args or any("x" in a for a in short) or (
+    bool(args) and not args[0].startswith("-") and "x" in args[0])
+if not extracting:
+    os.execv(REAL, [REAL] + args)
+tar = subprocess.Popen([REAL] + args, stdin=subprocess.PIPE)
+source = sys.stdin.buffer
+
+def block():
+    data = b""
+    while len(data) < 512:
+        chunk = source.read(512 - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+zero_blocks = 0
+while True:
+    header = block()
+    if header is None:
+        break
+    tar.stdin.write(header)
+    if header == bytes(512):
+        zero_blocks += 1
+        if zero_blocks == 2:
+            break
+        continue
+    zero_blocks = 0
+    size = int(header[124:136].strip(b"\0 ").decode() or "0", 8)
+    for _ in range((size + 511) // 512):
+        data = block()
+        if data is None:
+            break
+        tar.stdin.write(data)
+tar.stdin.close()
+sys.exit(tar.wait())
+"#;
+
+/// The first `name` on `PATH`.
+fn on_path(name: &str) -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{name} is not on PATH (kwok's exec needs it for kubectl cp)"))
+}
+
+/// A directory holding [`TAR_WRAPPER`] as `tar`, to put first on kwok's `PATH`.
+fn write_tar_wrapper(dir: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    on_path("python3")?;
+    let real_tar = on_path("tar")?;
+    let bin = dir.join("kwok-bin");
+    std::fs::create_dir_all(&bin)?;
+    let wrapper = bin.join("tar");
+    std::fs::write(
+        &wrapper,
+        TAR_WRAPPER.replace("{real_tar}", &real_tar.display().to_string()),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    Ok(bin)
+}
+
+fn start_kwok(dir: &Path, kubeconfig: &Path, logs: &Path) -> Result<Started> {
+    let exec_dir = dir.join("kwok-exec");
+    std::fs::create_dir_all(&exec_dir)?;
+    let wrapper_dir = write_tar_wrapper(dir)?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let kwok_path =
+        std::env::join_paths(std::iter::once(wrapper_dir).chain(std::env::split_paths(&path)))?;
+    let config = dir.join("kwok.yaml");
+    std::fs::write(
+        &config,
+        KWOK_CONFIG.replace("{exec_dir}", &exec_dir.display().to_string()),
+    )?;
+    // The port the nodes advertise as their kubelet endpoint is the one kwok's server listens on.
+    let server_port = free_port()?;
+    let crds: Vec<&str> = KWOK_CRDS.iter().map(|(kind, _, _)| *kind).collect();
     let mut command = Command::new(KWOK.bin("kwok"));
+    command.env("PATH", kwok_path);
     command.args([
         &format!("--kubeconfig={}", kubeconfig.display()),
         "--manage-all-nodes=false",
@@ -198,7 +361,10 @@ fn start_kwok(kubeconfig: &Path, logs: &Path) -> Result<Started> {
         // Fake addresses only appear in status; loopback ones guarantee nothing is ever sent off the machine.
         "--node-ip=127.0.0.1",
         "--cidr=127.64.0.0/16",
-        &format!("--server-address=127.0.0.1:{}", free_port()?),
+        &format!("--node-port={server_port}"),
+        &format!("--server-address=127.0.0.1:{server_port}"),
+        &format!("--enable-crds={}", crds.join(",")),
+        &format!("--config={}", config.display()),
     ]);
     for stage in KWOK_STAGES {
         let name = Path::new(stage).file_name().context("stage file name")?;
