@@ -3,7 +3,7 @@
 //! reader on either side slows the writer instead of growing memory.
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use gitops_protocol::{
     HttpBodyEnd, HttpHeader, HttpRequestPart, HttpResponseHeader, HttpResponsePart,
     http_request_part::Part as RequestPart, http_response_part::Part as ResponsePart,
@@ -250,16 +250,36 @@ fn response_header(response: &Response<Incoming>, switching: bool) -> HttpRespon
     }
 }
 
-/// Sends each chunk as the apiserver writes it (a watch event reaches kas when it happens), then `end`.
+/// Largest body message agentk sends: chunks that are already waiting are joined up to this, so a large LIST
+/// travels in a few big messages instead of thousands of small ones.
+const MAX_BODY_MESSAGE: usize = 256 * 1024;
+
+/// Sends the body as the apiserver writes it, then `end`. A chunk goes out at once unless more are already
+/// waiting (a watch event reaches kas when it happens; a LIST's many chunks are joined).
 async fn stream_response_body(mut body: Incoming, reply: &Reply) -> Result<(), Status> {
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| Status::unavailable(format!("reading the apiserver's response: {e}")))?;
-        // Trailers: the apiserver sends none.
-        if let Ok(data) = frame.into_data()
-            && !data.is_empty()
-        {
-            send(reply, ResponsePart::Data(data.to_vec()))
+    let read_error =
+        |e: hyper::Error| Status::unavailable(format!("reading the apiserver's response: {e}"));
+    let mut pending = Vec::new();
+    let mut done = false;
+    while !done {
+        match body.frame().await {
+            None => break,
+            // Trailers: the apiserver sends none.
+            Some(frame) => append_data(&mut pending, frame.map_err(read_error)?),
+        }
+        // Join what is ready now without waiting for more.
+        while pending.len() < MAX_BODY_MESSAGE {
+            match body.frame().now_or_never() {
+                Some(Some(frame)) => append_data(&mut pending, frame.map_err(read_error)?),
+                Some(None) => {
+                    done = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !pending.is_empty() {
+            send(reply, ResponsePart::Data(std::mem::take(&mut pending)))
                 .await
                 .map_err(closed)?;
         }
@@ -267,6 +287,12 @@ async fn stream_response_body(mut body: Incoming, reply: &Reply) -> Result<(), S
     send(reply, ResponsePart::End(HttpBodyEnd {}))
         .await
         .map_err(closed)
+}
+
+fn append_data(pending: &mut Vec<u8>, frame: Frame<Bytes>) {
+    if let Ok(data) = frame.into_data() {
+        pending.extend_from_slice(&data);
+    }
 }
 
 /// After `101`: kas's `upgrade_data` to the apiserver and the apiserver's bytes back. kas closing its stream
