@@ -278,7 +278,15 @@ async fn list_all(
     let mut params = ListParams::default().limit(IN_USE_PAGE);
     let mut live = Vec::new();
     loop {
-        let page = api.list(&params).await.map_err(|e| {
+        let page = match api.list(&params).await {
+            // A kind that discovery listed but the apiserver no longer serves (another CRD deleted in the
+            // meantime) holds nothing here; anything else leaves the question open, and the caller keeps.
+            Err(kube::Error::Api(status)) if status.code == 404 && live.is_empty() => {
+                return Ok(live);
+            }
+            page => page,
+        };
+        let page = page.map_err(|e| {
             format!(
                 "listing {} failed: {}",
                 resource.plural,

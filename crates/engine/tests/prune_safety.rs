@@ -247,7 +247,9 @@ async fn a_namespace_the_set_still_uses_is_kept() -> anyhow::Result<()> {
             "configmap/other created",
             "deployment.apps/web pruned",
             &format!("namespace/{app} pruned")
-        ]
+        ],
+        "{:#?}",
+        report.results
     );
     assert_eq!(inventory_names(&ns).await?, ["other"]);
     ns.delete().await?;
