@@ -90,11 +90,15 @@ pub fn verify(
     }
 }
 
+/// `Mac::verify_slice` compares in constant time; a signature that is not hex cannot match.
 fn hmac_matches(presented_hex: &str, secret: &str, body: &[u8]) -> bool {
-    constant_time_eq(
-        presented_hex.to_ascii_lowercase().as_bytes(),
-        hmac_hex(secret, body).as_bytes(),
-    )
+    let Ok(presented) = hex::decode(presented_hex) else {
+        return false;
+    };
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(body);
+    mac.verify_slice(&presented).is_ok()
 }
 
 /// The pushed project's path (`owner/repo`, `group/sub/project`).
@@ -154,6 +158,24 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn hex_case_is_ignored_but_truncated_or_non_hex_signatures_fail() {
+        let sig = hmac_hex("s3cret", BODY);
+        let gitea = |sig: &str| {
+            verify(
+                Forge::Gitea,
+                Some("s3cret"),
+                &headers(&[("x-gitea-signature", sig)]),
+                BODY,
+            )
+        };
+        assert_eq!(gitea(&sig.to_ascii_uppercase()), Ok(()));
+        assert_eq!(gitea(&sig[..62]), Err(WebhookError::BadSignature));
+        assert_eq!(gitea(""), Err(WebhookError::BadSignature));
+        let not_hex = format!("zz{}", &sig[2..]);
+        assert_eq!(gitea(&not_hex), Err(WebhookError::BadSignature));
     }
 
     #[test]
