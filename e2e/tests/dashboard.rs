@@ -62,27 +62,25 @@ impl Browser {
             "`node` is not on PATH: the dashboard test drives Chromium with a Node.js script"
         );
         let version = pinned_playwright_version()?;
-        let playwright_core = match std::env::var_os("GITOPS_PLAYWRIGHT_CORE") {
-            Some(dir) => PathBuf::from(dir),
-            None => {
-                let cache = std::env::var_os("GITOPS_TOOLS_CACHE").map_or_else(
-                    || {
-                        let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
-                        PathBuf::from(home).join(".cache/gitops-tools")
-                    },
-                    PathBuf::from,
-                );
-                cache.join(format!(
-                    "playwright-core-{version}/node_modules/playwright-core"
-                ))
-            }
-        };
+        let cache = std::env::var_os("GITOPS_TOOLS_CACHE").map_or_else(
+            || {
+                let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+                PathBuf::from(home).join(".cache/gitops-tools")
+            },
+            PathBuf::from,
+        );
+        let install_dir = cache.join(format!("playwright-core-{version}"));
+        let playwright_core = std::env::var_os("GITOPS_PLAYWRIGHT_CORE").map_or_else(
+            || install_dir.join("node_modules/playwright-core"),
+            PathBuf::from,
+        );
         ensure!(
             playwright_core.join("package.json").exists(),
             "playwright-core {version} is missing at {}: `cargo xtask test` installs it, or run \
-             `npm install --prefix <that directory's grandparent> playwright-core@{version}` (or set \
+             `mkdir -p {dir} && cd {dir} && npm install --save-exact playwright-core@{version}` (or set \
              GITOPS_PLAYWRIGHT_CORE to a playwright-core package directory)",
-            playwright_core.display()
+            playwright_core.display(),
+            dir = install_dir.display(),
         );
         Ok(Self {
             chromium,
