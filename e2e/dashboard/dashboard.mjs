@@ -188,9 +188,11 @@ try {
 
   await page.getByRole('link', { name: 'Tokens', exact: true }).click();
   const adminRow = page.getByTestId('token-row').first();
+  check(await adminRow.getByTestId('revoke-token').isEnabled(), 'the admin has no enabled Revoke button');
+  await shot(page, 'tokens-admin');
   await adminRow.getByTestId('revoke-token').click();
   await adminRow.getByTestId('token-state').filter({ hasText: 'revoked' }).waitFor();
-  await shot(page, 'tokens-admin');
+  await shot(page, 'tokens-revoked');
   // The agent's connection closes at once; the agents page shows it without a reload.
   await page.evaluate(() => { window.__sameDocument = true; });
   const revoked = Date.now();
