@@ -13,6 +13,7 @@ use crate::state::STATE_ENV_VAR;
 
 pub fn run(backend: BackendChoice, cargo_args: &[String]) -> Result<ExitCode> {
     check_prerequisites()?;
+    ensure_browser()?;
     let backend = backend.resolve();
     // Its own run directory, so a `cluster up` environment of a developer is neither reused nor disturbed.
     let dir = crate::target_dir().join(format!("test-env-run-{}", std::process::id()));
@@ -163,12 +164,102 @@ fn check_prerequisites() -> Result<()> {
     Ok(())
 }
 
+// --- The dashboard's browser test (e2e/tests/dashboard.rs): Debian's Chromium and a pinned playwright-core ---
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Installs what the dashboard's browser test needs when it is missing: Chromium from Debian's packages (as
+/// root), and playwright-core at the version `e2e/dashboard/package.json` pins into
+/// `<tools cache>/playwright-core-<version>`, outside the clone. Fails, naming what to do, when it can't.
+fn ensure_browser() -> Result<()> {
+    if !Path::new(CHROMIUM).exists() {
+        install_chromium()?;
+    }
+    let version = pinned_playwright_core()?;
+    let dir = crate::tools::cache_root().join(format!("playwright-core-{version}"));
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "==> npm install playwright-core@{version} into {}",
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir)?;
+    // Its own package.json, so npm installs here and does not look for one further up.
+    std::fs::write(dir.join("package.json"), "{\"private\":true}\n")?;
+    let status = std::process::Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--save-exact"])
+        .arg(format!("playwright-core@{version}"))
+        .current_dir(&dir)
+        .status()
+        .context("run npm (the dashboard test needs Node.js and npm)")?;
+    anyhow::ensure!(
+        status.success(),
+        "npm install playwright-core@{version} failed ({status}); the dashboard test needs it"
+    );
+    Ok(())
+}
+
+fn install_chromium() -> Result<()> {
+    let uid = std::process::Command::new("id").arg("-u").output()?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&uid.stdout).trim() == "0",
+        "{CHROMIUM} is missing and this is not root: install Debian's Chromium (`sudo apt-get install -y \
+         chromium`) for the dashboard's browser test"
+    );
+    let apt = |args: &[&str]| {
+        eprintln!("==> apt-get {}", args.join(" "));
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("run apt-get")
+    };
+    // A fresh machine's package lists may be empty or stale: update once if the first try fails.
+    if !apt(&["install", "-y", "-q", "chromium"])?.success() {
+        anyhow::ensure!(apt(&["update", "-q"])?.success(), "apt-get update failed");
+        anyhow::ensure!(
+            apt(&["install", "-y", "-q", "chromium"])?.success(),
+            "apt-get install -y chromium failed; the dashboard's browser test needs {CHROMIUM}"
+        );
+    }
+    anyhow::ensure!(
+        Path::new(CHROMIUM).exists(),
+        "apt-get installed chromium but {CHROMIUM} is not there"
+    );
+    Ok(())
+}
+
+/// The playwright-core version `e2e/dashboard/package.json` pins (the test reads the same file).
+fn pinned_playwright_core() -> Result<String> {
+    let manifest = crate::repo_root().join("e2e/dashboard/package.json");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("read {}", manifest.display()))?;
+    let package: serde_json::Value = serde_json::from_str(&text)?;
+    package["dependencies"]["playwright-core"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} pins no playwright-core", manifest.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::profile_args;
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    #[test]
+    fn playwright_core_is_pinned_to_an_exact_version() {
+        let version = super::pinned_playwright_core().unwrap();
+        assert!(
+            version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+            "e2e/dashboard/package.json must pin an exact version, not {version:?}"
+        );
     }
 
     #[test]

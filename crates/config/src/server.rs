@@ -19,6 +19,10 @@ pub struct ServerConfig {
     /// every request.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding the dashboard's read-only credential: GraphQL queries and the live event stream,
+    /// never mutations. Optional; it must differ from the admin token.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
     pub git: GitServerConfig,
     #[serde(default)]
     pub agent: AgentLimits,
@@ -379,6 +383,25 @@ impl ServerConfig {
         read_secret(self.admin_token_file.as_deref())
     }
 
+    /// The viewer credential, if configured; refused when it equals the admin credential, which would make
+    /// the read-only token an admin one.
+    pub fn read_viewer_token(&self) -> Result<Option<String>, ConfigError> {
+        let viewer = read_secret(self.viewer_token_file.as_deref())?;
+        if viewer.is_some() && viewer == self.read_admin_token()? {
+            return Err(ConfigError::Invalid {
+                file: self
+                    .viewer_token_file
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                field: "viewer_token_file".into(),
+                message: "holds the admin token; the viewer token must be a different secret"
+                    .into(),
+            });
+        }
+        Ok(viewer)
+    }
+
     /// The webhook secret, if configured.
     pub fn read_webhook_secret(&self) -> Result<Option<String>, ConfigError> {
         read_secret(self.webhooks.secret_file.as_deref())
@@ -596,5 +619,33 @@ mod tests {
                 format!("{}: file is empty", path.display())
             );
         }
+    }
+
+    #[test]
+    fn the_viewer_token_is_read_and_must_differ_from_the_admin_token() {
+        let dir = scratch_dir("viewer");
+        let (admin, viewer) = (dir.join("admin"), dir.join("viewer"));
+        std::fs::write(&admin, "admin-secret\n").unwrap();
+        std::fs::write(&viewer, "viewer-secret\n").unwrap();
+        let yaml = |viewer: &std::path::Path| {
+            format!(
+                "admin_token_file: {}\nviewer_token_file: {}\n{GIT}",
+                admin.display(),
+                viewer.display()
+            )
+        };
+        let c = ServerConfig::parse("kas.yaml", &yaml(&viewer)).unwrap();
+        assert_eq!(
+            c.read_viewer_token().unwrap().as_deref(),
+            Some("viewer-secret")
+        );
+        let c = ServerConfig::parse("kas.yaml", &yaml(&admin)).unwrap();
+        let err = c.read_viewer_token().unwrap_err().to_string();
+        assert!(
+            err.contains("viewer_token_file") && err.contains("admin token"),
+            "{err}"
+        );
+        let c = ServerConfig::parse("kas.yaml", GIT).unwrap();
+        assert_eq!(c.read_viewer_token().unwrap(), None);
     }
 }

@@ -1,24 +1,24 @@
-//! kas's HTTP API listener: `POST /api/graphql` (admin credential required), the GraphQL explorer at
-//! `GET /api/graphql` and `/-/graphql-explorer`, webhooks, and `/healthz`. Timeouts and the connection cap
-//! are the listener's ([`gitops_tunnel::listener`]).
+//! kas's HTTP API listener: `POST /api/graphql` (the admin token may query and mutate, the viewer token only
+//! query), the dashboard ([`crate::dashboard`], also behind `/`), whose query page replaced the GraphiQL
+//! explorer at `GET /api/graphql` and `/-/graphql-explorer`, webhooks, and `/healthz`. Timeouts and the
+//! connection cap are the listener's ([`gitops_tunnel::listener`]).
 
 use std::sync::Arc;
 
-use async_graphql::http::GraphiQLSource;
 use axum::{
     Router,
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, Path, Request, State},
     http::{HeaderMap, StatusCode, header},
-    response::{Html, IntoResponse, Response},
+    response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use tokio::sync::Semaphore;
 
 use crate::{
     KasState,
-    auth::is_admin,
-    graphql::KasSchema,
+    auth::{Role, role},
+    graphql::{KasSchema, ViewerSchema},
     webhooks::{self, Forge},
 };
 
@@ -34,10 +34,13 @@ pub const MAX_CONCURRENT_WEBHOOKS: usize = 16;
 struct ApiState {
     kas: Arc<KasState>,
     schema: KasSchema,
+    /// The same queries without mutations, for the viewer token: refused twice over.
+    viewer_schema: ViewerSchema,
     webhooks: Arc<Semaphore>,
 }
 
 pub fn router(kas: Arc<KasState>, schema: KasSchema) -> Router {
+    let viewer_schema = crate::graphql::viewer_schema(kas.clone());
     Router::new()
         .route(
             "/api/graphql",
@@ -52,10 +55,12 @@ pub fn router(kas: Arc<KasState>, schema: KasSchema) -> Router {
         )
         .route("/healthz", get(healthz))
         .with_state(ApiState {
-            kas,
+            kas: kas.clone(),
             schema,
+            viewer_schema,
             webhooks: Arc::new(Semaphore::new(MAX_CONCURRENT_WEBHOOKS)),
         })
+        .merge(crate::dashboard::router(kas))
 }
 
 /// Healthy while the database answers a real transaction: after a disk fault it is reopened on use, and
@@ -76,27 +81,28 @@ async fn healthz(State(api): State<ApiState>) -> Response {
     }
 }
 
-async fn explorer() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/api/graphql")
-            .title("kas GraphQL explorer")
-            .finish(),
-    )
+/// GraphiQL loaded its scripts from a CDN (a blank page offline); the dashboard's query page runs documents
+/// with nothing loaded from elsewhere.
+async fn explorer() -> Redirect {
+    Redirect::to("/dashboard#/query")
 }
 
 async fn graphql(State(api): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !is_admin(api.kas.admin_token.as_deref(), presented) {
-        let message = if api.kas.admin_token.is_none() {
+    let Some(role) = role(
+        api.kas.admin_token.as_deref(),
+        api.kas.viewer_token.as_deref(),
+        presented,
+    ) else {
+        let message = if api.kas.admin_token.is_none() && api.kas.viewer_token.is_none() {
             "the admin API is disabled: kas has no admin_token_file configured"
         } else {
-            "a valid admin credential is required (Authorization: Bearer <admin token>)"
+            "a valid admin or viewer credential is required (Authorization: Bearer <token>)"
         };
         return json_error(StatusCode::UNAUTHORIZED, message);
-    }
+    };
     // serde would read a JSON array positionally as a request (`["{ query }"]`); batches are refused.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return json_error(
@@ -113,7 +119,15 @@ async fn graphql(State(api): State<ApiState>, headers: HeaderMap, body: Bytes) -
             );
         }
     };
-    let response = api.schema.execute(request).await;
+    let response = match role {
+        Role::Admin => api.schema.execute(request).await,
+        Role::Viewer => {
+            if let Err(message) = read_only(&request) {
+                return json_error(StatusCode::FORBIDDEN, &message);
+            }
+            api.viewer_schema.execute(request).await
+        }
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_string(&response).expect("GraphQL responses serialize"),
@@ -168,6 +182,28 @@ async fn webhook(
                 .into_response()
         }
         Err(e) => json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// The viewer token may only query: a document with any mutation or subscription in it is refused whole,
+/// whichever operation it names, with a message that says why.
+fn read_only(request: &async_graphql::Request) -> Result<(), String> {
+    use async_graphql::parser::types::OperationType;
+    // A document that does not parse is left to the schema, which reports where it is wrong.
+    let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+        return Ok(());
+    };
+    match document
+        .operations
+        .iter()
+        .find(|(_, op)| op.node.ty != OperationType::Query)
+    {
+        Some((name, op)) => Err(format!(
+            "the viewer token may only read: {} {} needs the admin token",
+            op.node.ty,
+            name.map_or_else(|| "(anonymous)".to_owned(), |n| n.to_string()),
+        )),
+        None => Ok(()),
     }
 }
 

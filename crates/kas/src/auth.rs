@@ -83,9 +83,47 @@ pub fn is_admin(configured: Option<&str>, presented: Option<&str>) -> bool {
     tokens::constant_time_eq(configured.as_bytes(), presented.trim().as_bytes())
 }
 
+/// What a caller of the API port may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The admin token: queries and mutations.
+    Admin,
+    /// The viewer token: queries and the dashboard's event stream only.
+    Viewer,
+}
+
+/// The role `presented` (an `Authorization` header value) carries, if any. Both comparisons always run, so
+/// the time taken does not tell which secret a guess was near.
+pub fn role(admin: Option<&str>, viewer: Option<&str>, presented: Option<&str>) -> Option<Role> {
+    let admin = is_admin(admin, presented);
+    let viewer = is_admin(viewer, presented);
+    if admin {
+        Some(Role::Admin)
+    } else if viewer {
+        Some(Role::Viewer)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_viewer_token_is_a_viewer_and_only_the_admin_token_an_admin() {
+        let role = |presented| role(Some("adm"), Some("view"), presented);
+        assert_eq!(role(Some("Bearer adm")), Some(Role::Admin));
+        assert_eq!(role(Some("Bearer view")), Some(Role::Viewer));
+        assert_eq!(role(Some("Bearer other")), None);
+        assert_eq!(role(None), None);
+        assert_eq!(
+            super::role(Some("adm"), None, Some("Bearer view")),
+            None,
+            "no viewer token configured"
+        );
+    }
 
     #[test]
     fn admin_requires_a_configured_and_matching_bearer() {

@@ -31,6 +31,20 @@ pub fn schema(state: Arc<KasState>) -> KasSchema {
         .finish()
 }
 
+// --- The dashboard's viewer token: the same queries, no mutation at all ---
+
+pub type ViewerSchema = Schema<QueryRoot, async_graphql::EmptyMutation, EmptySubscription>;
+
+/// The schema the viewer token's requests run against: a mutation cannot even be named in it.
+pub fn viewer_schema(state: Arc<KasState>) -> ViewerSchema {
+    Schema::build(QueryRoot, async_graphql::EmptyMutation, EmptySubscription)
+        .data(state)
+        .limit_depth(12)
+        .limit_complexity(500)
+        .limit_recursive_depth(32)
+        .finish()
+}
+
 fn agent_gid(id: u64) -> ID {
     ID(format!("{GID_PREFIX}Clusters::Agent/{id}"))
 }
@@ -134,6 +148,11 @@ impl ClusterAgent {
     /// Whether agentk holds a connection to this kas now.
     async fn connected(&self, ctx: &Context<'_>) -> bool {
         !state(ctx).connections.of_agent(self.0.id).is_empty()
+    }
+    /// When the agent last had no connection left to this kas (null if connected since kas started, or
+    /// never connected).
+    async fn last_seen_at(&self, ctx: &Context<'_>) -> Option<String> {
+        state(ctx).connections.last_seen(self.0.id).map(rfc3339)
     }
     async fn connections(&self, ctx: &Context<'_>) -> Vec<AgentConnection> {
         state(ctx)

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod connections;
+pub mod dashboard;
 pub mod graphql;
 pub mod k8s_proxy;
 pub mod manifests;
@@ -76,6 +77,8 @@ pub struct KasState {
     pub tunnels: Arc<TunnelRegistry<u64>>,
     pub watchers: ProjectWatchers,
     pub admin_token: Option<String>,
+    /// The dashboard's read-only credential (`viewer_token_file`).
+    pub viewer_token: Option<String>,
     pub webhook_secret: Option<String>,
     pub limits: AgentLimits,
     pub manifest_limits: manifests::ManifestLimits,
@@ -92,6 +95,7 @@ impl std::fmt::Debug for KasState {
             .field("tunnels", &self.tunnels)
             .field("watchers", &self.watchers)
             .field("admin_token", &redacted(&self.admin_token))
+            .field("viewer_token", &redacted(&self.viewer_token))
             .field("webhook_secret", &redacted(&self.webhook_secret))
             .field("limits", &self.limits)
             .field("manifest_limits", &self.manifest_limits)
@@ -183,6 +187,7 @@ pub async fn start_with(
         tunnels: Arc::new(TunnelRegistry::default()),
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
         admin_token: config.read_admin_token()?,
+        viewer_token: config.read_viewer_token()?,
         webhook_secret: config.read_webhook_secret()?,
         limits: config.agent.clone(),
         manifest_limits: config.manifests.clone(),
