@@ -254,14 +254,23 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         LogFormat::Json => gitops_telemetry::Format::Json,
         LogFormat::Text => gitops_telemetry::Format::Text,
     };
-    gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
+    let logs = gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
+    let level = config.logging.level;
     let running = kas::start(config).await?;
+    let stop_reload = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(kas::log_reload::on_sighup(
+        config_path,
+        logs,
+        level,
+        stop_reload.clone(),
+    ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
+    stop_reload.cancel();
     running.shutdown().await;
     Ok(())
 }
