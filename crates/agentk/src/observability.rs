@@ -52,14 +52,16 @@ impl AgentReadiness {
         let gitops = self.gitops.borrow();
         for (entry, sync) in gitops.iter() {
             match &sync.snapshot {
-                Some(snapshot) => {
-                    if self.metrics.synced_commit(entry).as_deref() != Some(&snapshot.commit_id) {
-                        return Err(NotReady(format!(
-                            "manifest project {}: the sync of commit {} has not finished",
-                            entry.project_id, snapshot.commit_id
-                        )));
-                    }
+                Some(snapshot)
+                    if self.metrics.synced_commit(entry).as_deref()
+                        != Some(snapshot.commit_id.as_str()) =>
+                {
+                    return Err(NotReady(format!(
+                        "manifest project {}: the sync of commit {} has not finished",
+                        entry.project_id, snapshot.commit_id
+                    )));
                 }
+                Some(_) => {}
                 None if sync.error.is_none() && sync.refused.is_none() => {
                     return Err(NotReady(format!(
                         "manifest project {}: no manifests received from kas yet",

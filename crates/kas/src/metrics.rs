@@ -59,6 +59,15 @@ pub enum WebhookResult {
 }
 
 impl WebhookResult {
+    pub const ALL: [Self; 6] = [
+        Self::Accepted,
+        Self::Ignored,
+        Self::Unauthorized,
+        Self::BadPayload,
+        Self::BadBody,
+        Self::Throttled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
@@ -224,6 +233,14 @@ impl KasMetrics {
                 let _ = git_operations.get_or_create(&GitLabels {
                     operation: operation.as_str(),
                     result,
+                });
+            }
+        }
+        for forge in [Forge::Gitea, Forge::GitHub, Forge::GitLab] {
+            for result in WebhookResult::ALL {
+                let _ = webhook_deliveries.get_or_create(&WebhookLabels {
+                    forge: forge_name(forge),
+                    result: result.as_str(),
                 });
             }
         }
