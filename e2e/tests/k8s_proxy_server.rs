@@ -348,6 +348,7 @@ impl ProxyHarness {
             config,
             StartOptions {
                 k8s_proxy_authorizer: Some(Box::new(move |_| for_kas)),
+                ..Default::default()
             },
         )
         .await?;

@@ -619,5 +619,44 @@ async fn kas_rereads_its_log_level_on_sighup() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(get(&format!("{obs}/livez")).await?.0, 200, "kas still runs");
+
+    // The admin API sets it too (a container has no shell to send signals from).
+    let admin = AdminClient::new(
+        &format!("http://127.0.0.1:{}", ports.api),
+        "admin-token".into(),
+    );
+    let set = |level: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .mutate(
+                    "kasLogLevelSet",
+                    "mutation($l: KasLogLevel!) { kasLogLevelSet(level: $l) { level previous errors } }",
+                    serde_json::json!({ "l": level }),
+                )
+                .await
+        }
+    };
+    let payload = set("DEBUG").await?;
+    assert_eq!(payload["level"], "DEBUG");
+    assert_eq!(payload["previous"], "INFO");
+    let before = log().matches(REFUSED_LINE).count();
+    poke_agent_port(ports.agent).await?;
+    wait_for(
+        Duration::from_secs(10),
+        "a debug line after the mutation",
+        || async { Ok(log().matches(REFUSED_LINE).count() > before) },
+    )
+    .await?;
+    assert!(log().contains("\"trigger\":\"admin API\""));
+    let refused = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/graphql", ports.api))
+        .json(
+            &serde_json::json!({ "query": "mutation { kasLogLevelSet(level: ERROR) { level } }" }),
+        )
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 401, "only the admin may change it");
+    assert_eq!(set("INFO").await?["previous"], "DEBUG");
     Ok(())
 }

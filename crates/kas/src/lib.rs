@@ -86,6 +86,8 @@ pub struct KasState {
     pub k8s_proxy: k8s_proxy::ProxyState,
     /// Prometheus metrics, served on `listen.observability`.
     pub metrics: Arc<metrics::KasMetrics>,
+    /// The process's logger, for `kasLogLevelSet`; `None` when an embedder installed none.
+    pub logs: Option<Arc<log_reload::LogControl>>,
 }
 
 impl std::fmt::Debug for KasState {
@@ -140,12 +142,15 @@ pub struct StartOptions {
     /// Decides the proxy's requests instead of kas's own credential checks ([`k8s_proxy::auth::authorizer`]);
     /// for tests of the proxy's forwarding that are not about credentials.
     pub k8s_proxy_authorizer: Option<AuthorizerFactory>,
+    /// The installed logger, so the admin API can change its level.
+    pub log_control: Option<Arc<log_reload::LogControl>>,
 }
 
 impl std::fmt::Debug for StartOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StartOptions")
             .field("k8s_proxy_authorizer", &self.k8s_proxy_authorizer.is_some())
+            .field("log_control", &self.log_control)
             .finish()
     }
 }
@@ -204,6 +209,7 @@ pub async fn start_with(
             ..Default::default()
         },
         metrics,
+        logs: options.log_control.clone(),
     });
 
     let read = |p: &std::path::Path| {

@@ -255,13 +255,16 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         LogFormat::Text => gitops_telemetry::Format::Text,
     };
     let logs = gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
-    let level = config.logging.level;
-    let running = kas::start(config).await?;
+    let logs = std::sync::Arc::new(kas::log_reload::LogControl::new(logs, config.logging.level));
+    let options = kas::StartOptions {
+        log_control: Some(logs.clone()),
+        ..Default::default()
+    };
+    let running = kas::start_with(config, options).await?;
     let stop_reload = tokio_util::sync::CancellationToken::new();
     tokio::spawn(kas::log_reload::on_sighup(
         config_path,
         logs,
-        level,
         stop_reload.clone(),
     ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
