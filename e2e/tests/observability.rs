@@ -660,3 +660,51 @@ async fn kas_rereads_its_log_level_on_sighup() -> anyhow::Result<()> {
     assert_eq!(set("INFO").await?["previous"], "DEBUG");
     Ok(())
 }
+
+/// The transport label comes from how each connection really reached kas: two agents over TLS, one inside
+/// a WebSocket and one over HTTP/2, are counted apart, and a disconnect counts down.
+#[tokio::test]
+async fn connections_are_counted_by_their_transport() -> anyhow::Result<()> {
+    use gitops_telemetry::observability::Exposition;
+    let harness = e2e::Harness::start(true).await?;
+    let (_, _, secret) = harness.register_agent().await?;
+    let wss = harness.agent(harness.client_config("wss", &secret))?;
+    let grpcs = harness.agent(harness.client_config("grpcs", &secret))?;
+    let state = harness.kas().state.clone();
+    let exposition =
+        || kas::observability::endpoints(state.clone()).encode(Exposition::PrometheusText);
+    wait_for(Duration::from_secs(20), "both agents counted", || async {
+        let text = exposition();
+        Ok(
+            sample(&text, "kas_agent_connections{transport=\"wss\"}") == Some(1.0)
+                && sample(&text, "kas_agent_connections{transport=\"grpcs\"}") == Some(1.0),
+        )
+    })
+    .await?;
+    let text = exposition();
+    assert_eq!(
+        sample(&text, "kas_agents_connected"),
+        Some(1.0),
+        "one agent, two replicas"
+    );
+    assert_eq!(sample(&text, "kas_configuration_streams"), Some(2.0));
+    assert_eq!(
+        sample(&text, "kas_agent_connections{transport=\"ws\"}"),
+        Some(0.0)
+    );
+    wss.shutdown().await;
+    wait_for(
+        Duration::from_secs(20),
+        "the WebSocket agent counted down",
+        || async {
+            Ok(sample(&exposition(), "kas_agent_connections{transport=\"wss\"}") == Some(0.0))
+        },
+    )
+    .await?;
+    assert_eq!(
+        sample(&exposition(), "kas_configuration_streams"),
+        Some(1.0)
+    );
+    grpcs.shutdown().await;
+    Ok(())
+}
