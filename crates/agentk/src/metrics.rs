@@ -270,3 +270,84 @@ impl AgentMetrics {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use gitops_telemetry::prometheus_client::encoding::prometheus_text::encode;
+
+    use super::*;
+
+    #[test]
+    fn docs_list_every_metric_and_no_other() {
+        // A family shows in the exposition once it has a series: give every one a sample.
+        let metrics = AgentMetrics::new();
+        metrics.sync_finished(FinishedSync {
+            project: "group/apps",
+            outcome: &SyncOutcome::default(),
+            took: Duration::from_millis(5),
+            drift_check: false,
+        });
+        metrics.event("Pruned", "published");
+        let mut text = String::new();
+        encode(&mut text, &metrics.registry()).unwrap();
+        let declared: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let documented: BTreeSet<&str> = include_str!("../../../docs/metrics.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|name| name.starts_with("agentk_"))
+            .collect();
+        assert_eq!(declared, documented, "docs/metrics.md vs agentk");
+    }
+
+    #[test]
+    fn a_drift_check_counts_what_it_wrote_and_the_inventory_what_is_managed() {
+        use crate::gitops::ObjectOutcome;
+        let object = |result: Outcome| ObjectOutcome {
+            resource_key: "/ConfigMap/ns/a".into(),
+            key: None,
+            source: String::new(),
+            result,
+            sync_result: String::new(),
+            health: None,
+            message: String::new(),
+            resource: None,
+        };
+        let metrics = AgentMetrics::new();
+        let outcome = SyncOutcome {
+            objects: vec![
+                object(Outcome::Configured),
+                object(Outcome::Unchanged),
+                object(Outcome::Pruned),
+                object(Outcome::Kept("in use".into())),
+            ],
+            error: None,
+        };
+        for drift_check in [false, true] {
+            metrics.sync_finished(FinishedSync {
+                project: "group/apps",
+                outcome: &outcome,
+                took: Duration::from_millis(120),
+                drift_check,
+            });
+        }
+        let mut text = String::new();
+        encode(&mut text, &metrics.registry()).unwrap();
+        for line in [
+            "agentk_drift_corrections_total 1\n",
+            "agentk_inventory_objects{project=\"group/apps\"} 3\n",
+            "agentk_syncs_total{project=\"group/apps\",outcome=\"synced\"} 2\n",
+            "agentk_sync_objects_total{result=\"pruned\"} 2\n",
+            "agentk_sync_objects_total{result=\"failed\"} 0\n",
+            "agentk_sync_duration_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+}

@@ -403,6 +403,43 @@ mod tests {
         }
     }
 
+    /// The metric names `# TYPE` lines declare in `exposition`.
+    pub(crate) fn declared(exposition: &str) -> std::collections::BTreeSet<String> {
+        exposition
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The names in the first column of docs/metrics.md's rows that start with `prefix`.
+    pub(crate) fn documented(prefix: &str) -> std::collections::BTreeSet<String> {
+        include_str!("../../../docs/metrics.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn docs_list_every_metric_and_no_other() {
+        // A family shows in the exposition once it has a series: give every one a sample.
+        let metrics = KasMetrics::new();
+        metrics.observe(GitOperation::LsRefs, true, Duration::from_millis(3));
+        metrics.proxy.started();
+        metrics.proxy.ended("get", 200, Duration::from_millis(8));
+        let text = Observability::new(metrics.registry(), Arc::new(Ready))
+            .encode(Exposition::PrometheusText);
+        assert_eq!(
+            declared(&text),
+            documented("kas_"),
+            "docs/metrics.md vs kas"
+        );
+    }
+
     #[test]
     fn fixed_label_sets_start_at_zero_and_guards_count_down() {
         let metrics = KasMetrics::new();
