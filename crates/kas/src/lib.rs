@@ -318,16 +318,16 @@ pub async fn start_with(
     };
     let k8s_proxy_addr = k8s_proxy_socket.as_ref().map(|(_, addr)| *addr);
     let observability_socket = match config.listen.observability {
-        Some(addr) => Some(bind(addr).await?),
+        Some(addr) => {
+            let socket = bind(addr).await?;
+            let local = socket
+                .local_addr()
+                .map_err(|source| KasError::Listen { addr, source })?;
+            Some((socket, local))
+        }
         None => None,
     };
-    let observability_addr = match &observability_socket {
-        Some(socket) => Some(socket.local_addr().map_err(|source| KasError::Listen {
-            addr: config.listen.observability.unwrap_or(config.listen.api),
-            source,
-        })?),
-        None => None,
-    };
+    let observability_addr = observability_socket.as_ref().map(|(_, addr)| *addr);
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -379,7 +379,7 @@ pub async fn start_with(
             stop.clone(),
         ));
     }
-    if let Some(socket) = observability_socket {
+    if let Some((socket, _)) = observability_socket {
         tasks.spawn(observability::serve(
             socket,
             state.clone(),
