@@ -282,3 +282,78 @@ pub async fn follow_leadership(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gitops_engine::ObjectKey;
+
+    use super::*;
+
+    fn failed(name: &str) -> ObjectOutcome {
+        ObjectOutcome {
+            resource_key: format!("/ConfigMap/apps/{name}"),
+            key: Some(ObjectKey {
+                group: String::new(),
+                kind: "ConfigMap".into(),
+                namespace: Some("apps".into()),
+                name: name.into(),
+            }),
+            source: "cm.yaml#0".into(),
+            result: Outcome::Failed("refused".into()),
+            sync_result: String::new(),
+            health: None,
+            message: "refused".into(),
+            resource: Some(kube::discovery::ApiResource::erase::<
+                k8s_openapi::api::core::v1::ConfigMap,
+            >(&())),
+        }
+    }
+
+    /// No apiserver listens on port 1: every publish fails at once, and the metric counts each attempt.
+    #[tokio::test]
+    async fn at_most_per_reason_events_are_attempted_per_sync() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let metrics = Arc::new(AgentMetrics::new());
+        let events = EventRecorder::start(client, "agents", "agentk-0", metrics.clone());
+        let outcome = SyncOutcome {
+            objects: (0..PER_REASON + 15)
+                .map(|i| failed(&format!("cm-{i}")))
+                .collect(),
+            error: Some("and the sync failed as a whole".into()),
+        };
+        events.sync("group/apps", "abc123", &outcome, false);
+        let line = format!(
+            "agentk_events_total{{reason=\"SyncFailed\",result=\"failed\"}} {}\n",
+            PER_REASON + 1
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mut text = String::new();
+            gitops_telemetry::prometheus_client::encoding::prometheus_text::encode(
+                &mut text,
+                &metrics.registry(),
+            )
+            .unwrap();
+            if text.contains(&line) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {line} (the objects' {PER_REASON} and the Pod's one) in\n{text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn only_objects_with_a_known_api_have_a_reference() {
+        let mut object = failed("a");
+        let regarding = reference(&object).unwrap();
+        assert_eq!(regarding.api_version.as_deref(), Some("v1"));
+        assert_eq!(regarding.kind.as_deref(), Some("ConfigMap"));
+        assert_eq!(regarding.namespace.as_deref(), Some("apps"));
+        object.resource = None;
+        assert!(reference(&object).is_none(), "goes to the Pod instead");
+    }
+}
