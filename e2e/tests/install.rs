@@ -87,6 +87,7 @@ async fn agentk_generate_output_applies_to_a_real_cluster() -> anyhow::Result<()
             "clusterrolebinding",
             &format!("gitops-read-all:{n}"),
             &format!("gitlab-agent-alert-reader:{n}"),
+            &format!("gitlab-agent-events:{n}"),
             "--ignore-not-found",
         ],
         None,

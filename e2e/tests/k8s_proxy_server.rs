@@ -348,6 +348,7 @@ impl ProxyHarness {
             config,
             StartOptions {
                 k8s_proxy_authorizer: Some(Box::new(move |_| for_kas)),
+                ..Default::default()
             },
         )
         .await?;
@@ -524,6 +525,19 @@ async fn get_reaches_the_apiserver_over_every_transport() -> anyhow::Result<()> 
             ensure!(header.impersonation.is_none());
         }
         ensure!(seen[1].path_and_query == "/version", "prefix stripped");
+        // Every request ended counts in kas's proxy metrics, by Kubernetes verb and status.
+        let state = h.kas.state.clone();
+        eventually(Duration::from_secs(10), "4 proxy requests counted", || {
+            let text = kas::observability::endpoints(state.clone())
+                .encode(gitops_telemetry::observability::Exposition::PrometheusText);
+            async move {
+                Ok(
+                    text.contains("kas_proxy_requests_total{verb=\"get\",code=\"200\"} 4\n")
+                        && text.contains("kas_proxy_requests_in_flight 0\n"),
+                )
+            }
+        })
+        .await?;
         h.kas.shutdown().await;
     }
     Ok(())

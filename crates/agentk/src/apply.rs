@@ -15,7 +15,10 @@ use gitops_kstatus::Status;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use crate::gitops::{Applier, BoxFuture, ObjectOutcome, SyncOutcome, SyncRequest};
+use crate::{
+    events::EventRecorder,
+    gitops::{Applier, BoxFuture, ObjectOutcome, SyncOutcome, SyncRequest},
+};
 
 /// Applies with the engine as `agentk`.
 pub struct EngineApplier {
@@ -26,6 +29,8 @@ pub struct EngineApplier {
     cluster_url: String,
     /// Per manifest project, what the apiserver made of our applies (see [`AppliedForms`]).
     applied_forms: std::sync::Mutex<HashMap<String, Arc<AppliedForms>>>,
+    /// Kubernetes Events for failures, prunes and drift corrections; none when `None`.
+    events: Option<EventRecorder>,
 }
 
 impl EngineApplier {
@@ -36,6 +41,29 @@ impl EngineApplier {
             inventory_namespace,
             cluster_url,
             applied_forms: Default::default(),
+            events: None,
+        }
+    }
+
+    /// Records Kubernetes Events for what each sync did through `events`.
+    pub fn with_events(mut self, events: EventRecorder) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn record_events(
+        &self,
+        project: &ManifestProject,
+        snapshot: &crate::gitops::ManifestSnapshot,
+        outcome: &SyncOutcome,
+        drift_check: bool,
+    ) {
+        // A dry run changed nothing: nothing to tell.
+        if project.dry_run_strategy != DryRunStrategy::None {
+            return;
+        }
+        if let Some(events) = &self.events {
+            events.sync(&project.id, &snapshot.commit_id, outcome, drift_check);
         }
     }
 
@@ -122,6 +150,7 @@ impl Applier for EngineApplier {
                 project,
                 snapshot,
                 recheck,
+                drift_check,
             } = request;
             let documents = decode_files(&snapshot.files);
             // The seed's log line per object, before it is applied; a periodic re-check of a commit
@@ -150,10 +179,12 @@ impl Applier for EngineApplier {
             let report = match apply_decoded(&self.client, documents, &options).await {
                 Ok(report) => report,
                 Err(e) => {
-                    return SyncOutcome {
+                    let outcome = SyncOutcome {
                         objects: Vec::new(),
                         error: Some(e.to_string()),
                     };
+                    self.record_events(project, snapshot, &outcome, drift_check);
+                    return outcome;
                 }
             };
             let objects = report
@@ -180,10 +211,12 @@ impl Applier for EngineApplier {
                     outcome
                 })
                 .collect();
-            SyncOutcome {
+            let outcome = SyncOutcome {
                 objects,
                 error: None,
-            }
+            };
+            self.record_events(project, snapshot, &outcome, drift_check);
+            outcome
         })
     }
 

@@ -194,6 +194,35 @@ subjects:
 "#
         );
     }
+    // Events go to the namespace of the object they are about (`default` for cluster-scoped ones), so the
+    // grant is cluster-wide, and only for Events: kube's recorder creates them and patches their series.
+    let _ = write!(
+        out,
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: gitlab-agent-events
+rules:
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: {events_binding}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: gitlab-agent-events
+subjects:
+- kind: ServiceAccount
+  name: gitlab-agent
+  namespace: {ns}
+---
+"#,
+        events_binding = q(&format!("gitlab-agent-events:{}", o.namespace)),
+    );
     if o.impersonate {
         let _ = write!(
             out,
@@ -328,7 +357,7 @@ mod tests {
             yaml.contains(r#"token: "kasagent_abc\"quoted""#),
             "the token is quoted safely"
         );
-        assert_eq!(yaml.matches("\n---\n").count() + 1, 12, "twelve objects");
+        assert_eq!(yaml.matches("\n---\n").count() + 1, 14, "fourteen objects");
     }
 
     /// The documents of kind `kind`.
@@ -385,7 +414,8 @@ mod tests {
             [
                 "\"gitops-read-all:gitlab-kubernetes-agent\"",
                 "\"gitlab-agent-alert-reader:gitlab-kubernetes-agent\"",
-                "\"gitops-write-all:gitlab-kubernetes-agent\""
+                "\"gitops-write-all:gitlab-kubernetes-agent\"",
+                "\"gitlab-agent-events:gitlab-kubernetes-agent\"",
             ]
         );
     }
@@ -430,6 +460,28 @@ mod tests {
                 binding.contains("name: \"gitlab-agent-impersonate:gitlab-kubernetes-agent\"")
                     && binding.contains("- kind: ServiceAccount\n  name: gitlab-agent\n"),
                 "{binding}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_modes_may_record_events_and_nothing_else_through_that_role() {
+        for cluster_write in [true, false] {
+            let yaml = manifests(&options(cluster_write));
+            let role = documents(&yaml, "ClusterRole")
+                .into_iter()
+                .find(|d| d.contains("name: gitlab-agent-events\n"))
+                .expect("the events ClusterRole");
+            assert!(
+                role.contains("- apiGroups: [\"events.k8s.io\"]\n  resources: [\"events\"]\n  verbs: [\"create\", \"patch\"]"),
+                "{role}"
+            );
+            assert_eq!(role.matches("apiGroups").count(), 1, "{role}");
+            assert!(
+                documents(&yaml, "ClusterRoleBinding")
+                    .iter()
+                    .any(|b| b.contains("  name: gitlab-agent-events\n")),
+                "bound: {yaml}"
             );
         }
     }

@@ -24,7 +24,10 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::{AgentState, KasChannel};
+use crate::{
+    AgentState, KasChannel,
+    metrics::{AgentMetrics, FinishedSync},
+};
 
 /// The most bytes of manifest files one snapshot may hold by default: twice kas's default
 /// `manifests.max_total_size`. agentk checks it itself: over plaintext transport, kas is not the only one
@@ -141,6 +144,7 @@ pub async fn run(
     state: Arc<watch::Sender<GitopsState>>,
     apply: Option<ApplySettings>,
     max_snapshot_bytes: usize,
+    metrics: Arc<AgentMetrics>,
     stop: CancellationToken,
 ) {
     let reporter: Arc<dyn Reporter> = Arc::new(KasReporter(service.clone()));
@@ -159,6 +163,7 @@ pub async fn run(
             let keep = desired.contains_key(key);
             if !keep {
                 cancel.cancel();
+                metrics.forget(key);
             }
             keep
         });
@@ -190,6 +195,7 @@ pub async fn run(
                     applier: apply.applier.clone(),
                     reporter: reporter.clone(),
                     resync: apply.resync,
+                    metrics: metrics.clone(),
                 };
                 let sync = sync_loop(
                     context,
@@ -504,6 +510,8 @@ pub struct SyncRequest<'a> {
     pub snapshot: &'a ManifestSnapshot,
     /// A periodic drift check (or a retry) of a commit already synced, not a new commit.
     pub recheck: bool,
+    /// The commit was applied successfully before: whatever this sync writes had drifted.
+    pub drift_check: bool,
 }
 
 /// What [`Applier`]'s and [`Reporter`]'s methods return.
@@ -593,6 +601,8 @@ pub struct SyncContext {
     pub reporter: Arc<dyn Reporter>,
     /// See [`ApplySettings::resync`].
     pub resync: Duration,
+    /// Counts finished syncs and remembers their commits for `/readyz`.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// What a sync loop remembers between syncs.
@@ -740,11 +750,13 @@ async fn sync_once(
     if new_commit {
         progress.retry.reset();
     }
+    let drift_check = snapshot.commit_id == progress.commit_applied;
     let request = SyncRequest {
         agent_id: context.agent_id,
         project: &context.project,
         snapshot,
         recheck: !new_commit,
+        drift_check,
     };
     let commit = snapshot.commit_id.as_str();
     let mut outcome = unless_interrupted(
@@ -757,6 +769,12 @@ async fn sync_once(
     )
     .await?;
     progress.commit_synced = snapshot.commit_id.clone();
+    context.metrics.sync_finished(FinishedSync {
+        project: &context.project.id,
+        outcome: &outcome,
+        took: started.elapsed(),
+        drift_check,
+    });
     let result = outcome.result();
     if result == SyncResult::Synced {
         progress.commit_applied = snapshot.commit_id.clone();
@@ -770,6 +788,7 @@ async fn sync_once(
         .reporter
         .report(sync_report(context, snapshot, progress, &outcome))
         .await;
+    context.metrics.sync_done(&context.entry, commit);
     let health_before: Vec<Option<Health>> = outcome.objects.iter().map(|o| o.health).collect();
     unless_interrupted(
         context
@@ -1125,6 +1144,7 @@ mod tests {
                 applier: applier.clone(),
                 reporter: reporter.clone(),
                 resync,
+                metrics: Arc::default(),
             };
             tokio::spawn(sync_loop(context, state_rx, leading_rx, cancel.clone()));
             Self {
@@ -1296,6 +1316,7 @@ mod tests {
             applier: Arc::new(SlowReadiness(dropped.clone())),
             reporter: reporter.clone(),
             resync: Duration::ZERO,
+            metrics: Arc::default(),
         };
         let cancel = CancellationToken::new();
         tokio::spawn(sync_loop(context, state_rx, leading_rx, cancel.clone()));

@@ -4,11 +4,14 @@
 
 pub mod apply;
 pub mod config_watcher;
+pub mod events;
 pub mod generate;
 pub mod gitops;
 pub mod info;
 pub mod k8s_proxy;
 pub mod leader;
+pub mod metrics;
+pub mod observability;
 
 use std::sync::Arc;
 
@@ -64,6 +67,8 @@ pub struct RunningAgent {
     pub state: watch::Receiver<AgentState>,
     /// Manifests received per manifest project.
     pub gitops: watch::Receiver<gitops::GitopsState>,
+    /// What `/metrics` serves, and the finished syncs `/readyz` asks about.
+    pub metrics: Arc<metrics::AgentMetrics>,
     stop: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -82,9 +87,19 @@ impl RunningAgent {
 
 /// Starts the agent's modules.
 pub fn start(
+    client: ClientConfig,
+    options: AgentOptions,
+    logs: Option<LogHandle>,
+) -> Result<RunningAgent, AgentError> {
+    start_with_metrics(client, options, logs, Arc::default())
+}
+
+/// [`start`], counting into `metrics` (which the caller may share, e.g. with an [`events::EventRecorder`]).
+pub fn start_with_metrics(
     mut client: ClientConfig,
     options: AgentOptions,
     logs: Option<LogHandle>,
+    metrics: Arc<metrics::AgentMetrics>,
 ) -> Result<RunningAgent, AgentError> {
     if client.agent_version.is_empty() {
         client.agent_version = VERSION.to_owned();
@@ -113,6 +128,7 @@ pub fn start(
         )),
     );
 
+    tasks.spawn(follow_connection(state_rx.clone(), metrics.clone()));
     let (gitops_tx, gitops_rx) = watch::channel(gitops::GitopsState::default());
     tasks.spawn(gitops::run(
         tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
@@ -120,6 +136,7 @@ pub fn start(
         Arc::new(gitops_tx),
         options.apply.clone(),
         gitops::DEFAULT_MAX_SNAPSHOT_BYTES,
+        metrics.clone(),
         stop.clone(),
     ));
 
@@ -155,7 +172,29 @@ pub fn start(
     Ok(RunningAgent {
         state: state_rx,
         gitops: gitops_rx,
+        metrics,
         stop,
         tasks,
     })
+}
+
+/// Keeps `agentk_kas_connected` and `agentk_configurations_received_total` current from the agent's state.
+async fn follow_connection(
+    mut state: watch::Receiver<AgentState>,
+    metrics: Arc<metrics::AgentMetrics>,
+) {
+    let mut commit = String::new();
+    loop {
+        {
+            let now = state.borrow_and_update();
+            metrics.connected.set(i64::from(now.connected));
+            if now.config.is_some() && now.commit_id != commit {
+                commit = now.commit_id.clone();
+                metrics.configuration_received();
+            }
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -51,6 +51,15 @@ struct RunArgs {
     /// (only differing objects are written); `0s` turns it off.
     #[arg(long, default_value = "5m", value_parser = humantime_duration)]
     drift_check_interval: Duration,
+    /// Serve `/metrics`, `/livez` and `/readyz` (also `/liveness`, `/readiness`) here, e.g. `:8080`;
+    /// off when unset.
+    #[arg(
+        long,
+        visible_alias = "observability-listen-address",
+        env = "AGENTK_OBSERVABILITY_LISTEN",
+        value_parser = agentk::observability::parse_listen_address
+    )]
+    observability_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,8 +148,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("no agent token: use --token-file or AGENTK_TOKEN")?,
     };
     let mut client = ClientConfig::new(address, token.trim().to_owned());
-    client.ca_file = args.ca_cert_file;
-    client.tls_server_name = args.tls_server_name;
+    client.ca_file = args.ca_cert_file.clone();
+    client.tls_server_name = args.tls_server_name.clone();
     client.keepalive = args.keepalive;
     for header in &args.headers {
         let (name, value) = header
@@ -153,6 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     client.proxy_from_env();
     let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
     let pod_name = std::env::var("POD_NAME").unwrap_or_default();
+    let metrics = std::sync::Arc::new(agentk::metrics::AgentMetrics::new());
     let stop = tokio_util::sync::CancellationToken::new();
     let kube_config = match kube::Config::infer().await {
         Ok(config) => Some(config),
@@ -170,15 +180,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .inspect_err(|e| tracing::error!(error = %e, "the Kubernetes API proxy answers 503"))
             .ok()
     });
+    let cluster_url = kube_config.as_ref().map(|c| c.cluster_url.to_string());
     let (apply, election) = match kube_config {
         Some(config) if !args.no_apply => {
-            match apply_settings(config, &pod_namespace, &pod_name, args.drift_check_interval) {
+            let pod = Pod {
+                namespace: &pod_namespace,
+                name: &pod_name,
+            };
+            match apply_settings(config, pod, args.drift_check_interval, &metrics) {
                 Some((apply, election)) => (Some(apply), election),
                 None => (None, None),
             }
         }
         _ => (None, None),
     };
+    let leading = apply.as_ref().map(|a| a.leading.clone());
+    log_start(
+        &args,
+        &client,
+        cluster_url.as_deref(),
+        &pod_namespace,
+        &pod_name,
+    );
     let options = agentk::AgentOptions {
         pod_namespace,
         pod_name,
@@ -186,7 +209,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         apply,
         kubernetes_api,
     };
-    let mut agent = agentk::start(client, options, Some(logs))?;
+    let mut agent = agentk::start_with_metrics(client, options, Some(logs), metrics.clone())?;
+    if let Some(leading) = &leading {
+        let (namespace, identity, events) = match &election {
+            Some(e) => (e.namespace.clone(), e.identity.clone(), e.events.clone()),
+            None => Default::default(),
+        };
+        tokio::spawn(agentk::events::follow_leadership(
+            leading.clone(),
+            agent.state.clone(),
+            namespace,
+            identity,
+            events,
+            metrics.clone(),
+        ));
+    }
     if let Some(e) = election {
         tokio::spawn(agentk::leader::run_for_agent(
             e.client,
@@ -196,6 +233,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             e.leading,
             stop.clone(),
         ));
+    }
+    if let Some(addr) = args.observability_listen {
+        let readiness = agentk::observability::AgentReadiness {
+            state: agent.state.clone(),
+            gitops: agent.gitops.clone(),
+            leading,
+            metrics: agent.metrics.clone(),
+        };
+        let (bound, _) = agentk::observability::serve(addr, readiness, stop.clone())
+            .await
+            .with_context(|| format!("--observability-listen {addr}"))?;
+        tracing::info!(observability_addr = %bound, "serving /metrics, /livez, /readyz");
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -216,16 +265,62 @@ struct Election {
     namespace: String,
     identity: String,
     leading: tokio::sync::watch::Sender<bool>,
+    /// For the `LeaderElection` Event.
+    events: Option<agentk::events::EventRecorder>,
+}
+
+/// The Pod agentk runs as (downward API); empty names outside a Pod.
+#[derive(Clone, Copy)]
+struct Pod<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// The one line at start: version, where kas is and how agentk reaches it (never the token), what it
+/// applies to, and what it serves.
+fn log_start(
+    args: &RunArgs,
+    client: &ClientConfig,
+    cluster_url: Option<&str>,
+    pod_namespace: &str,
+    pod_name: &str,
+) {
+    let header_names: Vec<&str> = client
+        .extra_headers
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    tracing::info!(
+        version = agentk::VERSION,
+        kas_address = %client.address,
+        token_source = if args.token_file.is_some() { "file" } else { "AGENTK_TOKEN" },
+        ca_cert_file = client.ca_file.as_ref().map(|p| p.display().to_string()),
+        tls_server_name = client.tls_server_name.as_deref(),
+        extra_headers = ?header_names,
+        keepalive = %humantime::format_duration(args.keepalive),
+        log_level = %args.log_level,
+        apply = !args.no_apply && cluster_url.is_some(),
+        cluster_url,
+        drift_check_interval = %humantime::format_duration(args.drift_check_interval),
+        pod_namespace,
+        pod_name,
+        observability_listen = args.observability_listen.map(|a| a.to_string()),
+        "agentk is starting"
+    );
 }
 
 /// For the cluster agentk runs in (`config`: in-cluster, else KUBECONFIG): leader election when it runs as a
 /// pod, and the engine. Without a usable cluster agentk still connects and receives, and says why it won't apply.
 fn apply_settings(
     config: kube::Config,
-    namespace: &str,
-    pod_name: &str,
+    pod: Pod<'_>,
     drift_check_interval: Duration,
+    metrics: &std::sync::Arc<agentk::metrics::AgentMetrics>,
 ) -> Option<(agentk::gitops::ApplySettings, Option<Election>)> {
+    let Pod {
+        namespace,
+        name: pod_name,
+    } = pod;
     let cluster_url = config.cluster_url.to_string();
     let client = match kube::Client::try_from(config) {
         Ok(client) => client,
@@ -240,14 +335,18 @@ fn apply_settings(
         namespace.to_owned()
     };
     let (leading_tx, leading) = tokio::sync::watch::channel(pod_name.is_empty());
+    let events =
+        agentk::events::EventRecorder::start(client.clone(), &namespace, pod_name, metrics.clone());
     // Replicas of one agent share its lease (`agent-<id>-lock`); each pod is one candidate.
     let election = (!pod_name.is_empty()).then(|| Election {
         client: client.clone(),
         namespace: namespace.clone(),
         identity: pod_name.to_owned(),
         leading: leading_tx,
+        events: Some(events.clone()),
     });
-    let applier = agentk::apply::EngineApplier::new(client, namespace, cluster_url);
+    let applier =
+        agentk::apply::EngineApplier::new(client, namespace, cluster_url).with_events(events);
     Some((
         agentk::gitops::ApplySettings {
             applier: std::sync::Arc::new(applier),

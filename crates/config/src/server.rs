@@ -81,6 +81,9 @@ pub struct ListenConfig {
     /// TLS for the proxy listener (`https://`); bearer credentials cross it. Plain text (with a warning at
     /// start when not on loopback) when absent.
     pub k8s_proxy_tls: Option<TlsFiles>,
+    /// `/metrics` (Prometheus), `/livez` and `/readyz`, plain HTTP. Off when absent; the chart sets
+    /// `0.0.0.0:8151`.
+    pub observability: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -100,6 +103,7 @@ impl Default for ListenConfig {
             max_api_connections: 1_000,
             k8s_proxy: None,
             k8s_proxy_tls: None,
+            observability: None,
         }
     }
 }

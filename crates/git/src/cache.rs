@@ -33,6 +33,31 @@ struct Inner {
     /// An empty repository for talking to servers without touching (or creating) a project's cache:
     /// gitoxide needs a repository to create a remote, even just to list refs.
     probe: OnceCell<gix::ThreadSafeRepository>,
+    /// Told about every network operation (metrics), once set.
+    observer: std::sync::OnceLock<Arc<dyn GitObserver>>,
+}
+
+/// A network operation against the Git server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GitOperation {
+    /// Asking which commit a ref points at (`ls-refs` for one ref); no objects move.
+    LsRefs,
+    /// Fetching a commit (depth 1) into the cache; compaction's refetch counts too.
+    Fetch,
+}
+
+impl GitOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LsRefs => "ls_refs",
+            Self::Fetch => "fetch",
+        }
+    }
+}
+
+/// Hears about each network operation when it ends: what it was, whether it worked, how long it took.
+pub trait GitObserver: Send + Sync + 'static {
+    fn observe(&self, operation: GitOperation, succeeded: bool, elapsed: std::time::Duration);
 }
 
 struct ProjectCache {
@@ -82,7 +107,20 @@ impl RepoCache {
                 limits,
                 projects: Mutex::new(HashMap::new()),
                 probe: OnceCell::new(),
+                observer: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Reports every network operation to `observer` from now on (all clones share it). Only the first
+    /// observer set is kept.
+    pub fn set_observer(&self, observer: Arc<dyn GitObserver>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    fn observe(&self, operation: GitOperation, succeeded: bool, started: std::time::Instant) {
+        if let Some(observer) = self.inner.observer.get() {
+            observer.observe(operation, succeeded, started.elapsed());
         }
     }
 
@@ -105,12 +143,15 @@ impl RepoCache {
         let probe = self.probe().await?;
         let endpoint = self.endpoint(project);
         let name = ref_name.clone();
+        let started = std::time::Instant::now();
         let advertised = self
             .network(project, None, move |_| {
                 remote::ls_ref(&probe.to_thread_local(), &endpoint, &name)
             })
-            .await?
-            .map_err(|err| Error::from_network(project, &err))?;
+            .await
+            .and_then(|r| r.map_err(|err| Error::from_network(project, &err)));
+        self.observe(GitOperation::LsRefs, advertised.is_ok(), started);
+        let advertised = advertised?;
         match advertised {
             RemoteRef::Commit(commit) => {
                 tracing::debug!(project, %reference, %commit, "resolved");
@@ -153,6 +194,7 @@ impl RepoCache {
         tracing::debug!(project, %reference, %commit, "fetching");
         let fetch_repo: gix::ThreadSafeRepository = (*repo).clone();
         // A cancelled caller's fetch still completes for the next caller; only the deadline interrupts it.
+        let started = std::time::Instant::now();
         let fetched = self.network(project, Some(fetching), move |interrupt| {
             let repo = fetch_repo.to_thread_local();
             let by_id = FetchTarget::Commit {
@@ -182,8 +224,9 @@ impl RepoCache {
             };
             remote::fetch(&repo, &endpoint, by_ref, interrupt)
         })
-        .await?;
-        if let Err(err) = fetched {
+        .await;
+        self.observe(GitOperation::Fetch, matches!(fetched, Ok(Ok(()))), started);
+        if let Err(err) = fetched? {
             return Err(match Error::from_network(project, &err) {
                 // The server refused to send it, e.g. "upload-pack: not our ref <commit>".
                 Error::Transport { message, .. } if message.contains("not our ref") => {

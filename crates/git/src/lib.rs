@@ -15,6 +15,6 @@ mod read;
 mod remote;
 mod server;
 
-pub use cache::RepoCache;
+pub use cache::{GitObserver, GitOperation, RepoCache};
 pub use error::Error;
 pub use server::{GitRef, GitServerConfig, Limits, check_ca_certificates};

@@ -61,7 +61,7 @@ impl fmt::Debug for Credentials {
 
 impl GitServerConfig {
     /// The base URL without credentials and without a trailing slash.
-    pub(crate) fn sanitized_base_url(&self) -> String {
+    pub fn sanitized_base_url(&self) -> String {
         strip_userinfo(&self.base_url)
             .0
             .trim_end_matches('/')

@@ -58,6 +58,7 @@ impl AgentConfiguration for AgentConfigurationService {
             .get::<AgentIdentity>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no agent identity"))?;
+        let transport = request.extensions().get::<gitops_tunnel::Scheme>().copied();
         let header_version = request
             .metadata()
             .get(AGENT_VERSION_HEADER)
@@ -89,6 +90,7 @@ impl AgentConfiguration for AgentConfigurationService {
             async move {
                 info!(agent_version = %info.agent_version, "agent connected");
                 let _connected = state.connections.register(identity.agent_id, info);
+                let _transport = state.metrics.agent_connection(transport);
                 stream_configuration(&state, &identity, request.commit_id, revoked, tx).await;
                 info!("agent disconnected");
             }

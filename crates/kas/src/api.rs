@@ -19,6 +19,7 @@ use crate::{
     KasState,
     auth::{Role, role},
     graphql::{KasSchema, ViewerSchema},
+    metrics::WebhookResult,
     webhooks::{self, Forge},
 };
 
@@ -147,8 +148,10 @@ async fn webhook(
             "unknown forge: use /api/webhooks/gitea, /github or /gitlab",
         );
     };
+    let metrics = &api.kas.metrics;
     // The body is read only with a permit, so unsigned requests cannot buffer more than the cap.
     let Ok(_permit) = api.webhooks.try_acquire() else {
+        metrics.webhook(forge, WebhookResult::Throttled);
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("more than {MAX_CONCURRENT_WEBHOOKS} webhooks in flight; retry"),
@@ -157,9 +160,13 @@ async fn webhook(
     let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
         // 413 over MAX_WEBHOOK_BODY, 400 for a body that broke off or timed out.
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => {
+            metrics.webhook(forge, WebhookResult::BadBody);
+            return rejection.into_response();
+        }
     };
     if let Err(e) = webhooks::verify(forge, api.kas.webhook_secret.as_deref(), &headers, &body) {
+        metrics.webhook(forge, WebhookResult::Unauthorized);
         tracing::warn!(?forge, error = %e, "refused a webhook");
         return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
     }
@@ -169,10 +176,12 @@ async fn webhook(
         .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .any(|event| event == "push" || event == "Push Hook" || event == "Tag Push Hook");
     if !is_push {
+        metrics.webhook(forge, WebhookResult::Ignored);
         return (StatusCode::ACCEPTED, "ignored: not a push event\n").into_response();
     }
     match webhooks::pushed_project(forge, &body) {
         Ok(project) => {
+            metrics.webhook(forge, WebhookResult::Accepted);
             let watchers = api.kas.watchers.poke(&project);
             tracing::info!(?forge, project_id = %project, watchers, "push webhook: re-checking the project");
             (
@@ -181,7 +190,10 @@ async fn webhook(
             )
                 .into_response()
         }
-        Err(e) => json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => {
+            metrics.webhook(forge, WebhookResult::BadPayload);
+            json_error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
     }
 }
 

@@ -101,6 +101,8 @@ pub struct Connections {
     /// memory only, so unknown after a kas restart.
     last_seen: Mutex<HashMap<u64, i64>>,
     pub limits: StreamLimits,
+    /// Kept current here, exported by [`crate::metrics::KasMetrics`].
+    pub gauges: crate::metrics::ConnectionGauges,
 }
 
 /// How long an admitted reverse tunnel counts as in flight; its handshake takes milliseconds.
@@ -118,7 +120,9 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let mut by_agent = self.connections.by_agent.lock().expect("connections lock");
         if let Some(conns) = by_agent.get_mut(&self.agent_id) {
-            conns.remove(&self.id);
+            if conns.remove(&self.id).is_some() {
+                self.connections.gauges.configuration_streams.dec();
+            }
             if conns.is_empty() {
                 by_agent.remove(&self.agent_id);
                 self.connections
@@ -128,6 +132,10 @@ impl Drop for ConnectionGuard {
                     .insert(self.agent_id, crate::store::now());
             }
         }
+        self.connections
+            .gauges
+            .agents_connected
+            .set(by_agent.len() as i64);
     }
 }
 
@@ -144,6 +152,7 @@ impl Drop for StreamGuard {
         let mut streams = self.connections.streams.lock().expect("streams lock");
         if let Some(agent) = streams.get_mut(&self.agent_id) {
             agent.count -= 1;
+            self.connections.gauges.manifest_streams.dec();
             if let Some(n) = agent.refs.get_mut(&self.key) {
                 *n -= 1;
                 if *n == 0 {
@@ -167,12 +176,11 @@ impl Connections {
 
     pub fn register(self: &Arc<Self>, agent_id: u64, info: ConnectionInfo) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.by_agent
-            .lock()
-            .expect("connections lock")
-            .entry(agent_id)
-            .or_default()
-            .insert(id, info);
+        let mut by_agent = self.by_agent.lock().expect("connections lock");
+        by_agent.entry(agent_id).or_default().insert(id, info);
+        self.gauges.configuration_streams.inc();
+        self.gauges.agents_connected.set(by_agent.len() as i64);
+        drop(by_agent);
         ConnectionGuard {
             connections: self.clone(),
             agent_id,
@@ -248,6 +256,7 @@ impl Connections {
         }
         agent.count += 1;
         *agent.refs.entry(key.clone()).or_default() += 1;
+        self.gauges.manifest_streams.inc();
         Ok(StreamGuard {
             connections: self.clone(),
             agent_id,

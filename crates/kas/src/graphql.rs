@@ -590,6 +590,28 @@ pub struct MutationRoot;
 
 #[Object]
 impl MutationRoot {
+    /// Sets kas's log level until the next change or restart (`logging.level` in kas.yaml is re-read on
+    /// SIGHUP). Admin only, like every mutation.
+    async fn kas_log_level_set(
+        &self,
+        ctx: &Context<'_>,
+        level: KasLogLevel,
+    ) -> async_graphql::Result<KasLogLevelPayload> {
+        let Some(logs) = &state(ctx).logs else {
+            return Ok(KasLogLevelPayload {
+                level: None,
+                previous: None,
+                errors: vec!["this kas runs without a logger it can change (embedded)".into()],
+            });
+        };
+        let previous = logs.set(level.into(), crate::log_reload::Trigger::Admin)?;
+        Ok(KasLogLevelPayload {
+            level: Some(level),
+            previous: Some(previous.into()),
+            errors: vec![],
+        })
+    }
+
     async fn create_cluster_agent(
         &self,
         ctx: &Context<'_>,
@@ -1127,4 +1149,45 @@ mod tests {
             assert!(validate_project_path(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// kas's log levels, as `logging.level` in kas.yaml spells them (in capitals).
+#[derive(async_graphql::Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KasLogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl From<KasLogLevel> for gitops_config::agent::LogLevel {
+    fn from(level: KasLogLevel) -> Self {
+        match level {
+            KasLogLevel::Debug => Self::Debug,
+            KasLogLevel::Info => Self::Info,
+            KasLogLevel::Warn => Self::Warn,
+            KasLogLevel::Error => Self::Error,
+        }
+    }
+}
+
+impl From<gitops_config::agent::LogLevel> for KasLogLevel {
+    fn from(level: gitops_config::agent::LogLevel) -> Self {
+        use gitops_config::agent::LogLevel;
+        match level {
+            LogLevel::Debug => Self::Debug,
+            LogLevel::Info => Self::Info,
+            LogLevel::Warn => Self::Warn,
+            LogLevel::Error => Self::Error,
+        }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct KasLogLevelPayload {
+    /// The level now in force.
+    level: Option<KasLogLevel>,
+    /// The level before.
+    previous: Option<KasLogLevel>,
+    errors: Vec<String>,
 }

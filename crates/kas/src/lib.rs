@@ -10,7 +10,10 @@ pub mod connections;
 pub mod dashboard;
 pub mod graphql;
 pub mod k8s_proxy;
+pub mod log_reload;
 pub mod manifests;
+pub mod metrics;
+pub mod observability;
 pub mod store;
 pub mod tokens;
 pub mod watch;
@@ -84,6 +87,10 @@ pub struct KasState {
     pub manifest_limits: manifests::ManifestLimits,
     /// The Kubernetes API proxy's settings and state.
     pub k8s_proxy: k8s_proxy::ProxyState,
+    /// Prometheus metrics, served on `listen.observability`.
+    pub metrics: Arc<metrics::KasMetrics>,
+    /// The process's logger, for `kasLogLevelSet`; `None` when an embedder installed none.
+    pub logs: Option<Arc<log_reload::LogControl>>,
 }
 
 impl std::fmt::Debug for KasState {
@@ -110,6 +117,8 @@ pub struct RunningKas {
     pub api_addr: SocketAddr,
     /// The Kubernetes API proxy's address, when `listen.k8s_proxy` is set.
     pub k8s_proxy_addr: Option<SocketAddr>,
+    /// `/metrics`, `/livez`, `/readyz`, when `listen.observability` is set.
+    pub observability_addr: Option<SocketAddr>,
     pub state: Arc<KasState>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -137,12 +146,15 @@ pub struct StartOptions {
     /// Decides the proxy's requests instead of kas's own credential checks ([`k8s_proxy::auth::authorizer`]);
     /// for tests of the proxy's forwarding that are not about credentials.
     pub k8s_proxy_authorizer: Option<AuthorizerFactory>,
+    /// The installed logger, so the admin API can change its level.
+    pub log_control: Option<Arc<log_reload::LogControl>>,
 }
 
 impl std::fmt::Debug for StartOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StartOptions")
             .field("k8s_proxy_authorizer", &self.k8s_proxy_authorizer.is_some())
+            .field("log_control", &self.log_control)
             .finish()
     }
 }
@@ -179,10 +191,15 @@ pub async fn start_with(
         extra_ca_pem,
     };
     let credentials = k8s_proxy::auth::CredentialState::new(&config, git.extra_ca_pem.clone());
+    let git_url = git.sanitized_base_url();
     let repos = RepoCache::new(git, config.data_dir.join("git-cache"));
+    let metrics = Arc::new(metrics::KasMetrics::new());
+    repos.set_observer(metrics.clone());
+    let mut connections = Connections::default();
+    connections.gauges = metrics.connections.clone();
     let state = Arc::new(KasState {
         store: store.clone(),
-        connections: Arc::new(Connections::default()),
+        connections: Arc::new(connections),
         agent_configs: agent_config::AgentConfigs::default(),
         tunnels: Arc::new(TunnelRegistry::default()),
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
@@ -196,6 +213,8 @@ pub async fn start_with(
             credentials,
             ..Default::default()
         },
+        metrics,
+        logs: options.log_control.clone(),
     });
 
     let read = |p: &std::path::Path| {
@@ -303,6 +322,17 @@ pub async fn start_with(
         None => None,
     };
     let k8s_proxy_addr = k8s_proxy_socket.as_ref().map(|(_, addr)| *addr);
+    let observability_socket = match config.listen.observability {
+        Some(addr) => {
+            let socket = bind(addr).await?;
+            let local = socket
+                .local_addr()
+                .map_err(|source| KasError::Listen { addr, source })?;
+            Some((socket, local))
+        }
+        None => None,
+    };
+    let observability_addr = observability_socket.as_ref().map(|(_, addr)| *addr);
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -324,7 +354,7 @@ pub async fn start_with(
         api_socket,
         api,
         api_tls,
-        api_limits,
+        api_limits.clone(),
         stop.clone(),
     ));
     if let Some((socket, addr)) = k8s_proxy_socket {
@@ -354,21 +384,62 @@ pub async fn start_with(
             stop.clone(),
         ));
     }
-    info!(
-        %agent_addr,
-        %api_addr,
-        k8s_proxy_addr = k8s_proxy_addr.map(|a| a.to_string()),
-        agent_tls = config.listen.agent_tls.is_some(),
-        api_tls = config.listen.api_tls.is_some(),
-        k8s_proxy_tls = config.listen.k8s_proxy_tls.is_some(),
-        "kas is serving"
+    if let Some((socket, _)) = observability_socket {
+        tasks.spawn(observability::serve(
+            socket,
+            state.clone(),
+            api_limits,
+            stop.clone(),
+        ));
+    }
+    log_start(
+        &config,
+        &git_url,
+        &Listening {
+            agent: agent_addr,
+            api: api_addr,
+            k8s_proxy: k8s_proxy_addr,
+            observability: observability_addr,
+        },
     );
     Ok(RunningKas {
         agent_addr,
         api_addr,
         k8s_proxy_addr,
+        observability_addr,
         state,
         stop,
         tasks,
     })
+}
+
+/// The addresses kas actually bound (a configured port 0 is resolved).
+struct Listening {
+    agent: SocketAddr,
+    api: SocketAddr,
+    k8s_proxy: Option<SocketAddr>,
+    observability: Option<SocketAddr>,
+}
+
+/// The one line at start: version, what the configuration turns on (never a secret, only whether one is
+/// configured), and where kas listens.
+fn log_start(config: &ServerConfig, git_url: &str, listening: &Listening) {
+    let listen = &config.listen;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        agent_addr = %listening.agent,
+        api_addr = %listening.api,
+        k8s_proxy_addr = listening.k8s_proxy.map(|a| a.to_string()),
+        observability_addr = listening.observability.map(|a| a.to_string()),
+        agent_tls = listen.agent_tls.is_some(),
+        api_tls = listen.api_tls.is_some(),
+        k8s_proxy_tls = listen.k8s_proxy_tls.is_some(),
+        data_dir = %config.data_dir.display(),
+        git_base_url = git_url,
+        git_poll_period = %humantime::format_duration(config.git.poll_period),
+        admin_api = config.admin_token_file.is_some(),
+        webhooks = config.webhooks.secret_file.is_some(),
+        log_level = config.logging.level.as_str(),
+        "kas is serving"
+    );
 }

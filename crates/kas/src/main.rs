@@ -254,14 +254,26 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         LogFormat::Json => gitops_telemetry::Format::Json,
         LogFormat::Text => gitops_telemetry::Format::Text,
     };
-    gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
-    let running = kas::start(config).await?;
+    let logs = gitops_telemetry::init(format, config.logging.level.as_str(), "error")?;
+    let logs = std::sync::Arc::new(kas::log_reload::LogControl::new(logs, config.logging.level));
+    let options = kas::StartOptions {
+        log_control: Some(logs.clone()),
+        ..Default::default()
+    };
+    let running = kas::start_with(config, options).await?;
+    let stop_reload = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(kas::log_reload::on_sighup(
+        config_path,
+        logs,
+        stop_reload.clone(),
+    ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
+    stop_reload.cancel();
     running.shutdown().await;
     Ok(())
 }

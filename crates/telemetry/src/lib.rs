@@ -1,6 +1,12 @@
 //! Logging for both binaries: JSON lines shaped like GitLab's agent logs (`level`, `time`, `msg`, then flat
 //! fields such as `mod_name`, `agent_id`, `project_id`), or a human format on request; the level can change
-//! at run time (agentk follows `observability.logging.level` from its configuration).
+//! at run time (agentk follows `observability.logging.level` from its configuration, kas re-reads
+//! `logging.level` from `kas.yaml` on SIGHUP). [`observability`] answers `/metrics`, `/livez` and `/readyz`.
+
+pub mod observability;
+
+/// The metrics library both binaries register their metrics with.
+pub use prometheus_client;
 
 use std::{fmt, io};
 

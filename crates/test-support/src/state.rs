@@ -43,4 +43,7 @@ pub struct GiteaState {
 pub struct ToolPaths {
     pub kubectl: PathBuf,
     pub helm: PathBuf,
+    /// `promtool` (Prometheus's exposition linter); empty in a state file written before it was added.
+    #[serde(default)]
+    pub promtool: PathBuf,
 }

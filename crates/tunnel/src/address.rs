@@ -26,7 +26,7 @@ impl Scheme {
             Self::Grpcs | Self::Wss => 443,
         }
     }
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Grpc => "grpc",
             Self::Grpcs => "grpcs",

@@ -40,7 +40,7 @@ use tonic::{body::Body, service::Routes};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::{Error, WEBSOCKET_SUBPROTOCOL, io::MessageIo};
+use crate::{Error, WEBSOCKET_SUBPROTOCOL, address::Scheme, io::MessageIo};
 
 /// Why a call was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,7 +340,12 @@ impl<A: Authenticator> AgentListener<A> {
     ) -> Result<Response<Body>, Infallible> {
         let peer = connection.peer;
         if req.version() == Version::HTTP_2 {
-            return Ok(self.grpc(req, &connection).await);
+            let scheme = if self.tls.is_some() {
+                Scheme::Grpcs
+            } else {
+                Scheme::Grpc
+            };
+            return Ok(self.grpc(req, &connection, scheme).await);
         }
         if is_websocket_upgrade(&req) {
             return Ok(self.upgrade_websocket(req, connection).await);
@@ -352,8 +357,14 @@ impl<A: Authenticator> AgentListener<A> {
         ))
     }
 
-    /// Authenticates one gRPC call and passes it to the services.
-    async fn grpc<B>(&self, mut req: Request<B>, connection: &Connection) -> Response<Body>
+    /// Authenticates one gRPC call and passes it to the services, with the caller's address and the
+    /// transport it came by ([`Scheme`]) in the request's extensions.
+    async fn grpc<B>(
+        &self,
+        mut req: Request<B>,
+        connection: &Connection,
+        scheme: Scheme,
+    ) -> Response<Body>
     where
         B: http_body_util::BodyExt<Data = bytes::Bytes> + Send + 'static,
         B: hyper::body::Body,
@@ -367,6 +378,7 @@ impl<A: Authenticator> AgentListener<A> {
         connection.authenticated();
         req.extensions_mut().insert(identity);
         req.extensions_mut().insert(PeerAddr(peer));
+        req.extensions_mut().insert(scheme);
         let response = match self.routes.clone().oneshot(req).await {
             Ok(response) => response,
             Err(never) => match never {},
@@ -478,10 +490,15 @@ impl<A: Authenticator> AgentListener<A> {
             let io = MessageIo::websocket(ws);
             let this = self.clone();
             let inner = connection.clone();
+            let scheme = if self.tls.is_some() {
+                Scheme::Wss
+            } else {
+                Scheme::Ws
+            };
             let service =
                 TowerToHyperService::new(tower::service_fn(move |req: Request<Incoming>| {
                     let (this, connection) = (this.clone(), inner.clone());
-                    async move { Ok::<_, Infallible>(this.grpc(req, &connection).await) }
+                    async move { Ok::<_, Infallible>(this.grpc(req, &connection, scheme).await) }
                 }));
             let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             http2

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::process::{self, Started};
 use crate::state::{STATE_ENV_VAR, TestEnvState, ToolPaths};
-use crate::tools::{self, HELM, KUBERNETES};
+use crate::tools::{self, HELM, KUBERNETES, PROMTOOL};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -116,6 +116,7 @@ fn start_local(dir: &Path, started: &mut Vec<Started>) -> Result<TestEnvState> {
         tools: ToolPaths {
             kubectl: KUBERNETES.bin("kubectl"),
             helm: HELM.bin("helm"),
+            promtool: PROMTOOL.bin("promtool"),
         },
     })
 }
@@ -208,6 +209,7 @@ pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState
     // Tests get helm and kubectl from the tools cache with either backend; building the Kubernetes tools
     // for kubectl alone would cost minutes, so a cached one is used when there, else the one on PATH.
     HELM.ensure()?;
+    PROMTOOL.ensure()?;
     let (env, kubernetes, gitea) = docker::start(dir).await?;
     let kubectl = if KUBERNETES.is_built() {
         KUBERNETES.bin("kubectl")
@@ -221,6 +223,7 @@ pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState
         tools: ToolPaths {
             kubectl,
             helm: HELM.bin("helm"),
+            promtool: PROMTOOL.bin("promtool"),
         },
     };
     write_json(&state_file(dir), &state)?;

@@ -146,6 +146,7 @@ impl GitopsStatus for GitopsStatusService {
             objects = record.objects.len(),
             "sync reported"
         );
+        self.state.metrics.sync_reported(record.outcome);
         self.state
             .store
             .set_sync_record(identity.agent_id, &project_id, &record)

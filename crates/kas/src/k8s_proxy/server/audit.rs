@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::request::RequestInfo;
 use crate::{
     k8s_proxy::auth::Caller,
+    metrics::ProxyMetrics,
     store::{
         Store,
         audit::{AuditCaller, AuditRecord},
@@ -25,14 +26,16 @@ const BATCH: usize = 256;
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     queue: mpsc::Sender<AuditRecord>,
+    /// Every request ends in a ticket's drop: the request metrics are counted there too.
+    metrics: ProxyMetrics,
 }
 
 impl AuditLog {
     /// Starts the writer, which keeps `keep` records per agent and stops once every sender is gone.
-    pub fn start(store: Store, keep: usize) -> Self {
+    pub fn start(store: Store, keep: usize, metrics: ProxyMetrics) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_batches(store, keep, rx));
-        Self { queue }
+        Self { queue, metrics }
     }
 
     fn submit(&self, record: AuditRecord) {
@@ -83,6 +86,7 @@ pub struct AuditTicket {
 
 impl AuditTicket {
     pub fn new(log: AuditLog, info: Arc<RequestInfo>) -> Self {
+        log.metrics.started();
         Self {
             log,
             started: Instant::now(),
@@ -105,8 +109,12 @@ impl AuditTicket {
 
 impl Drop for AuditTicket {
     fn drop(&mut self) {
-        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let elapsed = self.started.elapsed();
+        let duration_ms = elapsed.as_millis() as u64;
         let info = &self.info;
+        self.log
+            .metrics
+            .ended(info.verb.as_str(), self.status, elapsed);
         let Some(subject) = self.subject.take() else {
             // Refused before kas knew who it was: no agent to file it under; the log line is the record.
             info!(

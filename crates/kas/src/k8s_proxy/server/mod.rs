@@ -104,6 +104,7 @@ impl ProxyServer {
         let audit = AuditLog::start(
             state.store.clone(),
             state.k8s_proxy.config.audit_entries_per_agent,
+            state.metrics.proxy.clone(),
         );
         Self {
             state,
