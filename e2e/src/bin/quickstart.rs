@@ -1,0 +1,180 @@
+//! The quickstart's world (`cargo xtask up` runs this after starting the cluster and Gitea): the
+//! `demo/gitops` repository with its webhook, kas and agentk, left running in sessions of their own. Writes
+//! `kas.pid`, `agentk.pid`, `logs/` and `summary.txt` into the state directory and prints the summary.
+//!
+//! Usage: `quickstart <state-dir>`, with `GITOPS_TEST_ENV` naming the environment's state file.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use e2e::{
+    process::sibling_binary,
+    world::{
+        self, AGENT, CONFIG, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH,
+        GiteaAdmin, Kas, NAMESPACE, OWNER, PROJECT, REPO, WorkTree,
+    },
+};
+use test_support::env::TestEnvState;
+
+/// Prints one line of progress with the time since start.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, what: &str) {
+        eprintln!("[{:>5.1}s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir: PathBuf = std::env::args_os()
+        .nth(1)
+        .context("usage: quickstart <state-dir>")?
+        .into();
+    let env = test_support::env::load()?;
+    let progress = Progress(Instant::now());
+    let summary = build(&env, &dir, &progress).await?;
+    std::fs::write(dir.join("summary.txt"), &summary)?;
+    println!("{summary}");
+    Ok(())
+}
+
+async fn build(env: &TestEnvState, dir: &Path, progress: &Progress) -> anyhow::Result<String> {
+    let gitea = GiteaAdmin::new(env);
+    progress.say(&format!(
+        "Gitea: repository {PROJECT} with the seed's layout"
+    ));
+    gitea.create_repository(OWNER, REPO).await?;
+    let tree = WorkTree::init(&dir.join("seed-clone"), &gitea.clone_url(PROJECT))?;
+    let first = tree.commit_and_push(
+        &[
+            ("README.md", Some("# GitOps demo\n")),
+            (CONFIG_PATH, Some(CONFIG)),
+            (DEPLOYMENT_PATH, Some(DEPLOYMENT)),
+            (CONFIGMAP_PATH, Some(CONFIGMAP)),
+        ],
+        "the seed's repository layout",
+    )?;
+
+    progress.say("kas: API, agent listener, Kubernetes API proxy on TLS");
+    let kas = Kas::start(env, dir, "20s", true).await?;
+    kas.process.write_pid_file(dir)?;
+    gitea
+        .add_push_webhook(PROJECT, &kas.gitea_webhook_url(), &kas.webhook_secret)
+        .await?;
+
+    progress.say("kas: register agent gitops and create its token");
+    let agent = kas.admin.create_agent(PROJECT, AGENT).await?;
+    let agent_id = agent["clusterAgent"]["id"]
+        .as_str()
+        .context("no agent id")?
+        .to_owned();
+    let token = kas
+        .admin
+        .create_token(&agent_id, "quickstart", "cargo xtask up")
+        .await?["secret"]
+        .as_str()
+        .context("no token secret")?
+        .to_owned();
+
+    progress.say("agentk generate | kubectl apply -f -");
+    let manifests = world::generate_install(&token, &kas.endpoints.agent_url())?;
+    world::kubectl(env, &["apply", "-f", "-"], Some(&manifests))?;
+
+    progress.say("agentk: started as the installed pod, under its ServiceAccount's token");
+    let installed = world::installed_agent(env, dir).await?;
+    let mut agentk = world::start_agentk(&installed, dir, true)?;
+    agentk.write_pid_file(dir)?;
+    world::wait_synced(
+        &kas,
+        &mut agentk,
+        &agent_id,
+        &first,
+        Duration::from_secs(90),
+    )
+    .await?;
+    progress.say("agentk applied deployment/ (nginx-deployment, demo-settings)");
+
+    let proxy_kubeconfig = dir.join("kubeconfig-kas-proxy");
+    kas.proxy_kubeconfig(&agent_id, &proxy_kubeconfig)?;
+    let mut through_proxy = std::process::Command::new(&env.tools.kubectl);
+    through_proxy
+        .args(["--kubeconfig"])
+        .arg(&proxy_kubeconfig)
+        .args(["-n", NAMESPACE, "get", "deployment", "nginx-deployment"]);
+    world::run(through_proxy).context("kubectl through kas's Kubernetes API proxy")?;
+    progress.say("kubectl through kas's proxy works");
+
+    summary(
+        env,
+        dir,
+        &kas,
+        &gitea,
+        &agent_id,
+        &installed,
+        progress.0.elapsed(),
+    )
+}
+
+fn summary(
+    env: &TestEnvState,
+    dir: &Path,
+    kas: &Kas,
+    gitea: &GiteaAdmin,
+    agent_id: &str,
+    installed: &world::InstalledAgent,
+    took: Duration,
+) -> anyhow::Result<String> {
+    let api = kas.endpoints.api_url();
+    let kubectl = env.tools.kubectl.display();
+    let kas_cli = sibling_binary("kas")?;
+    let kas_cli = kas_cli.display();
+    let d = dir.display();
+    let observability = installed
+        .observability
+        .as_ref()
+        .map(|url| format!("agentk health     {url}/readyz   {url}/metrics\n"))
+        .unwrap_or_default();
+    Ok(format!(
+        "\
+The seed's world is up (agent {agent_id}, project {PROJECT}; set up in {took:.1?}).
+
+Dashboard         {api}/dashboard
+GraphQL explorer  {api}/-/graphql-explorer   (header  Authorization: Bearer <admin token>)
+Admin token       {admin_token}
+                  (also in {admin_token_file})
+Gitea             {gitea_url}   login {gitea_user} / {gitea_password}
+Clone             git clone {clone_url}
+
+Cluster           export KUBECONFIG={cluster_kubeconfig}
+                  {kubectl} -n {NAMESPACE} get deployments,pods,configmaps
+Through kas       {kubectl} --kubeconfig {d}/kubeconfig-kas-proxy -n {NAMESPACE} get pods
+                  (kubectl -> kas's proxy on TLS -> agentk's connection -> the cluster; a CI token of {PROJECT})
+kas CLI           KAS_API_URL={api} KAS_ADMIN_TOKEN_FILE={admin_token_file} {kas_cli} --help
+agentk log        tail -f {d}/logs/agentk.log
+{observability}kas log           tail -f {d}/logs/kas.log
+
+Try it: clone, set `replicas: 2` in {DEPLOYMENT_PATH}, commit and `git push`. Gitea's webhook tells kas at
+once; agentk logs `Applying resource Deployment/nginx-deployment ...` and `Cluster successfully synced`, and
+`kubectl get pods` shows two nginx pods.
+
+agentk runs as a process beside the cluster, not inside its pod: the cluster's nodes are kwok's, which fake
+pods' containers (the pod {pod} exists, nothing runs in it). The process has what the pod would have: the
+Deployment's arguments, the token from Secret gitlab-agent-token and a token of ServiceAccount gitlab-agent.
+
+State, pid files and logs: {d}. Stop everything: cargo xtask down
+",
+        admin_token = kas.admin_token()?,
+        admin_token_file = kas.admin_token_file.display(),
+        gitea_url = gitea.url,
+        gitea_user = gitea.user,
+        gitea_password = gitea.password,
+        clone_url = gitea.clone_url(PROJECT),
+        cluster_kubeconfig = env.kubernetes.kubeconfig.display(),
+        pod = installed.pod_name,
+    ))
+}
