@@ -582,21 +582,14 @@ pub async fn installed_agent(env: &TestEnvState, dir: &Path) -> anyhow::Result<I
         ],
         None,
     )?)?;
-    let mut observability = None;
-    let mut args = Vec::new();
-    for arg in container["args"].as_array().into_iter().flatten() {
-        let arg = arg.as_str().context("a container argument")?;
-        if arg.starts_with("--token-file=") {
-            args.push(format!("--token-file={}", token_file.display()));
-        } else if arg.starts_with("--observability-listen") {
-            // The pod's `:8080` would collide with other processes on this machine.
-            let port = free_port()?;
-            observability = Some(format!("http://127.0.0.1:{port}"));
-            args.push(format!("--observability-listen=127.0.0.1:{port}"));
-        } else {
-            args.push(arg.to_owned());
-        }
-    }
+    let container_args: Vec<&str> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|arg| arg.as_str().context("a container argument"))
+        .collect::<anyhow::Result<_>>()?;
+    let port = free_port()?;
+    let (args, observability) = local_args(&container_args, &token_file, port);
     let kubeconfig = agent_dir.join("kubeconfig");
     service_account_kubeconfig(env, &kubeconfig)?;
     let pod_name = wait_for_agent_pod(env).await?;
@@ -606,6 +599,32 @@ pub async fn installed_agent(env: &TestEnvState, dir: &Path) -> anyhow::Result<I
         pod_name,
         observability,
     })
+}
+
+/// The container's arguments for a process on this machine: the token file is the local copy of the
+/// Secret, and an observability listener (the pod's `:8080` would collide with other processes here) moves
+/// to `127.0.0.1:<port>`, returned as a URL.
+pub fn local_args(
+    container_args: &[&str],
+    token_file: &Path,
+    port: u16,
+) -> (Vec<String>, Option<String>) {
+    let mut observability = None;
+    let args = container_args
+        .iter()
+        .map(|arg| {
+            let flag = arg.split_once('=').map_or(*arg, |(flag, _)| flag);
+            match flag {
+                "--token-file" => format!("--token-file={}", token_file.display()),
+                "--observability-listen" | "--observability-listen-address" => {
+                    observability = Some(format!("http://127.0.0.1:{port}"));
+                    format!("{flag}=127.0.0.1:{port}")
+                }
+                _ => (*arg).to_owned(),
+            }
+        })
+        .collect();
+    (args, observability)
 }
 
 /// The name of the `gitlab-agent` pod (kwok schedules and "runs" it), waited for up to 30 s.
@@ -738,5 +757,44 @@ pub async fn wait_synced(
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pods_arguments_point_at_local_files_and_a_loopback_port() {
+        let (args, observability) = local_args(
+            &[
+                "--kas-address=wss://kas.example",
+                "--token-file=/etc/agentk/token/token",
+                "--observability-listen=:8080",
+            ],
+            Path::new("/state/agentk/token"),
+            41234,
+        );
+        assert_eq!(
+            args,
+            [
+                "--kas-address=wss://kas.example",
+                "--token-file=/state/agentk/token",
+                "--observability-listen=127.0.0.1:41234",
+            ]
+        );
+        assert_eq!(observability.as_deref(), Some("http://127.0.0.1:41234"));
+        let (args, observability) = local_args(&["--kas-address=ws://x"], Path::new("/t"), 1);
+        assert_eq!(args, ["--kas-address=ws://x"]);
+        assert_eq!(observability, None);
+    }
+
+    #[test]
+    fn object_names_lists_kind_and_name_of_each_document() {
+        let names = object_names(&format!("{DEPLOYMENT}---\n{CONFIGMAP}"));
+        assert_eq!(
+            names,
+            ["Deployment/nginx-deployment", "ConfigMap/demo-settings"]
+        );
     }
 }

@@ -88,7 +88,7 @@ pub fn up(dir: &Path) -> Result<ExitCode> {
             .map(|p| format!("{} (pid {})", p.name, p.pid))
             .collect();
         eprintln!(
-            "The quickstart is already up in {}: {}. `cargo xtask down` ends it.\n",
+            "The quickstart is already up in {}: {}. Its summary again:\n",
             dir.display(),
             names.join(", ")
         );
@@ -128,9 +128,19 @@ pub fn up(dir: &Path) -> Result<ExitCode> {
             env.kubernetes.version, env.kubernetes.server, env.gitea.url
         ),
     );
+    let down_command = if default_dir().canonicalize().ok().as_ref() == Some(&dir) {
+        "cargo xtask down".to_owned()
+    } else {
+        format!("cargo xtask down --dir {}", dir.display())
+    };
     let mut program = Command::new(crate::target_dir().join("debug").join("quickstart"));
     program
         .arg(&dir)
+        .arg(&down_command)
+        .env(
+            "QUICKSTART_ELAPSED_MS",
+            started.elapsed().as_millis().to_string(),
+        )
         .env(
             crate::state::STATE_ENV_VAR,
             crate::cluster::state_file(&cluster_dir(&dir)),

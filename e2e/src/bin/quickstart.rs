@@ -19,31 +19,57 @@ use e2e::{
 };
 use test_support::env::TestEnvState;
 
-/// Prints one line of progress with the time since start.
-struct Progress(Instant);
+/// Prints one line of progress with the time since `cargo xtask up` started (it passes its elapsed time in
+/// `QUICKSTART_ELAPSED_MS`, so the lines continue its own).
+struct Progress {
+    started: Instant,
+    before: Duration,
+}
 
 impl Progress {
+    fn new() -> Self {
+        let before = std::env::var("QUICKSTART_ELAPSED_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_millis);
+        Self {
+            started: Instant::now(),
+            before,
+        }
+    }
+
     fn say(&self, what: &str) {
-        eprintln!("[{:>5.1}s] {what}", self.0.elapsed().as_secs_f64());
+        let at = self.before + self.started.elapsed();
+        eprintln!("[{:>5.1}s] {what}", at.as_secs_f64());
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let dir: PathBuf = std::env::args_os()
-        .nth(1)
-        .context("usage: quickstart <state-dir>")?
+    let mut args = std::env::args_os().skip(1);
+    let dir: PathBuf = args
+        .next()
+        .context("usage: quickstart <state-dir> [<the command that ends it>]")?
         .into();
+    let down = args.next().map_or_else(
+        || "cargo xtask down".to_owned(),
+        |a| a.to_string_lossy().into_owned(),
+    );
     let env = test_support::env::load()?;
-    let progress = Progress(Instant::now());
-    let summary = build(&env, &dir, &progress).await?;
+    let progress = Progress::new();
+    let summary = build(&env, &dir, &down, &progress).await?;
     std::fs::write(dir.join("summary.txt"), &summary)?;
     println!("{summary}");
     Ok(())
 }
 
-async fn build(env: &TestEnvState, dir: &Path, progress: &Progress) -> anyhow::Result<String> {
+async fn build(
+    env: &TestEnvState,
+    dir: &Path,
+    down: &str,
+    progress: &Progress,
+) -> anyhow::Result<String> {
     let gitea = GiteaAdmin::new(env);
     progress.say(&format!(
         "Gitea: repository {PROJECT} with the seed's layout"
@@ -109,41 +135,65 @@ async fn build(env: &TestEnvState, dir: &Path, progress: &Progress) -> anyhow::R
     world::run(through_proxy).context("kubectl through kas's Kubernetes API proxy")?;
     progress.say("kubectl through kas's proxy works");
 
-    summary(
+    Summary {
         env,
         dir,
-        &kas,
-        &gitea,
-        &agent_id,
-        &installed,
-        progress.0.elapsed(),
-    )
+        kas: &kas,
+        gitea: &gitea,
+        agent_id: &agent_id,
+        installed: &installed,
+        down,
+        took: progress.started.elapsed(),
+    }
+    .render()
+    .await
 }
 
-fn summary(
-    env: &TestEnvState,
-    dir: &Path,
-    kas: &Kas,
-    gitea: &GiteaAdmin,
-    agent_id: &str,
-    installed: &world::InstalledAgent,
+/// What a person needs to use the world.
+struct Summary<'a> {
+    env: &'a TestEnvState,
+    dir: &'a Path,
+    kas: &'a Kas,
+    gitea: &'a GiteaAdmin,
+    agent_id: &'a str,
+    installed: &'a world::InstalledAgent,
+    /// The command that ends it.
+    down: &'a str,
     took: Duration,
-) -> anyhow::Result<String> {
-    let api = kas.endpoints.api_url();
-    let kubectl = env.tools.kubectl.display();
-    let kas_cli = sibling_binary("kas")?;
-    let kas_cli = kas_cli.display();
-    let d = dir.display();
-    let observability = installed
-        .observability
-        .as_ref()
-        .map(|url| format!("agentk health     {url}/readyz   {url}/metrics\n"))
-        .unwrap_or_default();
-    Ok(format!(
+}
+
+impl Summary<'_> {
+    async fn render(&self) -> anyhow::Result<String> {
+        let Self {
+            env,
+            dir,
+            kas,
+            gitea,
+            agent_id,
+            installed,
+            down,
+            took,
+        } = self;
+        let api = kas.endpoints.api_url();
+        let dashboard_note = if dashboard_served(&api).await {
+            ""
+        } else {
+            "   (not served by this build of kas yet)"
+        };
+        let kubectl = env.tools.kubectl.display();
+        let kas_cli = sibling_binary("kas")?;
+        let kas_cli = kas_cli.display();
+        let d = dir.display();
+        let observability = installed
+            .observability
+            .as_ref()
+            .map(|url| format!("agentk health     {url}/readyz   {url}/metrics\n"))
+            .unwrap_or_default();
+        Ok(format!(
         "\
 The seed's world is up (agent {agent_id}, project {PROJECT}; set up in {took:.1?}).
 
-Dashboard         {api}/dashboard
+Dashboard         {api}/dashboard{dashboard_note}
 GraphQL explorer  {api}/-/graphql-explorer   (header  Authorization: Bearer <admin token>)
 Admin token       {admin_token}
                   (also in {admin_token_file})
@@ -162,11 +212,13 @@ Try it: clone, set `replicas: 2` in {DEPLOYMENT_PATH}, commit and `git push`. Gi
 once; agentk logs `Applying resource Deployment/nginx-deployment ...` and `Cluster successfully synced`, and
 `kubectl get pods` shows two nginx pods.
 
-agentk runs as a process beside the cluster, not inside its pod: the cluster's nodes are kwok's, which fake
-pods' containers (the pod {pod} exists, nothing runs in it). The process has what the pod would have: the
-Deployment's arguments, the token from Secret gitlab-agent-token and a token of ServiceAccount gitlab-agent.
+agentk runs as a process beside the cluster, not inside its pod: the cluster's nodes are kwok's, which
+fake pods' containers (pod {pod} exists, nothing runs in it). The process has what
+the pod would have: the Deployment's arguments, the token from Secret gitlab-agent-token, and a token of
+ServiceAccount gitlab-agent (7 days; `up` after `down` renews everything).
 
-State, pid files and logs: {d}. Stop everything: cargo xtask down
+State, pid files and logs: {d}
+Stop everything:          {down}
 ",
         admin_token = kas.admin_token()?,
         admin_token_file = kas.admin_token_file.display(),
@@ -177,4 +229,12 @@ State, pid files and logs: {d}. Stop everything: cargo xtask down
         cluster_kubeconfig = env.kubernetes.kubeconfig.display(),
         pod = installed.pod_name,
     ))
+    }
+}
+
+/// Whether kas answers `/dashboard` (the page is another part of the project and may not be built in).
+async fn dashboard_served(api: &str) -> bool {
+    reqwest::get(format!("{api}/dashboard"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
