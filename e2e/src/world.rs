@@ -39,8 +39,12 @@ pub const DEPLOYMENT_PATH: &str = "deployment/deployment.yaml";
 /// refuses to deliver an empty project, which would prune everything, unless `allow_empty` is set).
 pub const CONFIGMAP_PATH: &str = "deployment/configmap.yaml";
 
-/// The seed's `config.yaml`: the repository is its own manifest project.
-pub const CONFIG: &str = "gitops:\n  manifest_projects:\n  - id: \"demo/gitops\"\n    paths:\n    - glob: '/**/*.yaml'\nobservability:\n  logging:\n    level: debug\n";
+/// The seed's `config.yaml`: the repository `project` is its own manifest project.
+pub fn config_yaml(project: &str) -> String {
+    format!(
+        "gitops:\n  manifest_projects:\n  - id: \"{project}\"\n    paths:\n    - glob: '/**/*.yaml'\nobservability:\n  logging:\n    level: debug\n"
+    )
+}
 /// The seed's `deployment.yaml`.
 pub const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx-deployment\n  namespace: gitlab-kubernetes-agent\nspec:\n  selector:\n    matchLabels:\n      app: nginx\n  replicas: 1\n  template:\n    metadata:\n      labels:\n        app: nginx\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.14.2\n        ports:\n        - containerPort: 80\n";
 pub const CONFIGMAP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: demo-settings\n  namespace: gitlab-kubernetes-agent\ndata:\n  greeting: hello from demo/gitops\n";
@@ -451,15 +455,20 @@ impl Kas {
         Ok(command)
     }
 
-    /// Issues a CI token for the configuration project (which the agent authorises implicitly, as itself)
-    /// and writes the kubeconfig `kas kubeconfig` prints for it: kubectl through kas and the agent.
-    pub fn proxy_kubeconfig(&self, agent_id: &str, file: &Path) -> anyhow::Result<()> {
+    /// Issues a CI token for the configuration project `project` (which the agent authorises implicitly,
+    /// as itself) and writes the kubeconfig `kas kubeconfig` prints for it: kubectl through kas and the agent.
+    pub fn proxy_kubeconfig(
+        &self,
+        agent_id: &str,
+        project: &str,
+        file: &Path,
+    ) -> anyhow::Result<()> {
         let mut create = self.cli()?;
         create.args([
             "ci-token",
             "create",
             "--project",
-            PROJECT,
+            project,
             "--expires-in",
             "720h",
             "--description",
@@ -718,8 +727,8 @@ pub fn log_lines(log: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// The agent's last sync of [`PROJECT`] as GraphQL shows it (`null` before the first).
-pub async fn last_sync(kas: &Kas, agent_id: &str) -> anyhow::Result<Value> {
+/// The agent's last sync of `project` as GraphQL shows it (`null` before the first).
+pub async fn last_sync(kas: &Kas, agent_id: &str, project: &str) -> anyhow::Result<Value> {
     let answer = kas
         .graphql(&format!(
             r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ projectId lastSync {{ commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#
@@ -730,21 +739,32 @@ pub async fn last_sync(kas: &Kas, agent_id: &str) -> anyhow::Result<Value> {
         .with_context(|| format!("no manifest projects in {answer}"))?;
     Ok(projects
         .iter()
-        .find(|p| p["projectId"].as_str() == Some(PROJECT))
+        .find(|p| p["projectId"].as_str() == Some(project))
         .map_or(Value::Null, |p| p["lastSync"].clone()))
 }
 
-/// Waits until agentk reports `commit` of [`PROJECT`] applied and synced; the sync as GraphQL shows it.
+/// Which sync [`wait_synced`] waits for: `commit` of `project` by agent `agent_id`.
+pub struct SyncOf<'a> {
+    pub agent_id: &'a str,
+    pub project: &'a str,
+    pub commit: &'a str,
+}
+
+/// Waits until agentk reports the commit applied and synced; the sync as GraphQL shows it.
 pub async fn wait_synced(
     kas: &Kas,
     agentk: &mut Managed,
-    agent_id: &str,
-    commit: &str,
+    of: SyncOf<'_>,
     within: Duration,
 ) -> anyhow::Result<Value> {
+    let SyncOf {
+        agent_id,
+        project,
+        commit,
+    } = of;
     let started = Instant::now();
     loop {
-        let sync = last_sync(kas, agent_id).await?;
+        let sync = last_sync(kas, agent_id, project).await?;
         if sync["commitApplied"].as_str() == Some(commit) && sync["outcome"] == "synced" {
             return Ok(sync);
         }
@@ -792,6 +812,7 @@ mod tests {
     #[test]
     fn object_names_lists_kind_and_name_of_each_document() {
         let names = object_names(&format!("{DEPLOYMENT}---\n{CONFIGMAP}"));
+        assert!(config_yaml("a/b").contains("- id: \"a/b\"\n"));
         assert_eq!(
             names,
             ["Deployment/nginx-deployment", "ConfigMap/demo-settings"]

@@ -13,7 +13,7 @@ use anyhow::Context;
 use e2e::{
     process::sibling_binary,
     world::{
-        self, AGENT, CONFIG, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH,
+        self, AGENT, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH,
         GiteaAdmin, Kas, NAMESPACE, OWNER, PROJECT, REPO, WorkTree,
     },
 };
@@ -79,7 +79,7 @@ async fn build(
     let first = tree.commit_and_push(
         &[
             ("README.md", Some("# GitOps demo\n")),
-            (CONFIG_PATH, Some(CONFIG)),
+            (CONFIG_PATH, Some(&world::config_yaml(PROJECT))),
             (DEPLOYMENT_PATH, Some(DEPLOYMENT)),
             (CONFIGMAP_PATH, Some(CONFIGMAP)),
         ],
@@ -118,15 +118,18 @@ async fn build(
     world::wait_synced(
         &kas,
         &mut agentk,
-        &agent_id,
-        &first,
+        world::SyncOf {
+            agent_id: &agent_id,
+            project: PROJECT,
+            commit: &first,
+        },
         Duration::from_secs(90),
     )
     .await?;
     progress.say("agentk applied deployment/ (nginx-deployment, demo-settings)");
 
     let proxy_kubeconfig = dir.join("kubeconfig-kas-proxy");
-    kas.proxy_kubeconfig(&agent_id, &proxy_kubeconfig)?;
+    kas.proxy_kubeconfig(&agent_id, PROJECT, &proxy_kubeconfig)?;
     let mut through_proxy = std::process::Command::new(&env.tools.kubectl);
     through_proxy
         .args(["--kubeconfig"])

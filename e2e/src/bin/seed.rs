@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use e2e::world::{
-    self, AGENT, CONFIG, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH,
-    GiteaAdmin, Kas, Managed, NAMESPACE, OWNER, PROJECT, REPO, WorkTree,
+    self, AGENT, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH, GiteaAdmin,
+    Kas, Managed, NAMESPACE, OWNER, REPO, SyncOf, WorkTree,
 };
 use serde_json::Value;
 use test_support::env::TestEnvState;
@@ -148,10 +148,17 @@ async fn main() -> anyhow::Result<()> {
     let env = test_support::env::load().context("`cargo xtask e2e` runs this")?;
     let dir = tempfile::tempdir()?;
     let result = run(&env, dir.path()).await;
-    // The namespace holds what the scenario applied; the cluster itself goes with `cargo xtask e2e`.
+    // The namespace holds what the scenario applied; waited for, so that a next run in the same cluster
+    // (`cargo xtask cluster up`) starts clean. The cluster itself goes with `cargo xtask e2e`.
     let _ = world::kubectl(
         &env,
-        &["delete", "namespace", NAMESPACE, "--wait=false"],
+        &[
+            "delete",
+            "namespace",
+            NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ],
         None,
     );
     if result.is_err() {
@@ -183,18 +190,41 @@ async fn graphql(kas: &Kas, document: &str) -> anyhow::Result<Value> {
 }
 
 async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
+    // `demo`, as in the quickstart; the test passes an owner of its own, since a Gitea that outlives one
+    // run (`cargo xtask cluster up`) already has `demo`.
+    let owner = std::env::var("SEED_OWNER").unwrap_or_else(|_| OWNER.to_owned());
+    let project = format!("{owner}/{REPO}");
+    let project = project.as_str();
     let mut steps = Steps::new();
     steps.step(
         "0",
-        "Gitea: repository demo/gitops with the seed's layout, kas with a push webhook from it",
+        &format!(
+            "Gitea: repository {project} with the seed's layout, kas with a push webhook from it"
+        ),
+    );
+    let left = world::kubectl(
+        env,
+        &[
+            "get",
+            "namespace",
+            NAMESPACE,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    ensure!(
+        left.trim().is_empty(),
+        "namespace {NAMESPACE} already exists in this cluster (another run or install); the seed installs there"
     );
     let gitea = GiteaAdmin::new(env);
-    gitea.create_repository(OWNER, REPO).await?;
-    let tree = WorkTree::init(&dir.join("clone"), &gitea.clone_url(PROJECT))?;
+    gitea.create_repository(&owner, REPO).await?;
+    let tree = WorkTree::init(&dir.join("clone"), &gitea.clone_url(project))?;
     let first = tree.commit_and_push(
         &[
             ("README.md", Some("# GitOps demo\n")),
-            (CONFIG_PATH, Some(CONFIG)),
+            (CONFIG_PATH, Some(&world::config_yaml(project))),
             (DEPLOYMENT_PATH, Some(DEPLOYMENT)),
             (CONFIGMAP_PATH, Some(CONFIGMAP)),
         ],
@@ -204,7 +234,7 @@ async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
     // Hourly polls: a change that arrives within the test came by the webhook.
     let kas = Kas::start(env, dir, "1h", false).await?;
     gitea
-        .add_push_webhook(PROJECT, &kas.gitea_webhook_url(), &kas.webhook_secret)
+        .add_push_webhook(project, &kas.gitea_webhook_url(), &kas.webhook_secret)
         .await?;
     eprintln!(
         "    kas: API {}, agents {}; webhook {}",
@@ -218,7 +248,7 @@ async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
         &kas,
         &format!(
             r#"mutation createAgent {{
-  createClusterAgent(input: {{ projectPath: "{PROJECT}", name: "{AGENT}" }}) {{
+  createClusterAgent(input: {{ projectPath: "{project}", name: "{AGENT}" }}) {{
     clusterAgent {{ id name }}
     errors
   }}
@@ -308,8 +338,11 @@ async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
     world::wait_synced(
         &kas,
         &mut agentk,
-        &agent_id,
-        &first,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &first,
+        },
         Duration::from_secs(60),
     )
     .await?;
@@ -338,8 +371,17 @@ async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
     let pushed = Instant::now();
     log.expect_sync("Deployment", "nginx-deployment", "configured")
         .await?;
-    let sync =
-        world::wait_synced(&kas, &mut agentk, &agent_id, &two, Duration::from_secs(30)).await?;
+    let sync = world::wait_synced(
+        &kas,
+        &mut agentk,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &two,
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
     eprintln!(
         "    commit {two} applied {:.2?} after the push",
         pushed.elapsed()
@@ -383,8 +425,11 @@ async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
     world::wait_synced(
         &kas,
         &mut agentk,
-        &agent_id,
-        &removed,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &removed,
+        },
         Duration::from_secs(30),
     )
     .await?;
