@@ -49,8 +49,9 @@ pub fn config_yaml(project: &str) -> String {
 pub const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx-deployment\n  namespace: gitlab-kubernetes-agent\nspec:\n  selector:\n    matchLabels:\n      app: nginx\n  replicas: 1\n  template:\n    metadata:\n      labels:\n        app: nginx\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.14.2\n        ports:\n        - containerPort: 80\n";
 pub const CONFIGMAP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: demo-settings\n  namespace: gitlab-kubernetes-agent\ndata:\n  greeting: hello from demo/gitops\n";
 
-/// A process of the world with its output in a log file. Detached ones run in a session of their own
-/// (`setsid`), outliving the program that started them; the others are killed when dropped.
+/// A process of the world with its output in `<dir>/logs/<name>.log`. Detached ones run in a session of
+/// their own (`setsid`), outliving the program that started them, and get `<dir>/<name>.pid` at once (for
+/// `cargo xtask down`, also when starting fails later); the others are killed when dropped.
 pub struct Managed {
     pub name: String,
     pub pid: u32,
@@ -59,15 +60,16 @@ pub struct Managed {
 }
 
 impl Managed {
-    /// Starts `program` configured by `configure`, output appended to `<logs>/<name>.log`.
+    /// Starts `program` configured by `configure`.
     pub fn spawn(
         name: &str,
         program: &Path,
-        logs: &Path,
+        dir: &Path,
         detach: bool,
         configure: impl FnOnce(&mut Command),
     ) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(logs)?;
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -91,6 +93,9 @@ impl Managed {
         let child = command
             .spawn()
             .with_context(|| format!("start {name} ({})", program.display()))?;
+        if detach {
+            std::fs::write(dir.join(format!("{name}.pid")), format!("{}\n", child.id()))?;
+        }
         Ok(Self {
             name: name.to_owned(),
             pid: child.id(),
@@ -102,7 +107,12 @@ impl Managed {
     pub fn is_alive(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => std::fs::metadata(format!("/proc/{}", self.pid)).is_ok(),
+            // Not reaped by us: an exited one stays a zombie until we exit; read its state.
+            None => std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|stat| {
+                !stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            }),
         }
     }
 
@@ -116,13 +126,6 @@ impl Managed {
             tail(&self.log, 20)
         );
         Ok(())
-    }
-
-    /// Writes `<dir>/<name>.pid`, for `cargo xtask down`.
-    pub fn write_pid_file(&self, dir: &Path) -> anyhow::Result<PathBuf> {
-        let file = dir.join(format!("{}.pid", self.name));
-        std::fs::write(&file, format!("{}\n", self.pid))?;
-        Ok(file)
     }
 }
 
@@ -388,15 +391,9 @@ impl Kas {
                 user = env.gitea.admin_user,
             ),
         )?;
-        let mut process = Managed::spawn(
-            "kas",
-            &sibling_binary("kas")?,
-            &dir.join("logs"),
-            detach,
-            |command| {
-                command.arg("serve").arg("--config").arg(&config_file);
-            },
-        )?;
+        let mut process = Managed::spawn("kas", &sibling_binary("kas")?, dir, detach, |command| {
+            command.arg("serve").arg("--config").arg(&config_file);
+        })?;
         let admin = AdminClient::new(&endpoints.api_url(), admin_token);
         let started = Instant::now();
         while admin.list_agents(None).await.is_err() {
@@ -704,7 +701,7 @@ pub fn start_agentk(
     Managed::spawn(
         "agentk",
         &sibling_binary("agentk")?,
-        &dir.join("logs"),
+        dir,
         detach,
         |command| {
             command

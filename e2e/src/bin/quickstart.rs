@@ -88,7 +88,6 @@ async fn build(
 
     progress.say("kas: API, agent listener, Kubernetes API proxy on TLS");
     let kas = Kas::start(env, dir, "20s", true).await?;
-    kas.process.write_pid_file(dir)?;
     gitea
         .add_push_webhook(PROJECT, &kas.gitea_webhook_url(), &kas.webhook_secret)
         .await?;
@@ -114,7 +113,6 @@ async fn build(
     progress.say("agentk: started as the installed pod, under its ServiceAccount's token");
     let installed = world::installed_agent(env, dir).await?;
     let mut agentk = world::start_agentk(&installed, dir, true)?;
-    agentk.write_pid_file(dir)?;
     world::wait_synced(
         &kas,
         &mut agentk,
