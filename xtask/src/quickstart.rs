@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -66,8 +68,46 @@ fn step(started: Instant, what: &str) {
 
 pub fn up(dir: &Path) -> Result<ExitCode> {
     let started = Instant::now();
+    if let Some(code) = already_up(dir) {
+        return Ok(code);
+    }
+    step(
+        started,
+        "building kas, agentk and the quickstart program (the first build takes several minutes)",
+    );
+    if crate::scenarios::build(false, &["quickstart"])? != ExitCode::SUCCESS {
+        return Ok(ExitCode::FAILURE);
+    }
+    let interrupted = on_ctrl_c();
+    // Whatever a failed `up` left behind goes first.
+    down_quietly(dir)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let result = start_world(&dir, started, &interrupted);
+    if let Ok(true) = result {
+        step(started, "`cargo xtask up` done");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "\nThe quickstart did not come up; stopping what it started. Logs stay in {}/logs and {}/logs.",
+        dir.display(),
+        cluster_dir(&dir).display()
+    );
+    down_quietly(&dir)?;
+    result.map(|_| ExitCode::FAILURE)
+}
+
+/// When kas and agentk of an earlier `up` still run: says so (and prints its summary again), or that only
+/// one of them does; the exit code.
+fn already_up(dir: &Path) -> Option<ExitCode> {
     let alive = running(dir);
-    if !alive.is_empty() && alive.len() < WORLD_PROCESSES.len() {
+    if alive.is_empty() {
+        return None;
+    }
+    if alive.len() < WORLD_PROCESSES.len() {
         let missing: Vec<&str> = WORLD_PROCESSES
             .iter()
             .copied()
@@ -80,47 +120,60 @@ pub fn up(dir: &Path) -> Result<ExitCode> {
             missing.join(", "),
             dir.display()
         );
-        return Ok(ExitCode::FAILURE);
+        return Some(ExitCode::FAILURE);
     }
-    if !alive.is_empty() {
-        let names: Vec<String> = alive
-            .iter()
-            .map(|p| format!("{} (pid {})", p.name, p.pid))
-            .collect();
-        eprintln!(
-            "The quickstart is already up in {}: {}. Its summary again:\n",
-            dir.display(),
-            names.join(", ")
-        );
-        match std::fs::read_to_string(dir.join("summary.txt")) {
-            Ok(summary) => println!("{summary}"),
-            Err(_) => {
-                eprintln!("(no summary.txt there: it is still starting, or its start failed)")
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    step(
-        started,
-        "building kas, agentk and the quickstart program (the first build takes several minutes)",
+    let names: Vec<String> = alive
+        .iter()
+        .map(|p| format!("{} (pid {})", p.name, p.pid))
+        .collect();
+    eprintln!(
+        "The quickstart is already up in {}: {}. Its summary again:\n",
+        dir.display(),
+        names.join(", ")
     );
-    if crate::scenarios::build(false, &["quickstart"])? != ExitCode::SUCCESS {
-        return Ok(ExitCode::FAILURE);
+    match std::fs::read_to_string(dir.join("summary.txt")) {
+        Ok(summary) => println!("{summary}"),
+        Err(_) => eprintln!("(no summary.txt there: it is still starting, or its start failed)"),
     }
-    // Whatever a failed or interrupted `up` left behind goes first.
-    down_quietly(dir)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir)?;
-    let dir = dir.canonicalize()?;
+    Some(ExitCode::SUCCESS)
+}
 
+/// The processes `up` starts run in sessions of their own, so a Ctrl-C reaches only xtask and its
+/// foreground children: caught here, it makes `up` stop what it started once the current step returns
+/// (the cluster's start gives up within a minute) instead of leaving it unrecorded.
+fn on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                set.store(true, Ordering::SeqCst);
+                eprintln!(
+                    "\ninterrupted: stopping what `cargo xtask up` started once this step returns"
+                );
+            }
+        });
+    });
+    flag
+}
+
+/// Starts the cluster and Gitea, then the quickstart program; `false` when interrupted or it failed.
+fn start_world(dir: &Path, started: Instant, interrupted: &AtomicBool) -> Result<bool> {
     step(
         started,
         "starting the cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok) and Gitea",
     );
     process::detach_started_processes();
-    let env = crate::cluster::up_local(&cluster_dir(&dir))?;
+    let env = crate::cluster::up_local(&cluster_dir(dir))?;
+    if interrupted.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
     step(
         started,
         &format!(
@@ -128,14 +181,14 @@ pub fn up(dir: &Path) -> Result<ExitCode> {
             env.kubernetes.version, env.kubernetes.server, env.gitea.url
         ),
     );
-    let down_command = if default_dir().canonicalize().ok().as_ref() == Some(&dir) {
+    let down_command = if default_dir().canonicalize().ok().as_deref() == Some(dir) {
         "cargo xtask down".to_owned()
     } else {
         format!("cargo xtask down --dir {}", dir.display())
     };
     let mut program = Command::new(crate::target_dir().join("debug").join("quickstart"));
     program
-        .arg(&dir)
+        .arg(dir)
         .arg(&down_command)
         .env(
             "QUICKSTART_ELAPSED_MS",
@@ -143,27 +196,11 @@ pub fn up(dir: &Path) -> Result<ExitCode> {
         )
         .env(
             crate::state::STATE_ENV_VAR,
-            crate::cluster::state_file(&cluster_dir(&dir)),
+            crate::cluster::state_file(&cluster_dir(dir)),
         )
         .env("KUBECONFIG", &env.kubernetes.kubeconfig);
     let status = program.status().context("run the quickstart program")?;
-    if !status.success() {
-        eprintln!(
-            "\nThe quickstart did not come up; stopping what it started. Logs stay in {}/logs and {}/logs.",
-            dir.display(),
-            cluster_dir(&dir).display()
-        );
-        down_quietly(&dir)?;
-        return Ok(ExitCode::FAILURE);
-    }
-    step(
-        started,
-        &format!(
-            "`cargo xtask up` done in {:.1?}",
-            Duration::from_secs_f64(started.elapsed().as_secs_f64())
-        ),
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(status.success() && !interrupted.load(Ordering::SeqCst))
 }
 
 /// Stops kas and agentk by their pid files, then the cluster and Gitea; leaves the logs.
