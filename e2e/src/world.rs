@@ -453,7 +453,8 @@ impl Kas {
     }
 
     /// Issues a CI token for the configuration project `project` (which the agent authorises implicitly,
-    /// as itself) and writes the kubeconfig `kas kubeconfig` prints for it: kubectl through kas and the agent.
+    /// as itself) and writes the kubeconfig `kas kubeconfig` prints for it: kubectl through kas and the
+    /// agent.
     pub fn proxy_kubeconfig(
         &self,
         agent_id: &str,

@@ -18,8 +18,8 @@ pub struct Started {
 }
 
 /// `cluster up` and `up` leave the environment running after xtask exits, so they put each process in a
-/// session of its own: a later Ctrl-C or hang-up in that terminal does not reach them. `cargo xtask test` leaves them
-/// in its group, so a Ctrl-C while it sets up stops them together with xtask.
+/// session of its own: a later Ctrl-C or hang-up in that terminal does not reach them. `cargo xtask test`
+/// leaves them in its group, so a Ctrl-C while it sets up stops them together with xtask.
 static DETACH: AtomicBool = AtomicBool::new(false);
 
 pub fn detach_started_processes() {
