@@ -165,6 +165,20 @@ fn on_ctrl_c() -> Arc<AtomicBool> {
 
 /// Starts the cluster and Gitea, then the quickstart program; `false` when interrupted or it failed.
 fn start_world(dir: &Path, started: Instant, interrupted: &AtomicBool) -> Result<bool> {
+    let missing: Vec<&str> = crate::tools::LOCAL_BACKEND
+        .iter()
+        .filter(|tool| !tool.is_built())
+        .map(|tool| tool.name)
+        .collect();
+    if !missing.is_empty() {
+        step(
+            started,
+            &format!(
+                "building the cluster's tools from their Go modules first: {} (once; about 20 minutes on 2 cores)",
+                missing.join(", ")
+            ),
+        );
+    }
     step(
         started,
         "starting the cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok) and Gitea",

@@ -206,7 +206,7 @@ Cluster           export KUBECONFIG={cluster_kubeconfig}
 Through kas       {kubectl} --kubeconfig {d}/kubeconfig-kas-proxy -n {NAMESPACE} get pods
                   (kubectl -> kas's proxy on TLS -> agentk's connection -> the cluster), made by
                   `kas ci-token create --project {PROJECT}` and `kas kubeconfig --agent {agent_id} --token …`
-kas CLI           KAS_API_URL={api} KAS_ADMIN_TOKEN_FILE={admin_token_file} {kas_cli} --help
+kas CLI           KAS_API_URL={api} KAS_ADMIN_TOKEN_FILE={admin_token_file} {kas_cli} agent list
 agentk log        tail -f {d}/logs/agentk.log
 {observability}kas log           tail -f {d}/logs/kas.log
 
