@@ -3,6 +3,7 @@
 
 pub mod k8s_proxy;
 pub mod process;
+pub mod world;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -6,6 +6,7 @@ mod fuzz;
 mod kubernetes_gomod;
 mod lint;
 mod process;
+mod quickstart;
 mod scenarios;
 #[path = "../../crates/test-support/src/state.rs"]
 mod state;
@@ -56,7 +57,20 @@ enum Command {
         #[command(subcommand)]
         action: ToolsAction,
     },
-    /// The seed's scenario, locally: kas, a Git server, agent registration, agentk connecting.
+    /// The seed's world, left running: the cluster, Gitea with `demo/gitops` and its webhook, kas and
+    /// agentk. Prints the URLs, credentials and commands to use it; a second `up` prints them again.
+    Up {
+        /// The state directory (pid files, logs, credentials); default `~/.local/state/gitops-quickstart`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Ends what `up` started.
+    Down {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The seed's scenario through Gitea and its webhook: register, install with `agentk generate`, apply,
+    /// scale to 2 replicas, prune; each step timed.
     E2e,
     /// Benchmarks; each prints its figures last.
     Bench {
@@ -157,6 +171,10 @@ fn main() -> anyhow::Result<ExitCode> {
             ToolsAction::Status => tools::print_status(),
             ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
         },
+        Command::Up { dir } => {
+            return quickstart::up(&dir.unwrap_or_else(quickstart::default_dir));
+        }
+        Command::Down { dir } => quickstart::down(&dir.unwrap_or_else(quickstart::default_dir))?,
         Command::E2e => return scenarios::seed(),
         Command::Bench {
             which: BenchWhich::Agents { agents },

@@ -1,7 +1,6 @@
 //! Starting the long-running infrastructure processes detached from xtask, and stopping them by pid.
 
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +17,9 @@ pub struct Started {
     pub log: String,
 }
 
-/// `cluster up` leaves the environment running after xtask exits, so it puts each process in a process group
-/// of its own: a later Ctrl-C or hang-up in that terminal does not reach them. `cargo xtask test` leaves them
-/// in its group, so a Ctrl-C while it sets up stops them together with xtask.
+/// `cluster up` and `up` leave the environment running after xtask exits, so they put each process in a
+/// session of its own: a later Ctrl-C or hang-up in that terminal does not reach them. `cargo xtask test`
+/// leaves them in its group, so a Ctrl-C while it sets up stops them together with xtask.
 static DETACH: AtomicBool = AtomicBool::new(false);
 
 pub fn detach_started_processes() {
@@ -28,16 +27,19 @@ pub fn detach_started_processes() {
 }
 
 /// Starts `command` with output to `<logs>/<name>.log`.
-pub fn spawn(name: &str, mut command: Command, logs: &Path) -> Result<Started> {
+pub fn spawn(name: &str, command: Command, logs: &Path) -> Result<Started> {
     let log_path = logs.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)?;
+    let mut command = if DETACH.load(Ordering::Relaxed) {
+        eprintln!("  starting {name} (log {})", log_path.display());
+        in_own_session(&command)
+    } else {
+        command
+    };
     command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if DETACH.load(Ordering::Relaxed) {
-        command.process_group(0);
-    }
     let child = command
         .spawn()
         .with_context(|| format!("start {name} ({:?})", command.get_program()))?;
@@ -46,6 +48,24 @@ pub fn spawn(name: &str, mut command: Command, logs: &Path) -> Result<Started> {
         pid: child.id(),
         log: log_path.display().to_string(),
     })
+}
+
+/// `command` run through `setsid(1)`, in a session of its own: neither a Ctrl-C nor the terminal closing
+/// reaches it. setsid execs the program in the same process (a child of ours never leads a process group),
+/// so the pid stays the program's. (`unsafe` is forbidden here, so no `pre_exec(setsid)`.)
+fn in_own_session(command: &Command) -> Command {
+    let mut wrapped = Command::new("setsid");
+    wrapped.arg(command.get_program()).args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
 }
 
 pub fn is_alive(pid: u32) -> bool {

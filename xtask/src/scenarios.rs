@@ -20,6 +20,22 @@ fn run(mut command: Command) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Builds kas, agentk and the `e2e` binaries `scenarios` (release or debug), showing cargo's progress.
+pub fn build(release: bool, scenarios: &[&str]) -> anyhow::Result<ExitCode> {
+    let mut build = cargo();
+    build.args([
+        "build", "--locked", "-p", "kas", "-p", "agentk", "-p", "e2e", "--bin", "kas", "--bin",
+        "agentk",
+    ]);
+    for scenario in scenarios {
+        build.args(["--bin", scenario]);
+    }
+    if release {
+        build.arg("--release");
+    }
+    run(build)
+}
+
 /// Builds kas, agentk and the scenario binary with `profile` flags, then runs the scenario.
 fn build_and_run(
     release: bool,
@@ -27,15 +43,7 @@ fn build_and_run(
     args: &[String],
     env: &[(&str, &std::ffi::OsStr)],
 ) -> anyhow::Result<ExitCode> {
-    let mut build = cargo();
-    build.args([
-        "build", "--locked", "-p", "kas", "-p", "agentk", "-p", "e2e", "--bin", "kas", "--bin",
-        "agentk", "--bin", scenario,
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    if run(build)? != ExitCode::SUCCESS {
+    if build(release, &[scenario])? != ExitCode::SUCCESS {
         return Ok(ExitCode::FAILURE);
     }
     let binary = crate::target_dir()
@@ -46,9 +54,19 @@ fn build_and_run(
     run(command)
 }
 
-/// The seed's scenario against a real cluster and Gitea-free Git server: starts the local cluster (tools from
-/// the cache, built when missing), runs steps 1-6, and tears the cluster down again.
+/// The seed's scenario through Gitea and its webhook: builds first (cargo's progress shows), starts the
+/// local cluster and Gitea (tools from the cache, built when missing), runs the seed's steps and the prune,
+/// and tears the environment down again.
 pub fn seed() -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    eprintln!("[  0.0s] building kas, agentk and the seed scenario");
+    if build(false, &["seed"])? != ExitCode::SUCCESS {
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!(
+        "[{:>5.1}s] starting the cluster and Gitea",
+        started.elapsed().as_secs_f64()
+    );
     let dir = crate::target_dir().join("seed-env");
     let state = crate::cluster::up_local(&dir)?;
     let state_file = crate::cluster::state_file(&dir.canonicalize()?);
@@ -62,6 +80,10 @@ pub fn seed() -> anyhow::Result<ExitCode> {
         ],
     );
     crate::cluster::down(&dir)?;
+    eprintln!(
+        "[{:>5.1}s] `cargo xtask e2e` done (build, cluster and Gitea included)",
+        started.elapsed().as_secs_f64()
+    );
     result
 }
 

@@ -177,6 +177,12 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig) -> Result<(), kube::Err
     Ok(())
 }
 
+/// Tells the sync loops only about a change: every renewal sending `true` again would wake them into a
+/// re-check every retry period (2 s) instead of every drift-check interval.
+fn set_leading(leading: &watch::Sender<bool>, now: bool) {
+    leading.send_if_modified(|was| std::mem::replace(was, now) != now);
+}
+
 /// Campaigns for the lease of the agent this replica turns out to be ([`lease_name`]) until `stop`; the
 /// agent id arrives with the first configuration from kas, and nothing is applied before that anyway.
 pub async fn run_for_agent(
@@ -217,13 +223,13 @@ pub async fn run(
                 if !*leading.borrow() {
                     info!(lease = %config.name, identity = %config.identity, "became the leader: this replica applies manifests");
                 }
-                leading.send_replace(true);
+                set_leading(&leading, true);
             }
             Ok(false) => {
                 if *leading.borrow() {
                     info!(lease = %config.name, "lost the lease to another replica");
                 }
-                leading.send_replace(false);
+                set_leading(&leading, false);
             }
             Err(e) => {
                 warn!(lease = %config.name, error = %e, "leader election failed");
@@ -231,7 +237,7 @@ pub async fn run(
                 // they saw our last renewal, which was no earlier than we made it.
                 if *leading.borrow() && last_renewal.elapsed() >= config.renew_deadline() {
                     warn!(lease = %config.name, "could not renew the lease in time: no longer the leader");
-                    leading.send_replace(false);
+                    set_leading(&leading, false);
                 }
             }
         }
@@ -244,7 +250,7 @@ pub async fn run(
         if let Err(e) = release(&api, &config).await {
             warn!(error = %e, "could not release the lease");
         }
-        leading.send_replace(false);
+        set_leading(&leading, false);
     }
 }
 

@@ -1,64 +1,254 @@
-//! The seed's scenario, locally (`cargo xtask e2e`): a Git server holding the configuration project, kas and
-//! agentk as real processes, and the article's steps 1-4 done the way a user does them, with every answer
-//! printed. Exits non-zero if any step does not behave as the article says.
+//! The seed's scenario (`cargo xtask e2e`) through the real Gitea and its push webhook: the repository
+//! `demo/gitops` with the seed's layout, kas and agentk as real processes, agentk installed with
+//! `agentk generate` and running under the installed ServiceAccount's own token, and the article's steps done
+//! the way a user does them, every answer printed. Then `replicas: 2`, then the Deployment removed from Git
+//! is pruned. The seed's log lines are asserted in agentk's real output. kas polls Git only hourly here, so
+//! every change after the first sync can only arrive through the webhook. Exits non-zero when any step
+//! does not behave as the article says.
 
-use std::{process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail, ensure};
-use e2e::{
-    AGENT_NAME, CONFIG_FILE, CONFIG_PROJECT,
-    process::{KasProcess, sibling_binary},
+use e2e::world::{
+    self, AGENT, CONFIG_PATH, CONFIGMAP, CONFIGMAP_PATH, DEPLOYMENT, DEPLOYMENT_PATH, GiteaAdmin,
+    Kas, Managed, NAMESPACE, OWNER, REPO, SyncOf, WorkTree,
 };
-use serde_json::{Value, json};
-use test_support::git_http::GitHttpServer;
+use serde_json::Value;
+use test_support::env::TestEnvState;
 
-const CONFIG: &str = "gitops:\n  manifest_projects:\n  - id: \"group/config\"\n    paths:\n    - glob: '/**/*.yaml'\nobservability:\n  logging:\n    level: debug\n";
-const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx-deployment\n  namespace: gitlab-kubernetes-agent\nspec:\n  selector:\n    matchLabels:\n      app: nginx\n  replicas: 1\n  template:\n    metadata:\n      labels:\n        app: nginx\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.14.2\n        ports:\n        - containerPort: 80\n";
-
-fn step(n: &str, what: &str) {
-    eprintln!("\n==> step {n}: {what}");
+/// Times each step and the whole run.
+struct Steps {
+    started: Instant,
+    current: Option<(String, Instant)>,
+    done: Vec<(String, Duration)>,
 }
 
-async fn graphql(kas: &KasProcess, document: &str) -> anyhow::Result<Value> {
-    let answer: Value = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/api/graphql", kas.api_port))
-        .bearer_auth(&kas.admin_token)
-        .json(&json!({ "query": document }))
-        .send()
-        .await?
-        .json()
+impl Steps {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            current: None,
+            done: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, n: &str, what: &str) {
+        self.finish();
+        eprintln!(
+            "\n==> [{:>5.1}s] step {n}: {what}",
+            self.started.elapsed().as_secs_f64()
+        );
+        self.current = Some((format!("step {n}: {what}"), Instant::now()));
+    }
+
+    fn finish(&mut self) {
+        if let Some((name, started)) = self.current.take() {
+            let took = started.elapsed();
+            eprintln!("    ({name} took {took:.2?})");
+            self.done.push((name, took));
+        }
+    }
+
+    fn report(mut self) {
+        self.finish();
+        eprintln!("\nThe seed's workflow through Gitea works:");
+        for (name, took) in &self.done {
+            eprintln!("  {:>8.2?}  {name}", took);
+        }
+        eprintln!("  {:>8.2?}  total", self.started.elapsed());
+    }
+}
+
+/// agentk's JSON log lines from a point on: each push is checked against the lines it caused.
+struct LogCursor {
+    path: PathBuf,
+    seen: usize,
+}
+
+impl LogCursor {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            seen: 0,
+        }
+    }
+
+    /// From now on only new lines count.
+    fn skip_to_end(&mut self) {
+        self.seen = world::log_lines(&self.path).len();
+    }
+
+    /// Waits for a new line for which `matches` holds; prints and returns it.
+    async fn expect(
+        &mut self,
+        what: &str,
+        within: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        loop {
+            let lines = world::log_lines(&self.path);
+            if let Some(at) = lines.iter().skip(self.seen).position(&matches) {
+                // The next expectation looks after this line: the seed's lines come in order.
+                self.seen += at + 1;
+                let found = &lines[self.seen - 1];
+                eprintln!("    agentk: {found}");
+                return Ok(found.clone());
+            }
+            if started.elapsed() > within {
+                bail!(
+                    "agentk's log has no {what} within {within:?}; its end:\n{}",
+                    world::tail(&self.path, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The seed's three lines for one object: `Applying resource <kind>/<name> …`, `Synced` with its
+    /// `resource_key` and a `sync_result` ending in `verb`, then the sync's summary.
+    async fn expect_sync(&mut self, kind: &str, name: &str, verb: &str) -> anyhow::Result<()> {
+        let within = Duration::from_secs(60);
+        let applying = format!("Applying resource {kind}/{name} in cluster: ");
+        self.expect(&format!("`{applying}…`"), within, |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&applying) && m.ends_with(NAMESPACE))
+        })
         .await?;
-    eprintln!("{}", serde_json::to_string(&answer)?);
-    Ok(answer)
+        let synced = self
+            .expect(&format!("`Synced` for {kind}/{name}"), within, |l| {
+                l["msg"] == "Synced"
+                    && l["resource_key"]
+                        .as_str()
+                        .is_some_and(|k| k.contains(kind) && k.ends_with(name))
+                    && l["sync_result"].as_str().is_some_and(|r| r.ends_with(verb))
+            })
+            .await?;
+        ensure!(
+            synced["sync_result"]
+                .as_str()
+                .is_some_and(|r| r.contains(name)),
+            "sync_result names the object: {synced}"
+        );
+        self.expect("the summary `Cluster successfully synced`", within, |l| {
+            l["msg"] == "Cluster successfully synced"
+        })
+        .await?;
+        Ok(())
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let git = GitHttpServer::start().await?;
-    git.create_repo(CONFIG_PROJECT, true)?;
-    git.commit_files(
-        CONFIG_PROJECT,
+    let env = test_support::env::load().context("`cargo xtask e2e` runs this")?;
+    let dir = tempfile::tempdir()?;
+    let result = run(&env, dir.path()).await;
+    // The namespace holds what the scenario applied; waited for, so that a next run in the same cluster
+    // (`cargo xtask cluster up`) starts clean. The cluster itself goes with `cargo xtask e2e`.
+    let _ = world::kubectl(
+        &env,
+        &[
+            "delete",
+            "namespace",
+            NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    if result.is_err() {
+        eprintln!(
+            "\nlogs: {}",
+            ["kas", "agentk"]
+                .map(|n| dir
+                    .path()
+                    .join("logs")
+                    .join(format!("{n}.log"))
+                    .display()
+                    .to_string())
+                .join(", ")
+        );
+        // Kept for reading.
+        let _ = dir.keep();
+    }
+    result
+}
+
+async fn graphql(kas: &Kas, document: &str) -> anyhow::Result<Value> {
+    let answer = kas.graphql(document).await?;
+    eprintln!("    {}", serde_json::to_string(&answer)?);
+    ensure!(
+        answer["errors"].is_null(),
+        "GraphQL answered errors: {answer}"
+    );
+    Ok(answer)
+}
+
+async fn run(env: &TestEnvState, dir: &Path) -> anyhow::Result<()> {
+    // `demo`, as in the quickstart; the test passes an owner of its own, since a Gitea that outlives one
+    // run (`cargo xtask cluster up`) already has `demo`.
+    let owner = std::env::var("SEED_OWNER").unwrap_or_else(|_| OWNER.to_owned());
+    let project = format!("{owner}/{REPO}");
+    let project = project.as_str();
+    let mut steps = Steps::new();
+    steps.step(
+        "0",
+        &format!(
+            "Gitea: repository {project} with the seed's layout, kas with a push webhook from it"
+        ),
+    );
+    let left = world::kubectl(
+        env,
+        &[
+            "get",
+            "namespace",
+            NAMESPACE,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    ensure!(
+        left.trim().is_empty(),
+        "namespace {NAMESPACE} already exists in this cluster (another run or install); the seed installs there"
+    );
+    let gitea = GiteaAdmin::new(env);
+    gitea.create_repository(&owner, REPO).await?;
+    let tree = WorkTree::init(&dir.join("clone"), &gitea.clone_url(project))?;
+    let first = tree.commit_and_push(
         &[
             ("README.md", Some("# GitOps demo\n")),
-            (CONFIG_FILE, Some(CONFIG)),
-            ("deployment/deployment.yaml", Some(DEPLOYMENT)),
+            (CONFIG_PATH, Some(&world::config_yaml(project))),
+            (DEPLOYMENT_PATH, Some(DEPLOYMENT)),
+            (CONFIGMAP_PATH, Some(CONFIGMAP)),
         ],
         "the seed's repository layout",
     )?;
-    let dir = tempfile::tempdir()?;
-    let kas = KasProcess::start(&git, dir.path(), "info", false).await?;
+    eprintln!("    pushed {first}: {CONFIG_PATH}, {DEPLOYMENT_PATH}, {CONFIGMAP_PATH}");
+    // Hourly polls: a change that arrives within the test came by the webhook.
+    let kas = Kas::start(env, dir, "1h", false).await?;
+    gitea
+        .add_push_webhook(project, &kas.gitea_webhook_url(), &kas.webhook_secret)
+        .await?;
     eprintln!(
-        "kas: agents on 127.0.0.1:{}, API on http://127.0.0.1:{}",
-        kas.agent_port, kas.api_port
+        "    kas: API {}, agents {}; webhook {}",
+        kas.endpoints.api_url(),
+        kas.endpoints.agent_url(),
+        kas.gitea_webhook_url()
     );
 
-    step("1", "register the agent (createClusterAgent)");
+    steps.step("1", "register the agent (createClusterAgent)");
     let answer = graphql(
         &kas,
         &format!(
             r#"mutation createAgent {{
-  createClusterAgent(input: {{ projectPath: "{CONFIG_PROJECT}", name: "{AGENT_NAME}" }}) {{
+  createClusterAgent(input: {{ projectPath: "{project}", name: "{AGENT}" }}) {{
     clusterAgent {{ id name }}
     errors
   }}
@@ -71,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
         .context("no agent id")?
         .to_owned();
 
-    step(
+    steps.step(
         "2",
         "create its token (clusterAgentTokenCreate); the secret is shown once",
     );
@@ -93,180 +283,232 @@ async fn main() -> anyhow::Result<()> {
         .context("no secret")?
         .to_owned();
 
-    step(
+    steps.step(
         "3",
-        "install agentk: the manifests `agentk generate` prints, then agentk itself",
+        "install agentk: `agentk generate | kubectl apply -f -`, then agentk as the installed pod",
     );
-    let address = format!("ws://127.0.0.1:{}", kas.agent_port);
-    let output = Command::new(sibling_binary("agentk")?)
+    let manifests = world::generate_install(&token, &kas.endpoints.agent_url())?;
+    eprintln!("    {}", world::object_names(&manifests).join(", "));
+    eprint!(
+        "{}",
+        world::kubectl(env, &["apply", "-f", "-"], Some(&manifests))?
+    );
+    let installed = world::installed_agent(env, dir).await?;
+    let mut whoami = std::process::Command::new(&env.tools.kubectl);
+    whoami
         .args([
-            "generate",
-            "--agent-token",
-            &token,
-            "--kas-address",
-            &address,
-            "--agent-version",
-            "stable",
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
         ])
-        .args(["--namespace", "gitlab-kubernetes-agent"])
-        .output()?;
-    ensure!(output.status.success(), "agentk generate failed");
-    let manifests = String::from_utf8(output.stdout)?;
-    let objects: Vec<String> = manifests
-        .split("\n---\n")
-        .map(|doc| {
-            let field = |key: &str| {
-                doc.lines()
-                    .find_map(|l| l.trim().strip_prefix(key))
-                    .unwrap_or("?")
-                    .trim()
-                    .trim_matches('"')
-                    .to_owned()
-            };
-            format!("{}/{}", field("kind:"), field("name:"))
-        })
-        .collect();
-    eprintln!("{}", objects.join(", "));
-    // With the cluster (`cargo xtask e2e` starts one), the generated manifests go in with kubectl, as in the
-    // article, and agentk applies to that cluster; agentk itself runs here, standing in for the pod.
-    let cluster = std::env::var_os("GITOPS_TEST_ENV").map(|_| test_support::env::test_env());
-    if let Some(env) = cluster {
-        let applied = kubectl(env, &["apply", "-f", "-"], Some(&manifests))?;
-        eprint!("{applied}");
-    }
-    let _agentk = kas.agentk_applying(
-        "ws",
-        &token,
-        false,
-        cluster.map(|env| env.kubernetes.kubeconfig.as_path()),
-    )?;
-
-    step(
-        "4",
-        "agentk connects, kas reads .gitlab/agents/gitops/config.yaml from Git and streams it",
-    );
-    kas.wait_connected(1, Duration::from_secs(30)).await?;
-    let check = format!(
-        r#"{{ clusterAgent(id: "{agent_id}") {{ name connected connections {{ connectedAt agentVersion }} configStatus {{ commitId error }} liveInfo {{ configCommitId logLevel }} }} }}"#
-    );
-    let mut view = Value::Null;
-    for _ in 0..40 {
-        view = graphql(&kas, &check).await?;
-        if view["data"]["clusterAgent"]["liveInfo"]["logLevel"] == "debug" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        .env("KUBECONFIG", &installed.kubeconfig);
+    let identity = world::run(whoami)?;
     ensure!(
-        view["data"]["clusterAgent"]["liveInfo"]["logLevel"] == "debug",
-        "the agent did not apply config.yaml"
+        identity == format!("system:serviceaccount:{NAMESPACE}:gitlab-agent"),
+        "agentk's kubeconfig is not the installed ServiceAccount's: {identity}"
     );
-
-    step(
-        "4b",
-        "change config.yaml in Git; the running agent picks it up by itself",
+    eprintln!(
+        "    agentk runs beside the cluster as pod {} (kwok fakes its container), as {identity}, with {}",
+        installed.pod_name,
+        installed.args.join(" ")
     );
-    let commit = git.commit_files(
-        CONFIG_PROJECT,
-        &[(
-            CONFIG_FILE,
-            Some(&CONFIG.replace("level: debug", "level: info")),
-        )],
-        "quieter logs",
-    )?;
-    let mut received = false;
-    for _ in 0..60 {
-        let view = graphql(&kas, &check).await?;
-        if view["data"]["clusterAgent"]["liveInfo"]["configCommitId"] == commit.as_str() {
-            received = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    ensure!(received, "the agent did not receive commit {commit}");
-    let Some(env) = cluster else {
-        eprintln!(
-            "\nSteps 1-4 work. Steps 5-6 need the cluster: run this through `cargo xtask e2e`."
-        );
-        return Ok(());
-    };
+    let mut agentk = world::start_agentk(&installed, dir, false)?;
+    let mut log = LogCursor::new(&agentk.log);
 
-    step(
+    steps.step(
+        "4",
+        "agentk connects; kas reads .gitlab/agents/gitops/config.yaml from Gitea and streams it",
+    );
+    let check = format!(
+        r#"{{ clusterAgent(id: "{agent_id}") {{ name connected connections {{ connectedAt agentVersion podName }} configStatus {{ commitId error }} liveInfo {{ configCommitId logLevel }} }} }}"#
+    );
+    wait_graphql(&kas, &mut agentk, &check, Duration::from_secs(30), |v| {
+        v["data"]["clusterAgent"]["liveInfo"]["logLevel"] == "debug"
+    })
+    .await
+    .context("the agent did not apply config.yaml (observability.logging.level: debug)")?;
+
+    steps.step(
         "5",
-        "deployment/deployment.yaml reaches the cluster: nginx-deployment 1/1",
+        "deployment/ reaches the cluster: nginx-deployment 1/1 and demo-settings, the seed's log lines",
     );
+    log.expect_sync("Deployment", "nginx-deployment", "created")
+        .await?;
+    world::wait_synced(
+        &kas,
+        &mut agentk,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &first,
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
     wait_for_pods(env, 1).await?;
     eprint!(
         "{}",
-        kubectl(
+        world::kubectl(
             env,
-            &["-n", "gitlab-kubernetes-agent", "get", "deploy,pods"],
+            &["-n", NAMESPACE, "get", "deployments,pods,configmaps"],
             None
         )?
     );
 
-    step(
+    steps.step(
         "6",
-        "replicas: 2 in Git; a second nginx pod starts by itself",
+        "replicas: 2 pushed to Gitea; the webhook brings it, a second nginx pod starts",
     );
-    git.commit_files(
-        CONFIG_PROJECT,
+    log.skip_to_end();
+    let two = tree.commit_and_push(
         &[(
-            "deployment/deployment.yaml",
+            DEPLOYMENT_PATH,
             Some(&DEPLOYMENT.replace("replicas: 1", "replicas: 2")),
         )],
         "two replicas",
     )?;
+    let pushed = Instant::now();
+    log.expect_sync("Deployment", "nginx-deployment", "configured")
+        .await?;
+    let sync = world::wait_synced(
+        &kas,
+        &mut agentk,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &two,
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    eprintln!(
+        "    commit {two} applied {:.2?} after the push",
+        pushed.elapsed()
+    );
+    eprintln!("    kas: lastSync {sync}");
     wait_for_pods(env, 2).await?;
     eprint!(
         "{}",
-        kubectl(
-            env,
-            &["-n", "gitlab-kubernetes-agent", "get", "deploy,pods"],
-            None
-        )?
+        world::kubectl(env, &["-n", NAMESPACE, "get", "deployments,pods"], None)?
     );
-    let sync = graphql(
-        &kas,
-        &format!(r#"{{ clusterAgent(id: "{agent_id}") {{ manifestProjects {{ projectId lastSync {{ commitApplied outcome objects {{ resourceKey result }} }} }} }} }}"#),
+
+    steps.step(
+        "7",
+        "deployment.yaml removed from Git: agentk prunes nginx-deployment, demo-settings stays",
+    );
+    log.skip_to_end();
+    let removed = tree.commit_and_push(&[(DEPLOYMENT_PATH, None)], "remove the Deployment")?;
+    let pushed = Instant::now();
+    let pruned = log
+        .expect(
+            "`Synced` … pruned for nginx-deployment",
+            Duration::from_secs(60),
+            |l| {
+                l["msg"] == "Synced"
+                    && l["resource_key"]
+                        .as_str()
+                        .is_some_and(|k| k.ends_with("nginx-deployment"))
+                    && l["sync_result"]
+                        .as_str()
+                        .is_some_and(|r| r.ends_with("pruned"))
+            },
+        )
+        .await?;
+    ensure!(pruned["sync_result"].is_string());
+    log.expect(
+        "the summary `Cluster successfully synced`",
+        Duration::from_secs(30),
+        |l| l["msg"] == "Cluster successfully synced" && l["pruned"] == 1,
     )
     .await?;
-    ensure!(
-        sync.to_string().contains("\"synced\""),
-        "kas does not show the sync"
+    world::wait_synced(
+        &kas,
+        &mut agentk,
+        SyncOf {
+            agent_id: &agent_id,
+            project,
+            commit: &removed,
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    eprintln!(
+        "    commit {removed} applied {:.2?} after the push",
+        pushed.elapsed()
     );
-    eprintln!("\nThe seed's workflow, steps 1-6, works.");
-    kubectl(
+    let left = world::kubectl(
         env,
         &[
-            "delete",
-            "namespace",
-            "gitlab-kubernetes-agent",
-            "--wait=false",
+            "-n",
+            NAMESPACE,
+            "get",
+            "deployments,configmaps",
+            "-o",
+            "name",
         ],
         None,
     )?;
+    eprint!("{left}");
+    ensure!(
+        !left.contains("deployment.apps/nginx-deployment"),
+        "nginx-deployment is still in the cluster"
+    );
+    ensure!(
+        left.contains("configmap/demo-settings"),
+        "demo-settings was pruned too"
+    );
+    agentk.ensure_alive()?;
+    // Each commit is applied once: a re-check of an applied commit waits for the drift-check interval
+    // (5 minutes), not for the next lease renewal.
+    for commit in [&first, &two, &removed] {
+        let summaries = world::log_lines(&agentk.log)
+            .iter()
+            .filter(|l| {
+                l["msg"] == "Cluster successfully synced" && l["commit_id"] == commit.as_str()
+            })
+            .count();
+        ensure!(
+            summaries == 1,
+            "commit {commit} was synced {summaries} times, expected once"
+        );
+    }
+    steps.report();
     Ok(())
 }
 
-fn kubectl(
-    env: &test_support::env::TestEnvState,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> anyhow::Result<String> {
-    let mut command = Command::new(&env.tools.kubectl);
-    command.args(args);
-    e2e::process::run_against_cluster(command, &env.kubernetes.kubeconfig, stdin)
+/// Polls a GraphQL query (printing the last answer) until `done` holds.
+async fn wait_graphql(
+    kas: &Kas,
+    agentk: &mut Managed,
+    document: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    loop {
+        let answer = kas.graphql(document).await?;
+        if done(&answer) {
+            eprintln!("    {answer}");
+            return Ok(answer);
+        }
+        agentk.ensure_alive()?;
+        if started.elapsed() > within {
+            bail!("not within {within:?}; last answer {answer}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
-/// Waits until `n` nginx pods are Running (kwok runs them on its fake nodes).
-async fn wait_for_pods(env: &test_support::env::TestEnvState, n: usize) -> anyhow::Result<()> {
-    for _ in 0..120 {
-        let phases = kubectl(
+/// Waits until `n` nginx pods are Running (kwok "runs" them on its fake nodes).
+async fn wait_for_pods(env: &TestEnvState, n: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let phases = world::kubectl(
             env,
             &[
                 "-n",
-                "gitlab-kubernetes-agent",
+                NAMESPACE,
                 "get",
                 "pods",
                 "-l",
@@ -284,7 +526,9 @@ async fn wait_for_pods(env: &test_support::env::TestEnvState, n: usize) -> anyho
         {
             return Ok(());
         }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("{n} nginx pods never became Running (phases: {phases})");
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    bail!("{n} nginx pods never became Running")
 }
