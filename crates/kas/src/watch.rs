@@ -29,8 +29,17 @@ pub enum ProjectState {
 pub struct ProjectWatcher {
     pub project: String,
     state: watch::Receiver<ProjectState>,
+    checks: Checks,
     poke: Arc<Notify>,
     stop: CancellationToken,
+}
+
+/// Refresh requests and how far the poll task has served them: a check serves every request made before it
+/// started, so [`ProjectWatcher::refresh`] knows when the state it reads is newer than its call.
+#[derive(Debug, Clone)]
+struct Checks {
+    requested: Arc<watch::Sender<u64>>,
+    served: watch::Receiver<u64>,
 }
 
 impl ProjectWatcher {
@@ -41,6 +50,20 @@ impl ProjectWatcher {
     /// Check the project now instead of at the next poll.
     pub fn poke(&self) {
         self.poke.notify_one();
+    }
+
+    /// Checks the project now and returns its state as a check that started after this call found it.
+    pub async fn refresh(&self) -> ProjectState {
+        let mut request = 0;
+        self.checks.requested.send_modify(|n| {
+            *n += 1;
+            request = *n;
+        });
+        self.poke();
+        let mut served = self.checks.served.clone();
+        // An error means the poll task ended (the watcher is being dropped): its last state is all there is.
+        let _ = served.wait_for(|n| *n >= request).await;
+        self.state.borrow().clone()
     }
 }
 
@@ -84,19 +107,30 @@ impl ProjectWatchers {
             return existing;
         }
         let (tx, rx) = watch::channel(ProjectState::Pending);
+        let (served_tx, served) = watch::channel(0);
+        let requested = Arc::new(watch::Sender::new(0));
         let watcher = Arc::new(ProjectWatcher {
             project: project.to_owned(),
             state: rx,
+            checks: Checks {
+                requested: requested.clone(),
+                served,
+            },
             poke: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
         });
+        let wake = Wake {
+            poke: watcher.poke.clone(),
+            requested,
+            served: served_tx,
+            stop: watcher.stop.clone(),
+        };
         tokio::spawn(poll(
             self.repos.clone(),
             key.clone(),
             self.poll_period,
             tx,
-            watcher.poke.clone(),
-            watcher.stop.clone(),
+            wake,
         ));
         watchers.retain(|_, w| w.strong_count() > 0);
         watchers.insert(key, Arc::downgrade(&watcher));
@@ -122,6 +156,25 @@ impl ProjectWatchers {
         watchers.iter().for_each(|w| w.poke());
         watchers.len()
     }
+
+    /// The watchers of `project` that run now, one per watched ref.
+    pub fn of_project(&self, project: &str) -> Vec<Arc<ProjectWatcher>> {
+        self.watchers
+            .lock()
+            .expect("watchers lock")
+            .iter()
+            .filter(|((p, _), _)| p == project)
+            .filter_map(|(_, w)| w.upgrade())
+            .collect()
+    }
+}
+
+/// What wakes a poll task besides its period, and where it says which refresh requests it served.
+struct Wake {
+    poke: Arc<Notify>,
+    requested: Arc<watch::Sender<u64>>,
+    served: watch::Sender<u64>,
+    stop: CancellationToken,
 }
 
 async fn poll(
@@ -129,10 +182,10 @@ async fn poll(
     (project, reference): (String, GitRef),
     period: Duration,
     state: watch::Sender<ProjectState>,
-    poke: Arc<Notify>,
-    stop: CancellationToken,
+    wake: Wake,
 ) {
     loop {
+        let serving = *wake.requested.borrow();
         let next = match repos.snapshot(&project, &reference).await {
             Ok(commit) => ProjectState::Commit(commit),
             Err(e) => ProjectState::Failed(e.to_string()),
@@ -149,16 +202,25 @@ async fn poll(
             *current = next;
             true
         });
-        // A pinned commit never changes: once it is in the cache there is nothing left to poll.
+        wake.served.send_replace(serving);
+        // A pinned commit never changes: once it is in the cache there is nothing left to poll, and a
+        // refresh is answered with what is there.
         if matches!(reference, GitRef::Commit(_))
             && matches!(*state.borrow(), ProjectState::Commit(_))
         {
-            return stop.cancelled().await;
+            loop {
+                tokio::select! {
+                    _ = wake.stop.cancelled() => return,
+                    _ = wake.poke.notified() => {
+                        wake.served.send_replace(*wake.requested.borrow());
+                    }
+                }
+            }
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = wake.stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
-            _ = poke.notified() => {}
+            _ = wake.poke.notified() => {}
         }
     }
 }
