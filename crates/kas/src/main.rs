@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use gitops_config::{ServerConfig, server::LogFormat};
-use kas::cli::AdminClient;
+use kas::cli::{
+    AdminClient,
+    output::{self, Format},
+    views,
+};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +50,30 @@ enum Command {
         #[command(subcommand)]
         command: CiTokenCommand,
     },
+    /// Show agents, their syncs and objects, like `kubectl get` (a table unless `-o json|yaml`).
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// table (default), json or yaml.
+        #[arg(short, long, value_enum, default_value_t = Format::Table, global = true)]
+        output: Format,
+        #[command(subcommand)]
+        what: GetCommand,
+    },
+    /// Sync now: kas reads the agent's manifest projects from Git at once and the agent applies them and
+    /// puts back drift, even if the commit did not change.
+    Reconcile {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        #[arg(long)]
+        agent: String,
+        /// Only this manifest project (default: every one the agent syncs).
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Print a shell completion script: `kas completion bash > /etc/bash_completion.d/kas`.
+    Completion { shell: clap_complete::Shell },
     /// Print a kubeconfig for the Kubernetes API proxy: one context per agent.
     Kubeconfig {
         #[command(flatten)]
@@ -56,6 +84,37 @@ enum Command {
         /// A kas CI token (`kasci_…`) or a personal access token of the Git server.
         #[arg(long, env = "KAS_PROXY_TOKEN", hide_env_values = true)]
         token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GetCommand {
+    /// Every agent (or those of one configuration project).
+    Agents {
+        /// Only agents whose configuration lives in this project.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// One agent, then the last sync of each of its manifest projects.
+    Agent {
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        id: String,
+    },
+    /// The last sync of each manifest project, per agent.
+    Syncs {
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this manifest project.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Every object of the last syncs, with its result and health.
+    Objects {
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this manifest project.
+        #[arg(long)]
+        project: Option<String>,
     },
 }
 
@@ -144,6 +203,13 @@ enum TokenCommand {
     Revoke {
         id: String,
     },
+    /// Lists agent tokens (never their secrets), of one agent or all.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 }
 
 #[tokio::main]
@@ -189,7 +255,35 @@ async fn main() -> anyhow::Result<()> {
                     client.revoke_token(&id).await?;
                     eprintln!("token {id} revoked");
                 }
+                TokenCommand::List { agent, output } => {
+                    let agents = client.agents_detail(agent.as_deref()).await?;
+                    let tokens = views::tokens(&agents);
+                    print_records(&tokens, output, "No tokens found.", |t| {
+                        views::tokens_table(t, std::time::SystemTime::now())
+                    })?;
+                }
             }
+            Ok(())
+        }
+        Command::Get { api, output, what } => get(api.client()?, output, what).await,
+        Command::Reconcile {
+            api,
+            agent,
+            project,
+        } => {
+            api.client()?.reconcile(&agent, project.as_deref()).await?;
+            match project {
+                Some(project) => eprintln!(
+                    "agent {agent}: project {project} read from Git; the agent is syncing it now"
+                ),
+                None => eprintln!(
+                    "agent {agent}: its manifest projects read from Git; the agent is syncing them now"
+                ),
+            }
+            Ok(())
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "kas", &mut std::io::stdout());
             Ok(())
         }
         Command::CiToken { api, command } => {
@@ -230,6 +324,72 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kas get …`: one GraphQL query for the agents in question, then records and their table.
+async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now();
+    match what {
+        GetCommand::Agents { project } => {
+            let mut agents = client.agents_detail(None).await?;
+            if let Some(project) = project {
+                agents.retain(|a| a["projectPath"] == project.as_str());
+            }
+            print_records(&agents, format, "No agents found.", |a| {
+                views::agents_table(a, now)
+            })
+        }
+        GetCommand::Agent { id } => {
+            let agents = client.agents_detail(Some(&id)).await?;
+            if format != Format::Table {
+                return print_value(&agents[0], format);
+            }
+            print!("{}", views::agents_table(&agents, now).render(""));
+            println!();
+            let syncs = views::syncs(&agents, None);
+            print!(
+                "{}",
+                views::syncs_table(&syncs, now).render("No manifest projects.")
+            );
+            Ok(())
+        }
+        GetCommand::Syncs { agent, project } => {
+            let agents = client.agents_detail(agent.as_deref()).await?;
+            let syncs = views::syncs(&agents, project.as_deref());
+            print_records(&syncs, format, "No syncs found.", |s| {
+                views::syncs_table(s, now)
+            })
+        }
+        GetCommand::Objects { agent, project } => {
+            let agents = client.agents_detail(agent.as_deref()).await?;
+            let objects = views::objects_of(&agents, project.as_deref());
+            print_records(&objects, format, "No objects found.", views::objects_table)
+        }
+    }
+}
+
+/// The records as a table, or as JSON / YAML.
+fn print_records(
+    records: &[serde_json::Value],
+    format: Format,
+    empty: &str,
+    table: impl FnOnce(&[serde_json::Value]) -> output::Table,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            print!("{}", table(records).render(empty));
+            Ok(())
+        }
+        _ => print_value(&serde_json::Value::Array(records.to_vec()), format),
+    }
+}
+
+fn print_value(value: &serde_json::Value, format: Format) -> anyhow::Result<()> {
+    print!(
+        "{}",
+        output::serialize(value, format).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
 }
 
 impl ApiArgs {
