@@ -438,7 +438,14 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let inner = self.0.clone();
-        Box::pin(async move { inner.dial().await.map(TokioIo::new) })
+        Box::pin(async move {
+            // tonic reports a failed dial as "transport error" alone: say here what failed.
+            inner
+                .dial()
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "dialling kas failed"))
+                .map(TokioIo::new)
+        })
     }
 }
 

@@ -270,6 +270,8 @@ impl ManifestStream {
         let mut updates = watcher.subscribe();
         // Digest of the files last sent: a push that changed nothing this agent selects does not wake it.
         let mut last_digest: Option<[u8; 32]> = None;
+        // The reconcile requests served: those made before the stream opened count as served.
+        let mut reconciled = *self.reconcile.borrow();
         loop {
             let current = updates.borrow_and_update().clone();
             self.config.borrow_and_update();
@@ -330,8 +332,9 @@ impl ManifestStream {
                 }
             }
             // After any delivery above: a reconcile re-read Git first, so a newer snapshot goes out before it.
-            if self.reconcile.has_changed().unwrap_or(false) {
-                self.reconcile.mark_unchanged();
+            let requested = *self.reconcile.borrow_and_update();
+            if requested != reconciled {
+                reconciled = requested;
                 if !self.ask_to_reconcile(&stream, &tx).await {
                     return;
                 }
