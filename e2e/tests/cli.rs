@@ -185,7 +185,7 @@ async fn reconcile_puts_drift_back_and_reads_git_at_once_and_kas_get_shows_the_r
         .next()
         .context("agent number")?
         .to_owned();
-    let _agentk = agentk_process(&kas, &secret, &ns.name, &agentk_log)?;
+    let agentk = agentk_process(&kas, &secret, &ns.name, &agentk_log)?;
     let configmaps: Api<ConfigMap> = ns.api();
     eventually(Duration::from_secs(60), "the first sync", || async {
         Ok(value_of(&configmaps).await? == "one")
@@ -333,6 +333,17 @@ async fn reconcile_puts_drift_back_and_reads_git_at_once_and_kas_get_shows_the_r
         bash.contains("complete") && bash.contains("reconcile"),
         "not a bash completion script for kas"
     );
+
+    // The agent gone: a reconcile says it is not connected.
+    drop(agentk);
+    eventually(
+        Duration::from_secs(20),
+        "the agent disconnected",
+        || async { Ok(kas.admin.list_agents(None).await?[0]["connected"] == false) },
+    )
+    .await?;
+    let (ok, _, err) = kas_cli(&kas, &["reconcile", "--agent", &agent])?;
+    assert!(!ok && err.contains("not connected"), "{err}");
 
     ns.delete().await?;
     gitea.delete_repository(&config_repo).await?;

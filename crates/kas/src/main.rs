@@ -256,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
                     eprintln!("token {id} revoked");
                 }
                 TokenCommand::List { agent, output } => {
-                    let agents = client.agents_detail(agent.as_deref()).await?;
+                    let agents = client.agents_detail(agent.as_deref(), false).await?;
                     let tokens = views::tokens(&agents);
                     print_records(&tokens, output, "No tokens found.", |t| {
                         views::tokens_table(t, std::time::SystemTime::now())
@@ -331,7 +331,7 @@ async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::R
     let now = std::time::SystemTime::now();
     match what {
         GetCommand::Agents { project } => {
-            let mut agents = client.agents_detail(None).await?;
+            let mut agents = client.agents_detail(None, false).await?;
             if let Some(project) = project {
                 agents.retain(|a| a["projectPath"] == project.as_str());
             }
@@ -340,7 +340,7 @@ async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::R
             })
         }
         GetCommand::Agent { id } => {
-            let agents = client.agents_detail(Some(&id)).await?;
+            let agents = client.agents_detail(Some(&id), true).await?;
             if format != Format::Table {
                 return print_value(&agents[0], format);
             }
@@ -354,14 +354,14 @@ async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::R
             Ok(())
         }
         GetCommand::Syncs { agent, project } => {
-            let agents = client.agents_detail(agent.as_deref()).await?;
+            let agents = client.agents_detail(agent.as_deref(), true).await?;
             let syncs = views::syncs(&agents, project.as_deref());
             print_records(&syncs, format, "No syncs found.", |s| {
                 views::syncs_table(s, now)
             })
         }
         GetCommand::Objects { agent, project } => {
-            let agents = client.agents_detail(agent.as_deref()).await?;
+            let agents = client.agents_detail(agent.as_deref(), true).await?;
             let objects = views::objects_of(&agents, project.as_deref());
             print_records(&objects, format, "No objects found.", views::objects_table)
         }

@@ -224,3 +224,48 @@ async fn poll(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gitops_git::GitServerConfig;
+    use test_support::git_http::GitHttpServer;
+
+    use super::*;
+
+    const PROJECT: &str = "group/apps";
+
+    /// A refresh sees a commit pushed just before it, although the poll period is an hour; a pinned
+    /// commit (whose task no longer polls) answers at once.
+    #[tokio::test]
+    async fn a_refresh_reads_git_now_and_a_pinned_commit_answers_at_once() -> anyhow::Result<()> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let server = GitHttpServer::start().await?;
+        server.create_repo(PROJECT, false)?;
+        let first = server.commit_files(PROJECT, &[("a.yaml", Some("a: 1\n"))], "first")?;
+        let cache = tempfile::tempdir()?;
+        let repos = RepoCache::new(
+            GitServerConfig {
+                base_url: server.base_url(),
+                username: None,
+                password: None,
+                extra_ca_pem: None,
+            },
+            cache.path().to_path_buf(),
+        );
+        let watchers = ProjectWatchers::new(repos, Duration::from_secs(3600));
+        let watcher = watchers.watch(PROJECT);
+        assert_eq!(watcher.refresh().await, ProjectState::Commit(first.clone()));
+        let second = server.commit_files(PROJECT, &[("a.yaml", Some("a: 2\n"))], "second")?;
+        let refreshed = tokio::time::timeout(Duration::from_secs(20), watcher.refresh()).await?;
+        assert_eq!(refreshed, ProjectState::Commit(second.clone()));
+        assert_eq!(*watcher.subscribe().borrow(), ProjectState::Commit(second));
+        assert_eq!(watchers.of_project(PROJECT).len(), 1);
+
+        let pinned = watchers.watch_ref(PROJECT, GitRef::Commit(first.clone()));
+        assert_eq!(pinned.refresh().await, ProjectState::Commit(first.clone()));
+        let again = tokio::time::timeout(Duration::from_secs(5), pinned.refresh()).await?;
+        assert_eq!(again, ProjectState::Commit(first));
+        assert_eq!(watchers.of_project(PROJECT).len(), 2);
+        Ok(())
+    }
+}

@@ -240,15 +240,26 @@ impl AdminClient {
         Ok(data["clusterAgents"].clone())
     }
 
-    /// Everything `kas get` shows, for every agent (or one): connections, configuration, manifest
-    /// projects with their last sync and objects, tokens.
-    pub async fn agents_detail(&self, agent_id: Option<&str>) -> Result<Vec<Value>, CliError> {
-        const FIELDS: &str = "id name projectPath createdAt connected connections { connectedAt agentVersion podNamespace podName } configStatus { commitId error updatedAt } manifestProjects { projectId commitSeen commitSent error updatedAt lastSync { commitSeen commitApplied finishedAt outcome message objects { resourceKey source result health message } } } tokens { id name description createdAt revoked revokedAt }";
+    /// What `kas get` shows, for every agent (or one): connections, configuration, manifest projects with
+    /// their last sync, tokens; with `objects`, every object of the last syncs too (they can be many).
+    pub async fn agents_detail(
+        &self,
+        agent_id: Option<&str>,
+        objects: bool,
+    ) -> Result<Vec<Value>, CliError> {
+        let objects = if objects {
+            "objects { resourceKey source result health message }"
+        } else {
+            ""
+        };
+        let fields = format!(
+            "id name projectPath createdAt connected connections {{ connectedAt agentVersion podNamespace podName }} configStatus {{ commitId error updatedAt }} manifestProjects {{ projectId commitSeen commitSent error updatedAt lastSync {{ commitSeen commitApplied finishedAt outcome message {objects} }} }} tokens {{ id name description createdAt revoked revokedAt }}"
+        );
         match agent_id {
             Some(id) => {
                 let data = self
                     .execute(
-                        &format!("query($a: ID!) {{ clusterAgent(id: $a) {{ {FIELDS} }} }}"),
+                        &format!("query($a: ID!) {{ clusterAgent(id: $a) {{ {fields} }} }}"),
                         json!({ "a": id }),
                     )
                     .await?;
@@ -259,7 +270,7 @@ impl AdminClient {
             }
             None => {
                 let data = self
-                    .execute(&format!("{{ clusterAgents {{ {FIELDS} }} }}"), json!({}))
+                    .execute(&format!("{{ clusterAgents {{ {fields} }} }}"), json!({}))
                     .await?;
                 Ok(data["clusterAgents"]
                     .as_array()
