@@ -319,3 +319,32 @@ async fn grpc_and_websocket_go_through_the_proxy_from_the_environment_unless_no_
     );
     Ok(())
 }
+
+/// `--kubeconfig` / `--context` name the cluster; one that cannot be used stops agentk with the reason
+/// (instead of running on without a cluster, as it does when nothing was asked for).
+#[tokio::test]
+async fn a_kubeconfig_context_that_does_not_exist_stops_agentk_by_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1'}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: present\n  context: {cluster: c, user: u}\ncurrent-context: present\n",
+    )?;
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(sibling_binary("agentk")?)
+            .args(["--kas-address=grpc://127.0.0.1:1", "--context=absent"])
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .env("AGENTK_TOKEN", "t")
+            .output(),
+    )
+    .await
+    .context("agentk did not stop")??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "agentk ran on: {stderr}");
+    assert!(
+        stderr.contains("absent") && stderr.contains("kubeconfig"),
+        "the error does not name the context and the file: {stderr}"
+    );
+    Ok(())
+}
