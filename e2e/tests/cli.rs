@@ -220,6 +220,28 @@ async fn reconcile_puts_drift_back_and_reads_git_at_once_and_kas_get_shows_the_r
         asked.elapsed()
     );
 
+    // Again, waiting for the agent's report: when `--wait` returns the drift is already put back.
+    let mut again = configmaps.get("reconciled").await?;
+    again
+        .data
+        .get_or_insert_default()
+        .insert("value".into(), "drifted".into());
+    configmaps
+        .replace("reconciled", &Default::default(), &again)
+        .await?;
+    let asked = Instant::now();
+    let waited = kas_ok(&kas, &["reconcile", "--agent", &agent, "--wait"])?;
+    let took = asked.elapsed();
+    assert_eq!(
+        value_of(&configmaps).await?,
+        "one",
+        "--wait returned before the sync"
+    );
+    let waited = parse_table(&waited)?;
+    assert_eq!(waited.len(), 1);
+    assert_eq!(waited[0]["OUTCOME"], "synced");
+    eprintln!("kas reconcile --wait -> returned with the sync's report in {took:?}");
+
     // A new commit, which kas would not see for an hour: a reconcile of that project reads Git now.
     let second = push(&manifests, "cm.yaml", &configmap("two")).await?;
     let asked = Instant::now();

@@ -202,7 +202,9 @@ impl ClusterAgent {
                     })
                     .collect(),
             });
+            let reports_received = state(ctx).reconciles.reports(self.0.id, &project);
             out.push(ManifestProjectStatus {
+                reports_received,
                 project_id: project,
                 commit_seen: s.commit_seen,
                 commit_sent: s.commit_sent,
@@ -293,6 +295,9 @@ pub struct ManifestProjectStatus {
     updated_at: String,
     /// What agentk last reported applying from this project.
     last_sync: Option<SyncStatus>,
+    /// Sync reports this kas received for the project since it started: a larger number than before a
+    /// `clusterAgentReconcile` means a sync finished after it.
+    reports_received: u64,
 }
 
 #[derive(SimpleObject)]

@@ -71,6 +71,12 @@ enum Command {
         /// Only this manifest project (default: every one the agent syncs).
         #[arg(long)]
         project: Option<String>,
+        /// Wait for the agent's report of the sync and print it; fail unless every project synced.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "2m", value_parser = humantime_duration)]
+        timeout: std::time::Duration,
     },
     /// Print a shell completion script: `kas completion bash > /etc/bash_completion.d/kas`.
     Completion { shell: clap_complete::Shell },
@@ -270,17 +276,12 @@ async fn main() -> anyhow::Result<()> {
             api,
             agent,
             project,
+            wait,
+            timeout,
         } => {
-            api.client()?.reconcile(&agent, project.as_deref()).await?;
-            match project {
-                Some(project) => eprintln!(
-                    "agent {agent}: project {project} read from Git; the agent is syncing it now"
-                ),
-                None => eprintln!(
-                    "agent {agent}: its manifest projects read from Git; the agent is syncing them now"
-                ),
-            }
-            Ok(())
+            let client = api.client()?;
+            let wait = wait.then_some(timeout);
+            reconcile(&client, &agent, project.as_deref(), wait).await
         }
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "kas", &mut std::io::stdout());
@@ -366,6 +367,77 @@ async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::R
             print_records(&objects, format, "No objects found.", views::objects_table)
         }
     }
+}
+
+/// `kas reconcile`: asks, then with `wait` waits until every project's report count grew (a sync finished
+/// after the request) and prints those syncs.
+async fn reconcile(
+    client: &AdminClient,
+    agent: &str,
+    project: Option<&str>,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let reports = |agents: &[serde_json::Value]| -> std::collections::BTreeMap<String, u64> {
+        views::syncs(agents, project)
+            .iter()
+            .map(|s| {
+                let project = s["projectId"].as_str().unwrap_or_default().to_owned();
+                (project, s["reportsReceived"].as_u64().unwrap_or(0))
+            })
+            .collect()
+    };
+    let before = match wait {
+        Some(_) => reports(&client.agents_detail(Some(agent), false).await?),
+        None => Default::default(),
+    };
+    client.reconcile(agent, project).await?;
+    let what = project.map_or("its manifest projects".to_owned(), |p| {
+        format!("project {p}")
+    });
+    eprintln!("agent {agent}: {what} read from Git; the agent is syncing now");
+    let Some(timeout) = wait else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let agents = loop {
+        let agents = client.agents_detail(Some(agent), true).await?;
+        let now = reports(&agents);
+        if !before.is_empty() && before.iter().all(|(p, n)| now.get(p) > Some(n)) {
+            break agents;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "agent {agent}: no sync reported within {}; see `kas get syncs --agent {agent}`",
+            humantime::format_duration(timeout)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let syncs = views::syncs(&agents, project);
+    print!(
+        "{}",
+        views::syncs_table(&syncs, std::time::SystemTime::now()).render("")
+    );
+    let unsynced: Vec<String> = syncs
+        .iter()
+        .filter(|s| s["lastSync"]["outcome"] != "synced")
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s["projectId"].as_str().unwrap_or_default(),
+                s["lastSync"]["outcome"].as_str().unwrap_or("no sync")
+            )
+        })
+        .collect();
+    anyhow::ensure!(
+        unsynced.is_empty(),
+        "agent {agent}: not synced: {}",
+        unsynced.join(", ")
+    );
+    Ok(())
+}
+
+fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// The records as a table, or as JSON / YAML.

@@ -253,7 +253,7 @@ impl AdminClient {
             ""
         };
         let fields = format!(
-            "id name projectPath createdAt connected connections {{ connectedAt agentVersion podNamespace podName }} configStatus {{ commitId error updatedAt }} manifestProjects {{ projectId commitSeen commitSent error updatedAt lastSync {{ commitSeen commitApplied finishedAt outcome message {objects} }} }} tokens {{ id name description createdAt revoked revokedAt }}"
+            "id name projectPath createdAt connected connections {{ connectedAt agentVersion podNamespace podName }} configStatus {{ commitId error updatedAt }} manifestProjects {{ projectId commitSeen commitSent error updatedAt reportsReceived lastSync {{ commitSeen commitApplied finishedAt outcome message {objects} }} }} tokens {{ id name description createdAt revoked revokedAt }}"
         );
         match agent_id {
             Some(id) => {

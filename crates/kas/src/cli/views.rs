@@ -106,6 +106,7 @@ pub fn syncs(agents: &[Value], project: Option<&str>) -> Vec<Value> {
                 "commitSent",
                 "error",
                 "updatedAt",
+                "reportsReceived",
             ] {
                 record.insert(field.into(), p[field].clone());
             }

@@ -18,9 +18,12 @@ use crate::{KasState, watch::ProjectState};
 pub const REFRESH_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Reconcile requests per (agent, manifest project): a generation each open stream of that pair watches.
+/// Also how many sync reports arrived per pair since kas started, so a caller can tell that a sync
+/// finished after its request (`kas reconcile --wait`) without comparing clocks.
 #[derive(Debug, Default)]
 pub struct Reconciles {
     requests: Mutex<HashMap<(u64, String), watch::Sender<u64>>>,
+    reports: Mutex<HashMap<(u64, String), u64>>,
 }
 
 impl Reconciles {
@@ -45,6 +48,21 @@ impl Reconciles {
             .filter(|((agent, _), sender)| *agent == agent_id && sender.receiver_count() > 0)
             .map(|((_, project), _)| project.clone())
             .collect()
+    }
+
+    /// A sync report of `project` arrived from `agent_id`.
+    pub fn reported(&self, agent_id: u64, project: &str) {
+        let mut reports = self.reports.lock().expect("reports lock");
+        *reports.entry((agent_id, project.to_owned())).or_default() += 1;
+    }
+
+    /// How many sync reports of `project` arrived from `agent_id` since kas started.
+    pub fn reports(&self, agent_id: u64, project: &str) -> u64 {
+        let reports = self.reports.lock().expect("reports lock");
+        reports
+            .get(&(agent_id, project.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Wakes the streams of (`agent_id`, `project`); false when none is open.
@@ -158,6 +176,17 @@ mod tests {
         one.mark_unchanged();
         other_project.mark_unchanged();
         assert!(!reconciles.request(3, "g/a"), "nobody streams it");
+    }
+
+    #[test]
+    fn reports_are_counted_per_agent_and_project() {
+        let reconciles = Reconciles::default();
+        reconciles.reported(1, "g/a");
+        reconciles.reported(1, "g/a");
+        reconciles.reported(2, "g/a");
+        assert_eq!(reconciles.reports(1, "g/a"), 2);
+        assert_eq!(reconciles.reports(2, "g/a"), 1);
+        assert_eq!(reconciles.reports(1, "g/b"), 0);
     }
 
     #[test]
