@@ -29,9 +29,10 @@ struct ProxyLog {
 }
 
 /// An HTTP CONNECT proxy on loopback that wants `Proxy-Authorization: Basic <credentials>`
-/// (`credentials`: base64 of `user:password`).
+/// (`credentials`: base64 of `user:password`); over TLS with `tls` (an `https://` proxy).
 async fn authenticating_proxy(
     credentials: &str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<(std::net::SocketAddr, Arc<ProxyLog>)> {
     let expected = format!("basic {credentials}");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -40,53 +41,67 @@ async fn authenticating_proxy(
     let seen = log.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (log, expected) = (seen.clone(), expected.clone());
+            let (log, expected, tls) = (seen.clone(), expected.clone(), tls.clone());
             tokio::spawn(async move {
-                let mut reader = BufReader::new(client);
-                let mut line = String::new();
-                reader.read_line(&mut line).await.ok()?;
-                let target = line
-                    .strip_prefix("CONNECT ")?
-                    .split_whitespace()
-                    .next()?
-                    .to_owned();
-                let mut authorized = false;
-                loop {
-                    let mut header = String::new();
-                    reader.read_line(&mut header).await.ok()?;
-                    if header == "\r\n" || header.is_empty() {
-                        break;
+                match tls {
+                    Some(tls) => {
+                        let client = tls.accept(client).await.ok()?;
+                        tunnel(client, &expected, &log).await
                     }
-                    if let Some((name, value)) = header.split_once(':')
-                        && name.eq_ignore_ascii_case("proxy-authorization")
-                    {
-                        authorized = value.trim().eq_ignore_ascii_case(&expected);
-                    }
+                    None => tunnel(client, &expected, &log).await,
                 }
-                let mut client = reader.into_inner();
-                if !authorized {
-                    log.refused.fetch_add(1, Ordering::SeqCst);
-                    client
-                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n")
-                        .await
-                        .ok()?;
-                    return None;
-                }
-                let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
-                log.targets.lock().unwrap().push(target);
-                client
-                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .await
-                    .ok()?;
-                log.tunnels.fetch_add(1, Ordering::SeqCst);
-                tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .ok()?;
-                Some(())
             });
         }
     });
     Ok((addr, log))
+}
+
+/// Serves one CONNECT on `client`: refused with 407 unless the credentials are `expected`.
+async fn tunnel<S>(client: S, expected: &str, log: &ProxyLog) -> Option<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut reader = BufReader::new(client);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.ok()?;
+    let target = line
+        .strip_prefix("CONNECT ")?
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    let mut authorized = false;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).await.ok()?;
+        if header == "\r\n" || header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("proxy-authorization")
+        {
+            authorized = value.trim().eq_ignore_ascii_case(expected);
+        }
+    }
+    let mut client = reader.into_inner();
+    if !authorized {
+        log.refused.fetch_add(1, Ordering::SeqCst);
+        client
+            .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .ok()?;
+        return None;
+    }
+    let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
+    log.targets.lock().unwrap().push(target);
+    client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .ok()?;
+    log.tunnels.fetch_add(1, Ordering::SeqCst);
+    tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .ok()?;
+    Some(())
 }
 
 /// A new agent in the configuration project, with its token.
@@ -230,7 +245,7 @@ async fn grpc_and_websocket_go_through_the_proxy_from_the_environment_unless_no_
     let ca_flag = format!("--kas-ca-cert-file={}", cert.display());
     let port = h.kas().agent_addr.port();
     // base64("agent:s3cret:@")
-    let (proxy, log) = authenticating_proxy("YWdlbnQ6czNjcmV0OkA=").await?;
+    let (proxy, log) = authenticating_proxy("YWdlbnQ6czNjcmV0OkA=", None).await?;
     // The password percent-encoded, as a URL needs it.
     let https_proxy = format!("http://agent:s3cret%3A%40@{proxy}");
     // By IP, so NO_PROXY's CIDR range can match; the certificate names localhost.
@@ -317,6 +332,46 @@ async fn grpc_and_websocket_go_through_the_proxy_from_the_environment_unless_no_
         text.contains("proxy authorization required") && !text.contains("b4dpass"),
         "the error does not name the cause, or shows the password: {text}"
     );
+
+    // An https:// proxy: TLS to the proxy (its certificate verified against the same roots), then the
+    // tunnel, then TLS to kas inside it.
+    let proxy_cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let acceptor = gitops_tunnel::server::http1_tls_acceptor(
+        proxy_cert.cert.pem().as_bytes(),
+        proxy_cert.signing_key.serialize_pem().as_bytes(),
+    )?;
+    let (tls_proxy, tls_log) = authenticating_proxy("YWdlbnQ6czNjcmV0OkA=", Some(acceptor)).await?;
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(
+        &roots,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&cert)?,
+            proxy_cert.cert.pem()
+        ),
+    )?;
+    let (over_tls, token) = new_agent(&h, "https-proxy").await?;
+    let agent_log = dir.path().join("https-proxy.log");
+    let _f = agentk(
+        &format!("wss://127.0.0.1:{port}"),
+        &token,
+        &[by_ip[0]],
+        &[
+            ("SSL_CERT_FILE", roots.to_str().context("path")?),
+            (
+                "HTTPS_PROXY",
+                &format!("https://agent:s3cret%3A%40@localhost:{}", tls_proxy.port()),
+            ),
+        ],
+        dir.path(),
+        &agent_log,
+    )?;
+    assert!(
+        connects(&h, &over_tls, Duration::from_secs(20)).await?,
+        "not connected through the https:// proxy: {}",
+        read(&agent_log)
+    );
+    assert_eq!(tls_log.tunnels.load(Ordering::SeqCst), 1);
     Ok(())
 }
 
