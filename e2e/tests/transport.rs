@@ -49,7 +49,7 @@ async fn websocket_connects_through_an_https_proxy() -> anyhow::Result<()> {
     let (_, _, secret) = h.register_agent().await?;
     let (proxy, tunnels) = connect_proxy().await?;
     let mut client = h.client_config("wss", &secret);
-    client.proxy = Some(format!("http://{proxy}"));
+    client.proxy_via(&format!("http://{proxy}"));
     let agent = h.agent(client)?;
     wait_for_state(
         &agent,

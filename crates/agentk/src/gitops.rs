@@ -60,6 +60,8 @@ pub struct ProjectSync {
     pub error: Option<String>,
     /// The newest snapshot agentk refused itself, if it is newer than `snapshot`.
     pub refused: Option<Arc<RefusedSnapshot>>,
+    /// How many times kas asked to sync now (`ReconcileRequest`); the sync loop syncs when it grows.
+    pub reconcile_requests: u64,
 }
 
 /// One `gitops.manifest_projects[]` entry as configured. Snapshots are kept per entry, not per project id:
@@ -256,6 +258,10 @@ enum Received {
         commit_id: String,
         message: String,
     },
+    /// kas asks for a full sync now (`kas reconcile`).
+    Reconcile {
+        commit_id: String,
+    },
 }
 
 /// Assembles snapshots from a stream's messages, refusing one whose files exceed `max_bytes` (its files
@@ -325,6 +331,9 @@ impl Assembler {
                     message: e.message,
                 }
             }
+            Message::Reconcile(r) => Received::Reconcile {
+                commit_id: r.commit_id,
+            },
         }
     }
 }
@@ -387,6 +396,10 @@ impl Worker {
                 Received::KasError { commit_id, message } => {
                     warn!(commit_id = %commit_id, error = %message, "kas cannot deliver this project's manifests; keeping what is applied");
                     self.publish(|p| p.error = Some(message));
+                }
+                Received::Reconcile { commit_id } => {
+                    info!(commit_id = %commit_id, "kas asked to sync now");
+                    self.publish(|p| p.reconcile_requests += 1);
                 }
             }
         }
@@ -614,6 +627,8 @@ struct Progress {
     commit_synced: String,
     /// The last refusal reported, so it is reported once.
     refusal_reported: Option<Arc<RefusedSnapshot>>,
+    /// [`ProjectSync::reconcile_requests`] as of the last sync's start: requests up to it are served.
+    reconcile_handled: u64,
     retry: Retry,
 }
 
@@ -632,6 +647,8 @@ enum Trigger {
     Changed,
     Retry,
     Resync,
+    /// kas asked to sync now.
+    Reconcile,
 }
 
 fn slot(
@@ -642,6 +659,11 @@ fn slot(
         .entry(entry)
         .map(|p| (p.snapshot.clone(), p.refused.clone()))
         .unwrap_or_default()
+}
+
+/// How many reconcile requests the entry has received.
+fn reconcile_requests(state: &GitopsState, entry: &EntryKey) -> u64 {
+    state.entry(entry).map_or(0, |p| p.reconcile_requests)
 }
 
 /// Resolves when the entry's snapshot is no longer `commit`.
@@ -698,6 +720,10 @@ pub async fn sync_loop(
     loop {
         let (snapshot, refused) = slot(&state.borrow_and_update(), &context.entry);
         let is_leading = *leading.borrow_and_update();
+        if !is_leading || snapshot.is_none() {
+            // Nothing to sync here: a request now is served (a new leader or a first snapshot syncs anyway).
+            progress.reconcile_handled = reconcile_requests(&state.borrow(), &context.entry);
+        }
         if is_leading {
             if let Some(refused) = refused.filter(|r| progress.refusal_reported.as_ref() != Some(r))
             {
@@ -751,11 +777,19 @@ async fn sync_once(
         progress.retry.reset();
     }
     let drift_check = snapshot.commit_id == progress.commit_applied;
+    // Any sync from here on serves the requests received so far: it applies and checks every object.
+    let requests = reconcile_requests(&state.borrow(), &context.entry);
+    let reconcile = requests != progress.reconcile_handled;
+    progress.reconcile_handled = requests;
+    if reconcile {
+        info!(commit_id = %snapshot.commit_id, "reconcile requested: syncing now");
+    }
     let request = SyncRequest {
         agent_id: context.agent_id,
         project: &context.project,
         snapshot,
-        recheck: !new_commit,
+        // A sync somebody asked for is logged like a new commit's.
+        recheck: !new_commit && !reconcile,
         drift_check,
     };
     let commit = snapshot.commit_id.as_str();
@@ -886,6 +920,10 @@ async fn wait_for_trigger(
     let resync_at = Instant::now() + period;
     let retry_at = progress.retry.at;
     let mut leading_open = true;
+    // A request that arrived while the last sync ran, after its start.
+    if reconcile_requests(&state.borrow(), &context.entry) != progress.reconcile_handled {
+        return Trigger::Reconcile;
+    }
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Trigger::Stop,
@@ -897,6 +935,9 @@ async fn wait_for_trigger(
                 let now = slot(&state.borrow(), &context.entry);
                 if now.0.as_ref().map(|s| s.commit_id.clone()) != seen_commit || now.1 != seen.1 {
                     return Trigger::Changed;
+                }
+                if reconcile_requests(&state.borrow(), &context.entry) != progress.reconcile_handled {
+                    return Trigger::Reconcile;
                 }
             }
             changed = leading.changed(), if leading_open => match changed {
@@ -1197,6 +1238,45 @@ mod tests {
         );
         assert_eq!(outcomes[10], gitops_protocol::SyncOutcome::Synced);
         l.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconcile_request_syncs_the_same_commit_at_once_and_restarts_the_drift_period() {
+        let l = Loop::start(&[], Duration::from_secs(300));
+        l.publish("c1");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(l.call_times(), [0]);
+        l.state.send_modify(|s| {
+            s.update(&l.entry, |p| p.reconcile_requests += 1);
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.call_times(), [0, 10], "synced at once, same commit");
+        // The drift check comes a whole period after the reconcile, not after the first sync.
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(l.call_times(), [0, 10, 310]);
+        // A follower (or an entry without a snapshot) serves a request by doing nothing, and does not spin.
+        l.leading.send_replace(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        l.state.send_modify(|s| {
+            s.update(&l.entry, |p| p.reconcile_requests += 1);
+        });
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert_eq!(l.call_times(), [0, 10, 310]);
+        l.cancel.cancel();
+    }
+
+    #[test]
+    fn a_reconcile_message_is_passed_on_between_snapshots() {
+        let mut assembler = Assembler::new("group/apps", 1024);
+        let reconcile = Message::Reconcile(gitops_protocol::ReconcileRequest {
+            commit_id: "c1".into(),
+        });
+        assert_eq!(
+            assembler.receive(reconcile),
+            Received::Reconcile {
+                commit_id: "c1".into()
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,15 +27,23 @@ struct RunArgs {
     /// File holding the agent token (else AGENTK_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Extra CA certificates (PEM) to trust for kas.
+    /// CA certificates (PEM) to trust for kas, besides the system's (which honour SSL_CERT_FILE and
+    /// SSL_CERT_DIR).
+    #[arg(long, visible_alias = "ca-cert-file", env = "AGENTK_KAS_CA_CERT_FILE")]
+    kas_ca_cert_file: Option<PathBuf>,
+    /// Verify kas's certificate for this name instead of the address's host.
+    #[arg(long, visible_alias = "tls-server-name")]
+    kas_tls_server_name: Option<String>,
+    /// Extra header for every request to kas, `Name: value`; repeatable.
+    #[arg(long = "kas-header", visible_alias = "header")]
+    kas_headers: Vec<String>,
+    /// Kubeconfig file of the cluster to apply to. Without it: KUBECONFIG or ~/.kube/config, else the
+    /// in-cluster configuration (kube's inference).
     #[arg(long)]
-    ca_cert_file: Option<PathBuf>,
-    /// Verify kas's certificate for this name.
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
     #[arg(long)]
-    tls_server_name: Option<String>,
-    /// Extra header for every request, `Name: value`; repeatable.
-    #[arg(long = "header")]
-    headers: Vec<String>,
+    context: Option<String>,
     /// HTTP/2 keepalive interval; keep it under any load balancer's idle timeout.
     #[arg(long, default_value = "20s", value_parser = humantime_duration)]
     keepalive: Duration,
@@ -148,13 +156,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("no agent token: use --token-file or AGENTK_TOKEN")?,
     };
     let mut client = ClientConfig::new(address, token.trim().to_owned());
-    client.ca_file = args.ca_cert_file.clone();
-    client.tls_server_name = args.tls_server_name.clone();
+    client.ca_file = args.kas_ca_cert_file.clone();
+    client.tls_server_name = args.kas_tls_server_name.clone();
     client.keepalive = args.keepalive;
-    for header in &args.headers {
+    for header in &args.kas_headers {
         let (name, value) = header
             .split_once(':')
-            .with_context(|| format!("--header {header:?}: expected `Name: value`"))?;
+            .with_context(|| format!("--kas-header {header:?}: expected `Name: value`"))?;
         client
             .extra_headers
             .push((name.trim().to_owned(), value.trim().to_owned()));
@@ -164,14 +172,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_name = std::env::var("POD_NAME").unwrap_or_default();
     let metrics = std::sync::Arc::new(agentk::metrics::AgentMetrics::new());
     let stop = tokio_util::sync::CancellationToken::new();
-    let kube_config = match kube::Config::infer().await {
+    let kube_config = match kube_config(args.kubeconfig.as_deref(), args.context.clone()).await {
         Ok(config) => Some(config),
+        // Asked for by name: a mistake in it must stop agentk, not leave it running without a cluster.
+        Err(e) if args.kubeconfig.is_some() || args.context.is_some() => return Err(e),
         Err(e) if args.no_apply => {
-            tracing::warn!(error = %e, "no Kubernetes configuration: Kubernetes API proxy requests are answered 503");
+            tracing::warn!(error = %format!("{e:#}"), "no Kubernetes configuration: Kubernetes API proxy requests are answered 503");
             None
         }
         Err(e) => {
-            tracing::error!(error = %e, "no Kubernetes configuration: manifests will be received but not applied, and Kubernetes API proxy requests are answered 503");
+            tracing::error!(error = %format!("{e:#}"), "no Kubernetes configuration: manifests will be received but not applied, and Kubernetes API proxy requests are answered 503");
             None
         }
     };
@@ -256,6 +266,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     stop.cancel();
     agent.shutdown().await;
     Ok(())
+}
+
+/// The cluster to apply to: `--kubeconfig` / `--context` when given (kube's `KubeConfigOptions`), else
+/// what kube's `Config::infer` finds (`KUBECONFIG` or `~/.kube/config`, else in-cluster).
+async fn kube_config(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<String>,
+) -> anyhow::Result<kube::Config> {
+    let options = kube::config::KubeConfigOptions {
+        context,
+        ..Default::default()
+    };
+    match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))
+        }
+        None if options.context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .context("--context needs a kubeconfig (--kubeconfig, KUBECONFIG or ~/.kube/config)"),
+        None => Ok(kube::Config::infer().await?),
+    }
 }
 
 /// Leader election for this pod, started once the agent's state can be watched: the Lease is named by the
@@ -355,4 +390,44 @@ fn apply_settings(
         },
         election,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlabs_flag_names_and_the_old_ones_both_parse() {
+        let new = Cli::try_parse_from([
+            "agentk",
+            "--kas-ca-cert-file=/ca.pem",
+            "--kas-tls-server-name=kas.example",
+            "--kas-header=X-A: 1",
+            "--kas-header=X-B: 2",
+            "--kubeconfig=/kc",
+            "--context=prod",
+        ])
+        .unwrap();
+        let old = Cli::try_parse_from([
+            "agentk",
+            "--ca-cert-file=/ca.pem",
+            "--tls-server-name=kas.example",
+            "--header=X-A: 1",
+            "--header=X-B: 2",
+        ])
+        .unwrap();
+        for cli in [&new, &old] {
+            assert_eq!(
+                cli.run.kas_ca_cert_file.as_deref(),
+                Some(std::path::Path::new("/ca.pem"))
+            );
+            assert_eq!(cli.run.kas_tls_server_name.as_deref(), Some("kas.example"));
+            assert_eq!(cli.run.kas_headers, ["X-A: 1", "X-B: 2"]);
+        }
+        assert_eq!(
+            new.run.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/kc"))
+        );
+        assert_eq!(new.run.context.as_deref(), Some("prod"));
+    }
 }

@@ -221,7 +221,9 @@ impl ClusterAgent {
                     })
                     .collect(),
             });
+            let reports_received = state(ctx).reconciles.reports(self.0.id, &project);
             out.push(ManifestProjectStatus {
+                reports_received,
                 project_id: project,
                 commit_seen: s.commit_seen,
                 commit_sent: s.commit_sent,
@@ -312,6 +314,9 @@ pub struct ManifestProjectStatus {
     updated_at: String,
     /// What agentk last reported applying from this project.
     last_sync: Option<SyncStatus>,
+    /// Sync reports this kas received for the project since it started: a larger number than before a
+    /// `clusterAgentReconcile` means a sync finished after it.
+    reports_received: u64,
 }
 
 #[derive(SimpleObject)]
@@ -577,6 +582,13 @@ pub struct ClusterAgentProjectInput {
     project_path: String,
 }
 
+#[derive(InputObject)]
+pub struct ClusterAgentReconcileInput {
+    cluster_agent_id: ID,
+    /// One manifest project of the agent; unset: every manifest project it syncs.
+    project_path: Option<String>,
+}
+
 #[derive(SimpleObject)]
 pub struct ErrorsPayload {
     errors: Vec<String>,
@@ -802,6 +814,38 @@ impl MutationRoot {
                 input.id.as_str()
             )])),
         }
+    }
+
+    /// Reconcile now: kas re-reads the agent's manifest projects (or `projectPath`) from Git at once, and
+    /// the agent runs a full sync of each (apply and drift check) even if the commit did not change.
+    /// Returns once Git has been read and the agent asked; the sync itself shows in `lastSync`.
+    async fn cluster_agent_reconcile(
+        &self,
+        ctx: &Context<'_>,
+        input: ClusterAgentReconcileInput,
+    ) -> async_graphql::Result<ErrorsPayload> {
+        let state = state(ctx);
+        let agent_id = match parse_gid(&input.cluster_agent_id, "Agent") {
+            Ok(id) => id,
+            Err(e) => return Ok(errors(vec![e])),
+        };
+        if let Some(Err(e)) = input.project_path.as_deref().map(validate_project_path) {
+            return Ok(errors(vec![e]));
+        }
+        let Some(agent) = state.store.agent(agent_id)? else {
+            return Ok(errors(vec![format!(
+                "agent {} does not exist",
+                input.cluster_agent_id.as_str()
+            )]));
+        };
+        let failures = crate::manifests::reconcile::reconcile(
+            state,
+            agent_id,
+            &agent.project_path,
+            input.project_path.as_deref(),
+        )
+        .await;
+        Ok(errors(failures.iter().map(ToString::to_string).collect()))
     }
 
     // --- Kubernetes API proxy: CI tokens ---

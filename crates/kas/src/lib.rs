@@ -79,6 +79,8 @@ pub struct KasState {
     pub agent_configs: agent_config::AgentConfigs,
     pub tunnels: Arc<TunnelRegistry<u64>>,
     pub watchers: ProjectWatchers,
+    /// Reconcile-now requests per (agent, manifest project), which the manifest streams watch.
+    pub reconciles: manifests::reconcile::Reconciles,
     pub admin_token: Option<String>,
     /// The dashboard's read-only credential (`viewer_token_file`).
     pub viewer_token: Option<String>,
@@ -203,6 +205,7 @@ pub async fn start_with(
         agent_configs: agent_config::AgentConfigs::default(),
         tunnels: Arc::new(TunnelRegistry::default()),
         watchers: ProjectWatchers::new(repos, config.git.poll_period),
+        reconciles: Default::default(),
         admin_token: config.read_admin_token()?,
         viewer_token: config.read_viewer_token()?,
         webhook_secret: config.read_webhook_secret()?,

@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use gitops_config::{ServerConfig, server::LogFormat};
-use kas::cli::AdminClient;
+use kas::cli::{
+    AdminClient,
+    output::{self, Format},
+    views,
+};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +50,36 @@ enum Command {
         #[command(subcommand)]
         command: CiTokenCommand,
     },
+    /// Show agents, their syncs and objects, like `kubectl get` (a table unless `-o json|yaml`).
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// table (default), json or yaml.
+        #[arg(short, long, value_enum, default_value_t = Format::Table, global = true)]
+        output: Format,
+        #[command(subcommand)]
+        what: GetCommand,
+    },
+    /// Sync now: kas reads the agent's manifest projects from Git at once and the agent applies them and
+    /// puts back drift, even if the commit did not change.
+    Reconcile {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        #[arg(long)]
+        agent: String,
+        /// Only this manifest project (default: every one the agent syncs).
+        #[arg(long)]
+        project: Option<String>,
+        /// Wait for the agent's report of the sync and print it; fail unless every project synced.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "2m", value_parser = humantime_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print a shell completion script: `kas completion bash > /etc/bash_completion.d/kas`.
+    Completion { shell: clap_complete::Shell },
     /// Print a kubeconfig for the Kubernetes API proxy: one context per agent.
     Kubeconfig {
         #[command(flatten)]
@@ -56,6 +90,37 @@ enum Command {
         /// A kas CI token (`kasci_…`) or a personal access token of the Git server.
         #[arg(long, env = "KAS_PROXY_TOKEN", hide_env_values = true)]
         token: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GetCommand {
+    /// Every agent (or those of one configuration project).
+    Agents {
+        /// Only agents whose configuration lives in this project.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// One agent, then the last sync of each of its manifest projects.
+    Agent {
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        id: String,
+    },
+    /// The last sync of each manifest project, per agent.
+    Syncs {
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this manifest project.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Every object of the last syncs, with its result and health.
+    Objects {
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this manifest project.
+        #[arg(long)]
+        project: Option<String>,
     },
 }
 
@@ -144,6 +209,13 @@ enum TokenCommand {
     Revoke {
         id: String,
     },
+    /// Lists agent tokens (never their secrets), of one agent or all.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 }
 
 #[tokio::main]
@@ -189,7 +261,30 @@ async fn main() -> anyhow::Result<()> {
                     client.revoke_token(&id).await?;
                     eprintln!("token {id} revoked");
                 }
+                TokenCommand::List { agent, output } => {
+                    let agents = client.agents_detail(agent.as_deref(), false).await?;
+                    let tokens = views::tokens(&agents);
+                    print_records(&tokens, output, "No tokens found.", |t| {
+                        views::tokens_table(t, std::time::SystemTime::now())
+                    })?;
+                }
             }
+            Ok(())
+        }
+        Command::Get { api, output, what } => get(api.client()?, output, what).await,
+        Command::Reconcile {
+            api,
+            agent,
+            project,
+            wait,
+            timeout,
+        } => {
+            let client = api.client()?;
+            let wait = wait.then_some(timeout);
+            reconcile(&client, &agent, project.as_deref(), wait).await
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "kas", &mut std::io::stdout());
             Ok(())
         }
         Command::CiToken { api, command } => {
@@ -230,6 +325,143 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kas get …`: one GraphQL query for the agents in question, then records and their table.
+async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now();
+    match what {
+        GetCommand::Agents { project } => {
+            let mut agents = client.agents_detail(None, false).await?;
+            if let Some(project) = project {
+                agents.retain(|a| a["projectPath"] == project.as_str());
+            }
+            print_records(&agents, format, "No agents found.", |a| {
+                views::agents_table(a, now)
+            })
+        }
+        GetCommand::Agent { id } => {
+            let agents = client.agents_detail(Some(&id), true).await?;
+            if format != Format::Table {
+                return print_value(&agents[0], format);
+            }
+            print!("{}", views::agents_table(&agents, now).render(""));
+            println!();
+            let syncs = views::syncs(&agents, None);
+            print!(
+                "{}",
+                views::syncs_table(&syncs, now).render("No manifest projects.")
+            );
+            Ok(())
+        }
+        GetCommand::Syncs { agent, project } => {
+            let agents = client.agents_detail(agent.as_deref(), true).await?;
+            let syncs = views::syncs(&agents, project.as_deref());
+            print_records(&syncs, format, "No syncs found.", |s| {
+                views::syncs_table(s, now)
+            })
+        }
+        GetCommand::Objects { agent, project } => {
+            let agents = client.agents_detail(agent.as_deref(), true).await?;
+            let objects = views::objects_of(&agents, project.as_deref());
+            print_records(&objects, format, "No objects found.", views::objects_table)
+        }
+    }
+}
+
+/// `kas reconcile`: asks, then with `wait` waits until every project's report count grew (a sync finished
+/// after the request) and prints those syncs.
+async fn reconcile(
+    client: &AdminClient,
+    agent: &str,
+    project: Option<&str>,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let reports = |agents: &[serde_json::Value]| -> std::collections::BTreeMap<String, u64> {
+        views::syncs(agents, project)
+            .iter()
+            .map(|s| {
+                let project = s["projectId"].as_str().unwrap_or_default().to_owned();
+                (project, s["reportsReceived"].as_u64().unwrap_or(0))
+            })
+            .collect()
+    };
+    let before = match wait {
+        Some(_) => reports(&client.agents_detail(Some(agent), false).await?),
+        None => Default::default(),
+    };
+    client.reconcile(agent, project).await?;
+    let what = project.map_or("its manifest projects".to_owned(), |p| {
+        format!("project {p}")
+    });
+    eprintln!("agent {agent}: {what} read from Git; the agent is syncing now");
+    let Some(timeout) = wait else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let agents = loop {
+        let agents = client.agents_detail(Some(agent), true).await?;
+        let now = reports(&agents);
+        if !before.is_empty() && before.iter().all(|(p, n)| now.get(p) > Some(n)) {
+            break agents;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "agent {agent}: no sync reported within {}; see `kas get syncs --agent {agent}`",
+            humantime::format_duration(timeout)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let syncs = views::syncs(&agents, project);
+    print!(
+        "{}",
+        views::syncs_table(&syncs, std::time::SystemTime::now()).render("")
+    );
+    let unsynced: Vec<String> = syncs
+        .iter()
+        .filter(|s| s["lastSync"]["outcome"] != "synced")
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s["projectId"].as_str().unwrap_or_default(),
+                s["lastSync"]["outcome"].as_str().unwrap_or("no sync")
+            )
+        })
+        .collect();
+    anyhow::ensure!(
+        unsynced.is_empty(),
+        "agent {agent}: not synced: {}",
+        unsynced.join(", ")
+    );
+    Ok(())
+}
+
+fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// The records as a table, or as JSON / YAML.
+fn print_records(
+    records: &[serde_json::Value],
+    format: Format,
+    empty: &str,
+    table: impl FnOnce(&[serde_json::Value]) -> output::Table,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            print!("{}", table(records).render(empty));
+            Ok(())
+        }
+        _ => print_value(&serde_json::Value::Array(records.to_vec()), format),
+    }
+}
+
+fn print_value(value: &serde_json::Value, format: Format) -> anyhow::Result<()> {
+    print!(
+        "{}",
+        output::serialize(value, format).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
 }
 
 impl ApiArgs {

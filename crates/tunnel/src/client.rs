@@ -12,10 +12,13 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+use hyper_util::{
+    client::{legacy::connect::proxy::Tunnel, proxy::matcher::Matcher},
+    rt::TokioIo,
+};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
@@ -25,6 +28,7 @@ use tonic::{
     service::Interceptor,
     transport::{Channel, Endpoint},
 };
+use tower::ServiceExt;
 
 use crate::{Error, KasAddress, Scheme, WEBSOCKET_SUBPROTOCOL, io::MessageIo};
 
@@ -34,7 +38,7 @@ pub struct ClientConfig {
     pub address: KasAddress,
     /// The agent token; sent as `authorization: Bearer ...` on every call and in the WebSocket handshake.
     pub token: String,
-    /// PEM bundle of extra CAs to trust besides the public roots.
+    /// PEM bundle of extra CAs to trust besides the system's roots (`--kas-ca-cert-file`).
     pub ca_file: Option<PathBuf>,
     /// Verify kas's certificate for this name instead of the address's host.
     pub tls_server_name: Option<String>,
@@ -43,8 +47,10 @@ pub struct ClientConfig {
     /// HTTP/2 pings on an otherwise idle connection; keep it below any load balancer's idle timeout.
     pub keepalive: Duration,
     pub connect_timeout: Duration,
-    /// For ws/wss only: an `http://host:port` proxy reached with CONNECT (from `HTTPS_PROXY`).
-    pub proxy: Option<String>,
+    /// Which proxy, if any, to reach kas through with HTTP CONNECT, for every scheme: curl's rules, as
+    /// [`ClientConfig::proxy_from_env`] reads them (`HTTPS_PROXY` or `ALL_PROXY`, `NO_PROXY` with
+    /// domains, IPs and CIDR ranges; lower-case names too). The proxy may be `http://` or `https://`.
+    pub proxy: Option<Arc<Matcher>>,
     /// Sent as `x-agentk-version`.
     pub agent_version: String,
 }
@@ -66,7 +72,7 @@ impl std::fmt::Debug for ClientConfig {
                     .collect::<Vec<_>>(),
             )
             .field("keepalive", &self.keepalive)
-            .field("proxy", &self.proxy.as_deref().map(redact))
+            .field("proxy", &self.proxy.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -86,26 +92,16 @@ impl ClientConfig {
         }
     }
 
-    /// `HTTPS_PROXY` (or `https_proxy`) unless `NO_PROXY` lists the host, for WebSocket addresses.
+    /// The proxy from the environment, as curl reads it. kas is matched as `https://<host>:<port>`
+    /// whatever the scheme (as grpc-go does): the connection always goes through a CONNECT tunnel, so
+    /// `HTTP_PROXY`, meant for forwarding plain requests, is not used.
     pub fn proxy_from_env(&mut self) {
-        if !self.address.scheme.is_websocket() {
-            return;
-        }
-        let var = |name: &str| {
-            std::env::var(name)
-                .or_else(|_| std::env::var(name.to_lowercase()))
-                .ok()
-        };
-        let proxy = var("HTTPS_PROXY").filter(|p| !p.is_empty());
-        let no_proxy = var("NO_PROXY").unwrap_or_default();
-        let host = &self.address.host;
-        let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
-            entry == "*"
-                || (!entry.is_empty()
-                    && (host == entry
-                        || host.ends_with(&format!(".{}", entry.trim_start_matches('.')))))
-        });
-        self.proxy = if excluded { None } else { proxy };
+        self.proxy = Some(Arc::new(Matcher::from_env()));
+    }
+
+    /// Always through `proxy` (`http://[user:password@]host:port` or `https://…`), e.g. for tests.
+    pub fn proxy_via(&mut self, proxy: &str) {
+        self.proxy = Some(Arc::new(Matcher::builder().all(proxy.to_owned()).build()));
     }
 
     /// Everything fallible about the configuration, checked once before the first dial.
@@ -129,13 +125,56 @@ impl ClientConfig {
         let server_name = ServerName::try_from(server_name.clone())
             .map_err(|e| Error::Tls(format!("invalid TLS server name {server_name:?}: {e}")))?;
         let headers: HeaderMap = self.validated_headers()?.into_iter().collect();
+        let proxy = self.proxy_route()?;
         Ok(Connector(Arc::new(ConnectorInner {
             address: self.address.clone(),
             tls,
             server_name,
             handshake_headers: headers,
-            proxy: self.proxy.clone(),
+            proxy,
         })))
+    }
+
+    /// Whether kas is reached through a proxy, decided once: the address does not change.
+    fn proxy_route(&self) -> Result<Option<ProxyRoute>, Error> {
+        let Some(matcher) = &self.proxy else {
+            return Ok(None);
+        };
+        let target: Uri = format!("https://{}", self.address.authority())
+            .parse()
+            .map_err(|e| Error::Proxy {
+                proxy: String::new(),
+                reason: format!("kas address {} as a URI: {e}", self.address),
+            })?;
+        let Some(intercept) = matcher.intercept(&target) else {
+            return Ok(None);
+        };
+        let proxy = intercept.uri().clone();
+        let shown = redact(&proxy.to_string());
+        let tls = match proxy.scheme_str() {
+            Some("http") => None,
+            // TLS to the proxy itself, verified against the same roots as kas.
+            Some("https") => Some(TlsConnector::from(Arc::new(self.rustls_config(false)?))),
+            other => {
+                return Err(Error::Proxy {
+                    proxy: shown,
+                    reason: format!(
+                        "unsupported proxy scheme {:?}: use http:// or https://",
+                        other.unwrap_or("")
+                    ),
+                });
+            }
+        };
+        Ok(Some(ProxyRoute {
+            auth: intercept.basic_auth().cloned(),
+            dial: ProxyDialer {
+                tls,
+                shown: shown.clone(),
+            },
+            proxy,
+            target,
+            shown,
+        }))
     }
 
     /// Headers for every call: the credential, the version, the extras.
@@ -185,31 +224,53 @@ impl ClientConfig {
     }
 
     fn tls_connector(&self) -> Result<TlsConnector, Error> {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        Ok(TlsConnector::from(Arc::new(self.rustls_config(true)?)))
+    }
+
+    /// The trust roots: the system's (as `rustls-native-certs` finds them, honouring `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR`) plus `ca_file`'s. `to_kas`: ALPN for kas (h2, or HTTP/1.1 for a WebSocket), else
+    /// HTTP/1.1 for a proxy.
+    fn rustls_config(&self, to_kas: bool) -> Result<rustls::ClientConfig, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        for error in &native.errors {
+            tracing::warn!(error = %error, "reading the system's trust roots");
+        }
+        tracing::debug!(added, ignored, "system trust roots");
         if let Some(path) = &self.ca_file {
-            let pem = std::fs::read(path).map_err(|source| Error::File {
-                path: path.display().to_string(),
-                source,
-            })?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+            let shown = path.display().to_string();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| Error::Tls(format!("{shown}: {e}")))?;
+            let mut found = 0;
+            for cert in certs {
+                let cert = cert.map_err(|e| Error::Tls(format!("{shown}: {e}")))?;
                 roots
                     .add(cert)
-                    .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+                    .map_err(|e| Error::Tls(format!("{shown}: {e}")))?;
+                found += 1;
             }
+            if found == 0 {
+                return Err(Error::Tls(format!("{shown}: no PEM certificate in it")));
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::Tls(
+                "no trust roots: the system store is empty (set SSL_CERT_FILE or SSL_CERT_DIR, or install CA \
+                 certificates) and no --kas-ca-cert-file was given"
+                    .into(),
+            ));
         }
         let mut config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // gRPC needs HTTP/2 end to end; a WebSocket handshake is HTTP/1.1.
-        config.alpn_protocols = if self.address.scheme.is_websocket() {
-            vec![b"http/1.1".to_vec()]
-        } else {
+        // gRPC needs HTTP/2 end to end; a WebSocket handshake and a CONNECT are HTTP/1.1.
+        config.alpn_protocols = if to_kas && !self.address.scheme.is_websocket() {
             vec![b"h2".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
         };
-        Ok(TlsConnector::from(Arc::new(config)))
+        Ok(config)
     }
 
     /// A channel that dials lazily and redials after a failure.
@@ -264,7 +325,101 @@ struct ConnectorInner {
     tls: Option<TlsConnector>,
     server_name: ServerName<'static>,
     handshake_headers: HeaderMap,
-    proxy: Option<String>,
+    proxy: Option<ProxyRoute>,
+}
+
+/// The proxy kas is reached through, with what the CONNECT request needs.
+struct ProxyRoute {
+    proxy: Uri,
+    /// `Proxy-Authorization: Basic …` from the proxy URL's user info.
+    auth: Option<HeaderValue>,
+    /// `https://<kas host>:<port>`: the CONNECT target.
+    target: Uri,
+    dial: ProxyDialer,
+    /// The proxy URL without its password, for errors.
+    shown: String,
+}
+
+impl ProxyRoute {
+    /// A byte stream to kas through the proxy's CONNECT tunnel (hyper-util's `Tunnel`).
+    async fn connect(&self) -> Result<BoxIo, Error> {
+        let mut tunnel = Tunnel::new(self.proxy.clone(), self.dial.clone());
+        if let Some(auth) = &self.auth {
+            tunnel = tunnel.with_auth(auth.clone());
+        }
+        let io = tunnel
+            .oneshot(self.target.clone())
+            .await
+            .map_err(|e| Error::Proxy {
+                proxy: self.shown.clone(),
+                reason: error_chain(&e),
+            })?;
+        Ok(io.into_inner())
+    }
+}
+
+/// `e` and its sources, so "tunnel error: ..." says what failed underneath.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Dials the proxy itself: TCP, then TLS for an `https://` proxy.
+#[derive(Clone)]
+struct ProxyDialer {
+    tls: Option<TlsConnector>,
+    shown: String,
+}
+
+impl tower::Service<Uri> for ProxyDialer {
+    type Response = TokioIo<BoxIo>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, proxy: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let failed = |reason: String| Error::Proxy {
+                proxy: this.shown.clone(),
+                reason,
+            };
+            let host = proxy.host().ok_or_else(|| failed("no host".into()))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = proxy
+                .port_u16()
+                .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
+            let tcp = TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            tcp.set_nodelay(true).ok();
+            let io: BoxIo = match &this.tls {
+                None => Box::new(tcp),
+                Some(tls) => {
+                    let name = ServerName::try_from(host.clone())
+                        .map_err(|e| failed(format!("TLS name {host:?}: {e}")))?;
+                    Box::new(
+                        tls.connect(name, tcp)
+                            .await
+                            .map_err(|e| failed(format!("TLS to the proxy: {e}")))?,
+                    )
+                }
+            };
+            Ok(TokioIo::new(io))
+        })
+    }
 }
 
 /// Any byte stream the connector produced.
@@ -283,7 +438,14 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let inner = self.0.clone();
-        Box::pin(async move { inner.dial().await.map(TokioIo::new) })
+        Box::pin(async move {
+            // tonic reports a failed dial as "transport error" alone: say here what failed.
+            inner
+                .dial()
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "dialling kas failed"))
+                .map(TokioIo::new)
+        })
     }
 }
 
@@ -297,16 +459,19 @@ impl Connector {
 impl ConnectorInner {
     async fn dial(&self) -> Result<BoxIo, Error> {
         let address = self.address.to_string();
-        let tcp = match &self.proxy {
-            Some(proxy) => connect_via_proxy(proxy, &self.address.authority()).await?,
-            None => TcpStream::connect(self.address.authority())
-                .await
-                .map_err(|source| Error::Connect {
-                    address: address.clone(),
-                    source,
-                })?,
+        let tcp: BoxIo = match &self.proxy {
+            Some(route) => route.connect().await?,
+            None => {
+                let tcp = TcpStream::connect(self.address.authority())
+                    .await
+                    .map_err(|source| Error::Connect {
+                        address: address.clone(),
+                        source,
+                    })?;
+                tcp.set_nodelay(true).ok();
+                Box::new(tcp)
+            }
         };
-        tcp.set_nodelay(true).ok();
         let stream: BoxIo = match &self.tls {
             Some(tls) => Box::new(tls.connect(self.server_name.clone(), tcp).await.map_err(
                 |source| Error::Connect {
@@ -360,64 +525,6 @@ impl ConnectorInner {
         }
         Ok(Box::new(MessageIo::websocket(ws)))
     }
-}
-
-/// An HTTP CONNECT tunnel through `proxy` (`http://host:port`, optionally `user:pass@`).
-async fn connect_via_proxy(proxy: &str, target: &str) -> Result<TcpStream, Error> {
-    let proxy_err = |reason: String| Error::Proxy {
-        proxy: redact(proxy),
-        reason,
-    };
-    let uri: Uri = proxy
-        .parse()
-        .map_err(|e| proxy_err(format!("not a URL: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(proxy_err("only http:// proxies are supported".into()));
-    }
-    let authority = uri.authority().ok_or_else(|| proxy_err("no host".into()))?;
-    let host_port = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let mut tcp = TcpStream::connect(&host_port)
-        .await
-        .map_err(|e| proxy_err(e.to_string()))?;
-    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
-        use base64::Engine;
-        let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo);
-        request.push_str(&format!("Proxy-Authorization: Basic {encoded}\r\n"));
-    }
-    request.push_str("\r\n");
-    tcp.write_all(request.as_bytes())
-        .await
-        .map_err(|e| proxy_err(e.to_string()))?;
-    let mut reader = BufReader::new(&mut tcp);
-    let mut status = String::new();
-    reader
-        .read_line(&mut status)
-        .await
-        .map_err(|e| proxy_err(e.to_string()))?;
-    if !(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")) {
-        return Err(proxy_err(format!("CONNECT refused: {}", status.trim())));
-    }
-    loop {
-        let mut line = String::new();
-        let n = reader
-            .read_line(&mut line)
-            .await
-            .map_err(|e| proxy_err(e.to_string()))?;
-        if n == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    if !reader.buffer().is_empty() {
-        return Err(proxy_err(
-            "proxy sent data before the tunnel was established".into(),
-        ));
-    }
-    Ok(tcp)
 }
 
 /// A proxy URL without its password, for errors.

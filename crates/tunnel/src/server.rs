@@ -221,12 +221,19 @@ pub fn http1_tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor
 }
 
 fn acceptor(cert_pem: &[u8], key_pem: &[u8], alpn: Vec<Vec<u8>>) -> Result<TlsAcceptor, Error> {
-    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls(format!("certificate: {e}")))?;
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| Error::Tls(format!("private key: {e}")))?
-        .ok_or_else(|| Error::Tls("no private key in key file".into()))?;
+    if certs.is_empty() {
+        return Err(Error::Tls("no certificate in the certificate file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            Error::Tls("no private key in key file".into())
+        }
+        e => Error::Tls(format!("private key: {e}")),
+    })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

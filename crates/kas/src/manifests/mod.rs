@@ -2,6 +2,7 @@
 //! commit its `ref` names, streamed to agentk as complete snapshots whenever that commit changes.
 
 pub mod access;
+pub mod reconcile;
 pub mod report;
 pub mod request;
 pub mod select;

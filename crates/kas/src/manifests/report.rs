@@ -151,6 +151,9 @@ impl GitopsStatus for GitopsStatusService {
             .store
             .set_sync_record(identity.agent_id, &project_id, &record)
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.state
+            .reconciles
+            .reported(identity.agent_id, &project_id);
         Ok(Response::new(SyncReportAck {}))
     }
 }

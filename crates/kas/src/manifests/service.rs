@@ -4,8 +4,8 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use gitops_protocol::{
-    ManifestFile, ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, SnapshotError,
-    SnapshotHeader, SnapshotTrailer,
+    ManifestFile, ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, ReconcileRequest,
+    SnapshotError, SnapshotHeader, SnapshotTrailer,
     manifest_delivery_server::{ManifestDelivery, ManifestDeliveryServer},
     objects_to_synchronize_response::Message,
 };
@@ -91,12 +91,16 @@ impl ManifestDelivery for ManifestDeliveryService {
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let (tx, rx) = mpsc::channel(16);
         let state = self.state.clone();
+        let reconcile = state
+            .reconciles
+            .subscribe(identity.agent_id, &selection.project);
         let stream = ManifestStream {
             identity,
             selection,
             revoked,
             config,
             grants,
+            reconcile,
             _tracker: tracker,
             _guard: guard,
         };
@@ -211,6 +215,8 @@ struct ManifestStream {
     revoked: CancellationToken,
     config: watch::Receiver<TrackedConfig>,
     grants: watch::Receiver<u64>,
+    /// Reconcile requests for this agent and project (see [`super::reconcile`]).
+    reconcile: watch::Receiver<u64>,
     _tracker: Arc<ConfigTracker>,
     _guard: StreamGuard,
 }
@@ -264,6 +270,8 @@ impl ManifestStream {
         let mut updates = watcher.subscribe();
         // Digest of the files last sent: a push that changed nothing this agent selects does not wake it.
         let mut last_digest: Option<[u8; 32]> = None;
+        // The reconcile requests served: those made before the stream opened count as served.
+        let mut reconciled = *self.reconcile.borrow();
         loop {
             let current = updates.borrow_and_update().clone();
             self.config.borrow_and_update();
@@ -323,11 +331,20 @@ impl ManifestStream {
                     }
                 }
             }
+            // After any delivery above: a reconcile re-read Git first, so a newer snapshot goes out before it.
+            let requested = *self.reconcile.borrow_and_update();
+            if requested != reconciled {
+                reconciled = requested;
+                if !self.ask_to_reconcile(&stream, &tx).await {
+                    return;
+                }
+            }
             if tx.is_closed() {
                 return;
             }
             tokio::select! {
                 changed = updates.changed() => if changed.is_err() { return },
+                changed = self.reconcile.changed() => if changed.is_err() { return },
                 changed = self.config.changed() => if changed.is_err() { return },
                 changed = self.grants.changed() => if changed.is_err() { return },
                 _ = tx.closed() => return,
@@ -337,6 +354,19 @@ impl ManifestStream {
                 }
             }
         }
+    }
+
+    /// Sends a `ReconcileRequest` when the agent has a snapshot to sync; false when the agent went away.
+    async fn ask_to_reconcile(&self, stream: &StreamState, tx: &Sender) -> bool {
+        if stream.last_sent.is_empty() {
+            info!("reconcile requested, but the agent has no snapshot of this project yet");
+            return true;
+        }
+        info!(commit_id = %stream.last_sent, "asking the agent to sync now");
+        let request = Message::Reconcile(ReconcileRequest {
+            commit_id: stream.last_sent.clone(),
+        });
+        tx.send(message(request)).await.is_ok()
     }
 
     /// Records and sends `error`; false when the agent went away.

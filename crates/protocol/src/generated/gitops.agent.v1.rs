@@ -195,7 +195,7 @@ pub mod path_selector {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ObjectsToSynchronizeResponse {
-    #[prost(oneof = "objects_to_synchronize_response::Message", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "objects_to_synchronize_response::Message", tags = "1, 2, 3, 4, 5")]
     pub message: ::core::option::Option<objects_to_synchronize_response::Message>,
 }
 /// Nested message and enum types in `ObjectsToSynchronizeResponse`.
@@ -212,7 +212,18 @@ pub mod objects_to_synchronize_response {
         /// agentk keeps what it has applied and prunes nothing.
         #[prost(message, tag = "4")]
         Error(super::SnapshotError),
+        /// Sync now (GraphQL `clusterAgentReconcile`): agentk runs a full sync of its newest snapshot, apply and
+        /// drift check, even when the commit did not change. kas sends it after it has re-read the project from
+        /// Git, so a newer snapshot, if there is one, comes first. Agents that predate it skip it.
+        #[prost(message, tag = "5")]
+        Reconcile(super::ReconcileRequest),
     }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReconcileRequest {
+    /// The commit kas knows for this entry (the newest snapshot it sent, or the agent's own); informative.
+    #[prost(string, tag = "1")]
+    pub commit_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SnapshotHeader {

@@ -1,5 +1,9 @@
-//! The admin operations from the command line: `kas agent ...` and `kas token ...` send the same GraphQL
-//! documents as the explorer to a running kas, with the admin credential.
+//! The admin operations from the command line: `kas agent ...`, `kas token ...`, `kas get ...` and `kas
+//! reconcile` send the same GraphQL documents as the explorer to a running kas, with the admin credential.
+//! [`views`] turns the answers into records, [`output`] prints them as a table, JSON or YAML.
+
+pub mod output;
+pub mod views;
 
 use serde_json::{Value, json};
 
@@ -234,5 +238,60 @@ impl AdminClient {
             )
             .await?;
         Ok(data["clusterAgents"].clone())
+    }
+
+    /// What `kas get` shows, for every agent (or one): connections, configuration, manifest projects with
+    /// their last sync, tokens; with `objects`, every object of the last syncs too (they can be many).
+    pub async fn agents_detail(
+        &self,
+        agent_id: Option<&str>,
+        objects: bool,
+    ) -> Result<Vec<Value>, CliError> {
+        let objects = if objects {
+            "objects { resourceKey source result health message }"
+        } else {
+            ""
+        };
+        let fields = format!(
+            "id name projectPath createdAt connected connections {{ connectedAt agentVersion podNamespace podName }} configStatus {{ commitId error updatedAt }} manifestProjects {{ projectId commitSeen commitSent error updatedAt reportsReceived lastSync {{ commitSeen commitApplied finishedAt outcome message {objects} }} }} tokens {{ id name description createdAt revoked revokedAt }}"
+        );
+        match agent_id {
+            Some(id) => {
+                let data = self
+                    .execute(
+                        &format!("query($a: ID!) {{ clusterAgent(id: $a) {{ {fields} }} }}"),
+                        json!({ "a": id }),
+                    )
+                    .await?;
+                match &data["clusterAgent"] {
+                    Value::Null => Err(CliError::Failed(format!("agent {id} does not exist"))),
+                    agent => Ok(vec![agent.clone()]),
+                }
+            }
+            None => {
+                let data = self
+                    .execute(&format!("{{ clusterAgents {{ {fields} }} }}"), json!({}))
+                    .await?;
+                Ok(data["clusterAgents"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default())
+            }
+        }
+    }
+
+    /// `clusterAgentReconcile`: kas reads the agent's projects (or `project`) from Git now and the agent
+    /// syncs them, even at the same commit.
+    pub async fn reconcile(
+        &self,
+        agent_id: &str,
+        project: Option<&str>,
+    ) -> Result<Value, CliError> {
+        self.mutate(
+            "clusterAgentReconcile",
+            "mutation($a: ID!, $p: String) { clusterAgentReconcile(input: {clusterAgentId: $a, projectPath: $p}) { errors } }",
+            json!({ "a": agent_id, "p": project }),
+        )
+        .await
     }
 }
