@@ -320,6 +320,8 @@ pub struct KasEndpoints {
     pub api_port: u16,
     pub agent_port: u16,
     pub proxy_port: u16,
+    /// `/metrics`, `/livez`, `/readyz`.
+    pub observability_port: u16,
 }
 
 impl KasEndpoints {
@@ -328,7 +330,12 @@ impl KasEndpoints {
             api_port: free_port()?,
             agent_port: free_port()?,
             proxy_port: free_port()?,
+            observability_port: free_port()?,
         })
+    }
+
+    pub fn observability_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.observability_port)
     }
 
     pub fn api_url(&self) -> String {
@@ -347,6 +354,8 @@ pub struct Kas {
     pub endpoints: KasEndpoints,
     pub admin: AdminClient,
     pub admin_token_file: PathBuf,
+    /// The dashboard's read-only token (`viewer_token_file`).
+    pub viewer_token_file: PathBuf,
     pub webhook_secret: String,
     pub config_file: PathBuf,
 }
@@ -367,6 +376,8 @@ impl Kas {
         let webhook_secret = random_secret();
         let admin_token_file = kas_dir.join("admin-token");
         write_secret(&admin_token_file, &admin_token)?;
+        let viewer_token_file = kas_dir.join("viewer-token");
+        write_secret(&viewer_token_file, &random_secret())?;
         write_secret(&kas_dir.join("webhook-secret"), &webhook_secret)?;
         write_secret(&kas_dir.join("git-password"), &env.gitea.admin_password)?;
         let cert = rcgen::generate_simple_self_signed(vec![
@@ -382,10 +393,11 @@ impl Kas {
         std::fs::write(
             &config_file,
             format!(
-                "listen:\n  agent: 127.0.0.1:{agent}\n  api: 127.0.0.1:{api}\n  k8s_proxy: 127.0.0.1:{proxy}\n  k8s_proxy_tls:\n    cert_file: {d}/proxy.crt\n    key_file: {d}/proxy.key\ndata_dir: {d}/data\nadmin_token_file: {d}/admin-token\ngit:\n  base_url: {git}\n  username: {user}\n  password_file: {d}/git-password\n  poll_period: {poll_period}\nwebhooks:\n  secret_file: {d}/webhook-secret\nlogging:\n  level: info\n  format: text\n",
+                "listen:\n  agent: 127.0.0.1:{agent}\n  api: 127.0.0.1:{api}\n  k8s_proxy: 127.0.0.1:{proxy}\n  observability: 127.0.0.1:{observability}\n  k8s_proxy_tls:\n    cert_file: {d}/proxy.crt\n    key_file: {d}/proxy.key\ndata_dir: {d}/data\nadmin_token_file: {d}/admin-token\nviewer_token_file: {d}/viewer-token\ngit:\n  base_url: {git}\n  username: {user}\n  password_file: {d}/git-password\n  poll_period: {poll_period}\nwebhooks:\n  secret_file: {d}/webhook-secret\nlogging:\n  level: info\n  format: text\n",
                 agent = endpoints.agent_port,
                 api = endpoints.api_port,
                 proxy = endpoints.proxy_port,
+                observability = endpoints.observability_port,
                 d = kas_dir.display(),
                 git = env.gitea.url,
                 user = env.gitea.admin_user,
@@ -413,9 +425,16 @@ impl Kas {
             endpoints,
             admin,
             admin_token_file,
+            viewer_token_file,
             webhook_secret,
             config_file,
         })
+    }
+
+    pub fn viewer_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.viewer_token_file)?
+            .trim()
+            .to_owned())
     }
 
     pub fn admin_token(&self) -> anyhow::Result<String> {

@@ -176,11 +176,9 @@ impl Summary<'_> {
             took,
         } = self;
         let api = kas.endpoints.api_url();
-        let dashboard_note = if dashboard_served(&api).await {
-            ""
-        } else {
-            "   (not served by this build of kas yet)"
-        };
+        ensure_served(&format!("{api}/dashboard")).await?;
+        let kas_health = kas.endpoints.observability_url();
+        ensure_served(&format!("{kas_health}/readyz")).await?;
         let kubectl = env.tools.kubectl.display();
         let kas_cli = sibling_binary("kas")?;
         let kas_cli = kas_cli.display();
@@ -194,10 +192,11 @@ impl Summary<'_> {
         "\
 The seed's world is up (agent {agent_id}, project {PROJECT}; set up in {took:.1?}).
 
-Dashboard         {api}/dashboard{dashboard_note}
-GraphQL explorer  {api}/-/graphql-explorer   (header  Authorization: Bearer <admin token>)
+Dashboard         {api}/dashboard   (log in with the viewer token to look, the admin token to act)
+GraphQL           {api}/dashboard#/query   (POST {api}/api/graphql with  Authorization: Bearer <token>)
 Admin token       {admin_token}
                   (also in {admin_token_file})
+Viewer token      {viewer_token}   (read-only)
 Gitea             {gitea_url}   login {gitea_user} / {gitea_password}
 Clone             git clone {clone_url}
 
@@ -206,9 +205,10 @@ Cluster           export KUBECONFIG={cluster_kubeconfig}
 Through kas       {kubectl} --kubeconfig {d}/kubeconfig-kas-proxy -n {NAMESPACE} get pods
                   (kubectl -> kas's proxy on TLS -> agentk's connection -> the cluster), made by
                   `kas ci-token create --project {PROJECT}` and `kas kubeconfig --agent {agent_id} --token …`
-kas CLI           KAS_API_URL={api} KAS_ADMIN_TOKEN_FILE={admin_token_file} {kas_cli} agent list
+kas CLI           KAS_API_URL={api} KAS_ADMIN_TOKEN_FILE={admin_token_file} {kas_cli} get agents
 agentk log        tail -f {d}/logs/agentk.log
 {observability}kas log           tail -f {d}/logs/kas.log
+kas health        {kas_health}/readyz   {kas_health}/metrics
 
 Try it: clone, set `replicas: 2` in {DEPLOYMENT_PATH}, commit and `git push`. Gitea's webhook tells kas at
 once; agentk logs `Applying resource Deployment/nginx-deployment ...` and `Cluster successfully synced`, and
@@ -223,6 +223,7 @@ State, pid files and logs: {d}
 Stop everything:          {down}
 ",
         admin_token = kas.admin_token()?,
+        viewer_token = kas.viewer_token()?,
         admin_token_file = kas.admin_token_file.display(),
         gitea_url = gitea.url,
         gitea_user = gitea.user,
@@ -234,9 +235,9 @@ Stop everything:          {down}
     }
 }
 
-/// Whether kas answers `/dashboard` (the page is another part of the project and may not be built in).
-async fn dashboard_served(api: &str) -> bool {
-    reqwest::get(format!("{api}/dashboard"))
-        .await
-        .is_ok_and(|r| r.status().is_success())
+/// The summary prints only URLs that answer.
+async fn ensure_served(url: &str) -> anyhow::Result<()> {
+    let status = reqwest::get(url).await?.status();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(())
 }
