@@ -2,6 +2,7 @@
 
 mod cluster;
 mod codegen;
+mod dist;
 mod fuzz;
 mod kubernetes_gomod;
 mod lint;
@@ -55,6 +56,20 @@ enum Command {
     Tools {
         #[command(subcommand)]
         action: ToolsAction,
+    },
+    /// Release builds of kas and agentk in `target/dist/` with `SHA256SUMS`.
+    Dist,
+    /// The kas and agentk images from `docker/Dockerfile` (needs a running Docker engine).
+    Image {
+        /// The container engine's command (`docker`, `podman`).
+        #[arg(long, default_value = "docker")]
+        engine: String,
+        /// Registry and owner of the image names: `<prefix>/kas:<version>`.
+        #[arg(long, default_value = dist::IMAGE_PREFIX)]
+        prefix: String,
+        /// Push the images after building them.
+        #[arg(long)]
+        push: bool,
     },
     /// The seed's scenario, locally: kas, a Git server, agent registration, agentk connecting.
     E2e,
@@ -157,6 +172,12 @@ fn main() -> anyhow::Result<ExitCode> {
             ToolsAction::Status => tools::print_status(),
             ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
         },
+        Command::Dist => dist::dist()?,
+        Command::Image {
+            engine,
+            prefix,
+            push,
+        } => dist::image(&engine, &prefix, push)?,
         Command::E2e => return scenarios::seed(),
         Command::Bench {
             which: BenchWhich::Agents { agents },
