@@ -27,6 +27,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         authentication::v1::{TokenRequest, TokenRequestSpec},
+        coordination::v1::Lease,
         core::v1::{ConfigMap, Container, PodSpec, Secret, ServiceAccount, Volume},
     },
 };
@@ -565,6 +566,65 @@ async fn wait_ok(url: &str, within: Duration) -> anyhow::Result<String> {
     bail!("{url} did not answer 200 within {within:?}; last: {last}")
 }
 
+/// Waits until a just-started process answers 200 at `url`; fails at once, with its exit status, when it
+/// exits first (its log, on stderr, says why: e.g. a configuration key it does not know).
+async fn wait_started(process: &mut Killed, what: &str, url: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = process.0.try_wait()? {
+            bail!("{what} exited with {status} before answering {url} (its log is above)");
+        }
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not answer {url} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The Kubernetes API proxy's port speaks TLS with the agent certificate when one is given (`ca`), and
+/// plain HTTP otherwise.
+async fn check_k8s_proxy_transport(
+    kas: &ContainerAsProcess,
+    ca: Option<&Path>,
+) -> anyhow::Result<()> {
+    let port = kas.port("k8s-proxy")?;
+    let kas_yaml = std::fs::read_to_string(kas.file("/etc/kas/config/kas.yaml"))?;
+    match ca {
+        Some(ca) => {
+            assert!(kas_yaml.contains("k8s_proxy_tls:"), "{kas_yaml}");
+            let root = reqwest::Certificate::from_pem(&std::fs::read(ca)?)?;
+            let client = reqwest::Client::builder()
+                .add_root_certificate(root)
+                .build()?;
+            // Any HTTP answer means the TLS handshake with the chart's certificate succeeded.
+            client
+                .get(format!("https://localhost:{port}/version"))
+                .send()
+                .await
+                .context("the proxy over https:// with the agent certificate")?;
+            ensure!(
+                reqwest::get(format!("http://127.0.0.1:{port}/version"))
+                    .await
+                    .is_err_and(|e| !e.is_status()),
+                "the proxy answered plain http although it has a certificate"
+            );
+        }
+        None => {
+            assert!(!kas_yaml.contains("k8s_proxy_tls"), "{kas_yaml}");
+            reqwest::get(format!("http://127.0.0.1:{port}/version"))
+                .await
+                .context("the plain proxy")?;
+        }
+    }
+    Ok(())
+}
+
 /// The chart's Deployment as the cluster holds it after `helm install`.
 async fn deployment(ns: &TestNamespace, name: &str) -> anyhow::Result<Deployment> {
     ns.api()
@@ -573,9 +633,50 @@ async fn deployment(ns: &TestNamespace, name: &str) -> anyhow::Result<Deployment
         .with_context(|| format!("Deployment {name}"))
 }
 
+/// Plain text: agentk dials `grpc://`; the Kubernetes API proxy is plain http (kubectl would send it no
+/// token; NOTES.txt says so).
 #[tokio::test]
 async fn installed_charts_run_as_processes_and_sync_the_seed() -> anyhow::Result<()> {
+    install_and_sync(Transport::Plain).await
+}
+
+/// `agentTls.secretName` given: kas serves the agent port with that certificate, agentk dials `wss://` and
+/// trusts it through `config.kasCaCert`, and the Kubernetes API proxy is served over TLS by default.
+#[tokio::test]
+async fn installed_charts_with_agent_tls_sync_over_wss_and_serve_the_proxy_over_tls()
+-> anyhow::Result<()> {
+    install_and_sync(Transport::Tls).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Transport {
+    Plain,
+    Tls,
+}
+
+/// A kubernetes.io/tls Secret `kas-tls` for `localhost` in `ns`; returns the certificate file (PEM), which
+/// is its own CA.
+fn create_tls_secret(ns: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&crt, cert.cert.pem())?;
+    std::fs::write(&key, cert.signing_key.serialize_pem())?;
+    let (crt_arg, key_arg) = (
+        format!("--cert={}", crt.display()),
+        format!("--key={}", key.display()),
+    );
+    kubectl(
+        &[
+            "create", "secret", "tls", "kas-tls", "-n", ns, &crt_arg, &key_arg,
+        ],
+        None,
+    )?;
+    Ok(crt)
+}
+
+async fn install_and_sync(transport: Transport) -> anyhow::Result<()> {
     let ns = TestNamespace::create("charts-run").await?;
+    let certs = tempfile::tempdir()?;
     let n = ns.name.clone();
     let gitea = Gitea::from_env();
     // A private project: kas must read it with the Git password from the chart's Secret.
@@ -601,42 +702,66 @@ async fn installed_charts_run_as_processes_and_sync_the_seed() -> anyhow::Result
     let kas_release = unique_name("kas");
     let admin_token = unique_name("admin");
     let state = &test_env().gitea;
-    helm(&[
+    let mut kas_values = format!(
+        "adminToken={admin_token},gitPassword={},git.username={},git.baseUrl={},git.pollPeriod=2s,logging.format=text",
+        state.admin_password, state.admin_user, state.url
+    );
+    let ca = match transport {
+        Transport::Plain => None,
+        Transport::Tls => {
+            kas_values.push_str(",agentTls.secretName=kas-tls");
+            Some(create_tls_secret(&n, certs.path())?)
+        }
+    };
+    let notes = helm(&[
         "install",
         &kas_release,
         "kas",
         "--namespace",
         &n,
         "--set",
-        &format!(
-            "adminToken={admin_token},gitPassword={},git.username={},git.baseUrl={},git.pollPeriod=2s,logging.format=text",
-            state.admin_password, state.admin_user, state.url
-        ),
+        &kas_values,
     ])?;
+    // NOTES.txt warns about clear text exactly when there is no certificate.
+    let warns = notes.contains("kubectl sends no bearer token")
+        && notes.contains("agent tokens cross it in clear");
+    assert_eq!(warns, transport == Transport::Plain, "{notes}");
     let kas_deployment = deployment(&ns, &format!("{kas_release}-kas")).await?;
     let kas_pod = ContainerAsProcess::from_deployment(&kas_deployment, &ns, "kas-0").await?;
     let stored_token = std::fs::read_to_string(kas_pod.file("/etc/kas/secrets/admin-token"))?;
     assert_eq!(stored_token, admin_token, "the admin token from the Secret");
-    let _kas = Killed(kas_pod.command("kas")?.spawn().context("starting kas")?);
+    let mut kas = Killed(kas_pod.command("kas")?.spawn().context("starting kas")?);
     let api = format!("http://127.0.0.1:{}", kas_pod.port("api")?);
-    wait_ok(&format!("{api}/healthz"), Duration::from_secs(30)).await?;
+    wait_started(&mut kas, "kas", &format!("{api}/healthz")).await?;
     let admin = kas::cli::AdminClient::new(&api, stored_token);
     let (_, _, agent_token) = e2e::register_agent(&admin, &repo.full_name).await?;
 
     // agentk: two replicas under the chart's ServiceAccount and least-privilege RBAC.
     let agentk_release = unique_name("agentk");
-    helm(&[
+    let agent_port = kas_pod.port("agent")?;
+    let address = match transport {
+        Transport::Plain => format!("grpc://127.0.0.1:{agent_port}"),
+        Transport::Tls => format!("wss://localhost:{agent_port}"),
+    };
+    let values = format!(
+        "config.token={agent_token},config.kasAddress={address},config.driftCheckInterval=0s"
+    );
+    let mut args = vec![
         "install",
         &agentk_release,
         "agentk",
         "--namespace",
         &n,
         "--set",
-        &format!(
-            "config.token={agent_token},config.kasAddress=grpc://127.0.0.1:{},config.driftCheckInterval=0s",
-            kas_pod.port("agent")?
-        ),
-    ])?;
+        &values,
+    ];
+    let ca_value = ca
+        .as_ref()
+        .map(|ca| format!("config.kasCaCert={}", ca.display()));
+    if let Some(ca_value) = &ca_value {
+        args.extend(["--set-file", ca_value]);
+    }
+    helm(&args)?;
     let agentk_deployment = deployment(&ns, &format!("{agentk_release}-agentk")).await?;
     let replicas = agentk_deployment
         .spec
@@ -680,6 +805,40 @@ async fn installed_charts_run_as_processes_and_sync_the_seed() -> anyhow::Result
         }
     })
     .await?;
+
+    check_k8s_proxy_transport(&kas_pod, ca.as_deref()).await?;
+    if let Some(ca) = &ca {
+        let (_, pod) = &agents[0];
+        assert_eq!(
+            std::fs::read_to_string(pod.file("/etc/agentk/ca/ca.crt"))?,
+            std::fs::read_to_string(ca)?,
+            "config.kasCaCert reaches agentk through the chart's ConfigMap"
+        );
+    }
+
+    // One replica leads, through the Lease the chart's Role lets it write (the holder is a pod name).
+    let pod_names: Vec<String> = (0..replicas)
+        .map(|r| format!("{agentk_release}-agentk-{r}"))
+        .collect();
+    let leases: Api<Lease> = ns.api();
+    let holders: Vec<String> = leases
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|l| l.spec.and_then(|s| s.holder_identity))
+        .collect();
+    assert!(
+        holders
+            .iter()
+            .any(|h| pod_names.iter().any(|p| h.contains(p.as_str()))),
+        "no Lease held by {pod_names:?}: {holders:?}"
+    );
+    for (agent, pod) in &mut agents {
+        if let Some(status) = agent.0.try_wait()? {
+            bail!("agentk with {:?} exited with {status}", pod.args);
+        }
+    }
 
     // The probes the charts declare answer on the ports they name (observability listeners).
     let kas_metrics = kas_pod.port("http-metrics")?;
