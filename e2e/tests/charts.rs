@@ -196,6 +196,23 @@ async fn rendered_charts_pass_server_side_dry_run_and_restricted_pod_security() 
         .with_context(|| format!("{chart}'s pod under Pod Security \"restricted\""))?;
         assert!(out.contains("created (server dry run)"), "{out}");
     }
+    // `agentk generate`'s Deployment too.
+    let generated = agentk::generate::manifests(&agentk::generate::InstallOptions {
+        namespace: n.clone(),
+        kas_address: "grpc://kas:8150".into(),
+        agent_token: "t".into(),
+        agent_version: agentk::generate::DEFAULT_IMAGE_TAG.into(),
+        image_repository: agentk::generate::DEFAULT_IMAGE_REPOSITORY.into(),
+        cluster_write: false,
+        impersonate: false,
+    });
+    let pod = pod_from_template(find(&documents(&generated)?, "Deployment")?, &n)?;
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&pod.to_string()),
+    )
+    .context("agentk generate's pod under Pod Security \"restricted\"")?;
+    assert!(out.contains("created (server dry run)"), "{out}");
     // The check has teeth: the same pod without its seccomp profile is refused.
     let rendered = helm(&[
         "template",
