@@ -60,6 +60,11 @@ Git anonymously.
 {{- else -}}
 {{- $_ := set $out "admin-token" (dict "secret" $inline "key" "admin-token" "value" (required "adminToken (or adminTokenSecretRef.name, or existingSecret) is required: the admin API's bearer token" $v.adminToken)) -}}
 {{- end -}}
+{{- if $v.viewerTokenSecretRef.name -}}
+{{- $_ := set $out "viewer-token" (dict "secret" $v.viewerTokenSecretRef.name "key" $v.viewerTokenSecretRef.key) -}}
+{{- else if $v.viewerToken -}}
+{{- $_ := set $out "viewer-token" (dict "secret" $inline "key" "viewer-token" "value" $v.viewerToken) -}}
+{{- end -}}
 {{- if $v.git.passwordSecretRef.name -}}
 {{- $_ := set $out "git-password" (dict "secret" $v.git.passwordSecretRef.name "key" $v.git.passwordSecretRef.key) -}}
 {{- else if and $v.existingSecret (not $v.git.anonymous) -}}
