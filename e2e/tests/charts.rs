@@ -326,6 +326,8 @@ fn monitors_point_at_the_observability_ports() -> anyhow::Result<()> {
 /// container's filesystem view). Each container port is moved to a free loopback port (its network
 /// namespace), in `0.0.0.0:<port>` and `:<port>` listen addresses.
 struct ContainerAsProcess {
+    /// From the image name: `ghcr.io/gitops-rs/kas:0.1.0` runs `kas`.
+    binary: String,
     root: tempfile::TempDir,
     /// Container port name -> the local port it listens on.
     ports: BTreeMap<String, u16>,
@@ -347,6 +349,13 @@ impl ContainerAsProcess {
         let [container] = spec.containers.as_slice() else {
             bail!("expected one container in {:?}", deployment.metadata.name);
         };
+        ensure!(
+            container.command.is_none(),
+            "the container overrides the image's entrypoint: {:?}",
+            container.command
+        );
+        let image = container.image.as_deref().context("container image")?;
+        let binary = image_binary(image)?;
         let root = tempfile::tempdir()?;
         let mut mounts = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
@@ -383,6 +392,7 @@ impl ContainerAsProcess {
             .map(|(k, v)| (k, rewrite(&v)))
             .collect();
         Ok(Self {
+            binary,
             root,
             ports: ports
                 .into_iter()
@@ -405,8 +415,10 @@ impl ContainerAsProcess {
         self.root.path().join(path.trim_start_matches('/'))
     }
 
-    fn command(&self, binary: &str) -> anyhow::Result<Command> {
-        let mut command = Command::new(sibling_binary(binary)?);
+    /// The image's entrypoint, run here as the binary of the same name built beside the tests (the
+    /// container sets no `command`, so the image's ENTRYPOINT would run with the container's args).
+    fn command(&self) -> anyhow::Result<Command> {
+        let mut command = Command::new(sibling_binary(&self.binary)?);
         command
             .args(&self.args)
             .env_clear()
@@ -414,6 +426,18 @@ impl ContainerAsProcess {
             .stdin(Stdio::null());
         Ok(command)
     }
+}
+
+/// The binary an image of this project runs: the last path segment of its repository (`ghcr.io/gitops-rs/kas`
+/// -> `kas`), which must be the project's image for it (the images are built from `docker/Dockerfile`).
+fn image_binary(image: &str) -> anyhow::Result<String> {
+    let (repository, tag) = image.rsplit_once(':').context("an image without a tag")?;
+    let binary = repository.rsplit('/').next().unwrap_or(repository);
+    ensure!(
+        repository == format!("ghcr.io/gitops-rs/{binary}") && tag == env!("CARGO_PKG_VERSION"),
+        "{image} is not the project's image at the crate version"
+    );
+    Ok(binary.to_owned())
 }
 
 /// Replaces the container's mount paths by their local copies and its listen ports by the local ones.
@@ -424,7 +448,7 @@ fn rewrite<'a>(
 ) -> String {
     let mut out = text.to_owned();
     for (container, local) in mounts {
-        out = out.replace(container.as_str(), local);
+        out = replace_path(&out, container, local);
     }
     for (container, local) in ports {
         out = out.replace(
@@ -436,6 +460,54 @@ fn rewrite<'a>(
         }
     }
     out
+}
+
+/// Replaces `from` where it starts a path (at the start, or after a space, `=`, `:` or a quote), so a mount
+/// path inside an already rewritten local path (`/tmp/x/etc/kas/...`) is left alone.
+fn replace_path(text: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(from) {
+        let before = match at {
+            0 => out.chars().next_back(),
+            _ => rest[..at].chars().next_back(),
+        };
+        let starts_path =
+            before.is_none_or(|c| c.is_whitespace() || matches!(c, '=' | ':' | '"' | '\''));
+        out.push_str(&rest[..at]);
+        out.push_str(if starts_path { to } else { from });
+        rest = &rest[at + from.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The stand-in's rewriting: mount paths where they start a path (never inside a local path already
+/// rewritten), `0.0.0.0:<port>` and `--flag=:<port>` listen addresses.
+#[test]
+fn rewriting_moves_paths_and_ports_once() {
+    let mounts = [
+        ("/etc/kas".to_owned(), "/tmp/r/etc/kas".to_owned()),
+        (
+            "/etc/kas/secrets".to_owned(),
+            "/tmp/r/etc/kas/secrets".to_owned(),
+        ),
+    ];
+    let ports = [(8080, 41000_u16), (8150, 41001)];
+    let rewrite = |text: &str| rewrite(text, &mounts, ports.iter());
+    assert_eq!(
+        rewrite("--config=/etc/kas/kas.yaml"),
+        "--config=/tmp/r/etc/kas/kas.yaml"
+    );
+    assert_eq!(
+        rewrite("admin_token_file: /etc/kas/secrets/admin-token\n  agent: 0.0.0.0:8150"),
+        "admin_token_file: /tmp/r/etc/kas/secrets/admin-token\n  agent: 127.0.0.1:41001"
+    );
+    assert_eq!(
+        rewrite("--observability-listen=:8080"),
+        "--observability-listen=127.0.0.1:41000"
+    );
+    assert_eq!(rewrite("--keepalive=10s"), "--keepalive=10s");
 }
 
 fn rewrite_files(dir: &Path, rewrite: &impl Fn(&str) -> String) -> anyhow::Result<()> {
@@ -747,7 +819,7 @@ async fn install_and_sync(transport: Transport) -> anyhow::Result<()> {
     let kas_pod = ContainerAsProcess::from_deployment(&kas_deployment, &ns, "kas-0").await?;
     let stored_token = std::fs::read_to_string(kas_pod.file("/etc/kas/secrets/admin-token"))?;
     assert_eq!(stored_token, admin_token, "the admin token from the Secret");
-    let mut kas = Killed(kas_pod.command("kas")?.spawn().context("starting kas")?);
+    let mut kas = Killed(kas_pod.command()?.spawn().context("starting kas")?);
     let api = format!("http://127.0.0.1:{}", kas_pod.port("api")?);
     wait_started(&mut kas, "kas", &format!("{api}/healthz")).await?;
     let admin = kas::cli::AdminClient::new(&api, stored_token);
@@ -798,7 +870,7 @@ async fn install_and_sync(transport: Transport) -> anyhow::Result<()> {
         let pod = ContainerAsProcess::from_deployment(&agentk_deployment, &ns, &pod_name).await?;
         let kubeconfig = pod.root.path().join("kubeconfig");
         service_account_kubeconfig(&ns, &service_account, &kubeconfig).await?;
-        let mut command = pod.command("agentk")?;
+        let mut command = pod.command()?;
         command.env("KUBECONFIG", &kubeconfig);
         agents.push((Killed(command.spawn().context("starting agentk")?), pod));
     }
