@@ -37,27 +37,37 @@ fn host_triple() -> anyhow::Result<String> {
         .context("no `host:` line in rustc -vV")
 }
 
-/// `cargo xtask dist`.
-pub fn dist() -> anyhow::Result<()> {
+/// `cargo xtask dist [--target <triple>]`: for the host unless a target (installed with `rustup target
+/// add`) is named, e.g. `x86_64-unknown-linux-musl` for static binaries.
+pub fn dist(target: Option<&str>) -> anyhow::Result<()> {
     let root = crate::repo_root();
     let started = std::time::Instant::now();
-    eprintln!("==> dist: cargo build --release --locked -p kas -p agentk");
+    let mut args = vec![
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "kas",
+        "-p",
+        "agentk",
+    ];
+    if let Some(target) = target {
+        args.extend(["--target", target]);
+    }
+    eprintln!("==> dist: cargo {}", args.join(" "));
     let status = Command::new(cargo())
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "kas",
-            "-p",
-            "agentk",
-        ])
+        .args(&args)
         .current_dir(&root)
         .status()
         .context("running cargo build --release")?;
     ensure!(status.success(), "cargo build --release failed");
-    let triple = host_triple()?;
-    let release = crate::target_dir().join("release");
+    let (triple, release) = match target {
+        Some(target) => (
+            target.to_owned(),
+            crate::target_dir().join(target).join("release"),
+        ),
+        None => (host_triple()?, crate::target_dir().join("release")),
+    };
     let dist = crate::target_dir().join("dist");
     std::fs::create_dir_all(&dist).with_context(|| format!("creating {}", dist.display()))?;
     let mut files = Vec::new();

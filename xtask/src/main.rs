@@ -58,7 +58,11 @@ enum Command {
         action: ToolsAction,
     },
     /// Release builds of kas and agentk in `target/dist/` with `SHA256SUMS`.
-    Dist,
+    Dist {
+        /// Build for this target triple (installed with `rustup target add`) instead of the host.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The kas and agentk images from `docker/Dockerfile` (needs a running Docker engine).
     Image {
         /// The container engine's command (`docker`, `podman`).
@@ -172,7 +176,7 @@ fn main() -> anyhow::Result<ExitCode> {
             ToolsAction::Status => tools::print_status(),
             ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
         },
-        Command::Dist => dist::dist()?,
+        Command::Dist { target } => dist::dist(target.as_deref())?,
         Command::Image {
             engine,
             prefix,
