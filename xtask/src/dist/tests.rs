@@ -340,3 +340,26 @@ fn image_fails_clearly_without_an_engine() {
         "{down}"
     );
 }
+
+/// The charts and `agentk generate` name the images `cargo xtask image` builds, tagged with the crate
+/// version (the charts' appVersion), so a release's images and charts agree.
+#[test]
+fn charts_and_generate_default_to_the_images_image_builds() {
+    for binary in BINARIES {
+        let chart = read(&format!("charts/{binary}/Chart.yaml"));
+        assert!(
+            chart.contains(&format!("appVersion: \"{VERSION}\"")),
+            "charts/{binary}/Chart.yaml appVersion is not {VERSION}"
+        );
+        let values = read(&format!("charts/{binary}/values.yaml"));
+        assert!(
+            values.contains(&format!("  repository: {IMAGE_PREFIX}/{binary}\n")),
+            "charts/{binary} image.repository is not {IMAGE_PREFIX}/{binary}"
+        );
+    }
+    let generate = read("crates/agentk/src/generate.rs");
+    assert!(generate.contains(&format!(
+        "pub const DEFAULT_IMAGE_REPOSITORY: &str = \"{IMAGE_PREFIX}/agentk\";"
+    )));
+    assert!(generate.contains("pub const DEFAULT_IMAGE_TAG: &str = env!(\"CARGO_PKG_VERSION\");"));
+}
