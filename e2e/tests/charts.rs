@@ -320,6 +320,57 @@ fn monitors_point_at_the_observability_ports() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agentk chart's RBAC choices render what they say: least privilege by default (the built-in `admin`
+/// role in the release namespace only), write-all, an existing ClusterRole, or no RBAC at all.
+#[test]
+fn agentk_rbac_modes_render_what_they_say() -> anyhow::Result<()> {
+    let render = |extra: &str| -> anyhow::Result<Vec<Value>> {
+        documents(&helm(&[
+            "template",
+            "r",
+            "agentk",
+            "--set",
+            &format!("config.token=t,config.kasAddress=grpc://kas:8150{extra}"),
+        ])?)
+    };
+    let write_grants = |objects: &[Value]| -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
+            .filter(|o| {
+                o["roleRef"]["name"] != "r-agentk-state"
+                    && o["roleRef"]["name"] != "r-agentk-read-all"
+            })
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["roleRef"]["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(write_grants(&render("")?), ["RoleBinding/admin"]);
+    assert_eq!(
+        write_grants(&render(",rbac.clusterWrite=true")?),
+        ["ClusterRoleBinding/r-agentk-write-all"]
+    );
+    assert_eq!(
+        write_grants(&render(
+            ",rbac.clusterWrite=true,rbac.useExistingRole=cluster-admin"
+        )?),
+        ["ClusterRoleBinding/cluster-admin"]
+    );
+    let bare = render(",rbac.create=false,serviceAccount.create=false,serviceAccount.name=mine")?;
+    let kinds: Vec<&str> = bare.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(kinds, ["Secret", "Deployment"], "rbac.create=false");
+    assert_eq!(
+        find(&bare, "Deployment")?["spec"]["template"]["spec"]["serviceAccountName"],
+        "mine"
+    );
+    Ok(())
+}
+
 /// One container of a Deployment, run as a local process: the stand-in for a pod (kwok runs no
 /// containers). Its volumes are read back from the cluster and written under `root` at their mount
 /// paths; every mount path in the args, the env and the mounted files is rewritten to that local copy (the
