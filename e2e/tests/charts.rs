@@ -780,8 +780,9 @@ async fn installed_charts_run_as_processes_and_sync_the_seed() -> anyhow::Result
     install_and_sync(Transport::Plain).await
 }
 
-/// `agentTls.secretName` given: kas serves the agent port with that certificate, agentk dials `wss://` and
-/// trusts it through `config.kasCaCert`, and the Kubernetes API proxy is served over TLS by default.
+/// `agentTls.secretName` given: kas serves the agent port with that certificate, agentk dials `wss://` on the
+/// Ingress's path and trusts it through `config.kasCaCert`, and the Kubernetes API proxy is served over TLS
+/// by default.
 #[tokio::test]
 async fn installed_charts_with_agent_tls_sync_over_wss_and_serve_the_proxy_over_tls()
 -> anyhow::Result<()> {
@@ -881,7 +882,8 @@ async fn install_and_sync(transport: Transport) -> anyhow::Result<()> {
     let agent_port = kas_pod.port("agent")?;
     let address = match transport {
         Transport::Plain => format!("grpc://127.0.0.1:{agent_port}"),
-        Transport::Tls => format!("wss://localhost:{agent_port}"),
+        // The path the chart's Ingress routes to the agent port (kas takes the upgrade on any path).
+        Transport::Tls => format!("wss://localhost:{agent_port}/-/kubernetes-agent/"),
     };
     let values = format!(
         "config.token={agent_token},config.kasAddress={address},config.driftCheckInterval=0s"
