@@ -76,6 +76,7 @@ pub fn dist(target: Option<&str>) -> anyhow::Result<()> {
         let to = dist.join(&name);
         std::fs::copy(release.join(binary), &to)
             .with_context(|| format!("copying {binary} to {}", to.display()))?;
+        strip_debug_info(&to)?;
         files.push(to);
     }
     let sums = write_checksums(&dist, &files)?;
@@ -84,6 +85,31 @@ pub fn dist(target: Option<&str>) -> anyhow::Result<()> {
         dist.display(),
         started.elapsed(),
         std::fs::read_to_string(&sums)?
+    );
+    Ok(())
+}
+
+/// Drops the line tables the release profile keeps (`debug = "line-tables-only"`, for local backtraces):
+/// about 80 % of the file. Symbols stay, so a panic's backtrace still names functions.
+fn strip_debug_info(binary: &Path) -> anyhow::Result<()> {
+    let before = std::fs::metadata(binary)?.len();
+    let output = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(binary)
+        .output()
+        .context("running strip (binutils) on the release binaries")?;
+    ensure!(
+        output.status.success(),
+        "strip --strip-debug {} failed (for another architecture, use its binutils' strip): {}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let after = std::fs::metadata(binary)?.len();
+    eprintln!(
+        "==> dist: {}: {} MiB ({} MiB with line tables)",
+        binary.display(),
+        after >> 20,
+        before >> 20
     );
     Ok(())
 }

@@ -221,6 +221,11 @@ fn dockerfile_builds_both_binaries_locked_and_static() {
     for binary in BINARIES {
         assert!(runs.contains(&format!("target/release/{binary}")), "{runs}");
     }
+    assert_eq!(
+        instructions(build, "ENV"),
+        ["CARGO_PROFILE_RELEASE_DEBUG=false"],
+        "no debug info in the images"
+    );
     let toolchain = read("Cargo.toml");
     let rust_version = toolchain
         .lines()
