@@ -39,24 +39,6 @@ enum Command {
     },
     /// The lint gate: `cargo fmt --check`, clippy with `-D warnings`, `codegen --check`. `test` runs it first.
     Lint,
-    /// Runs each fuzz target of `fuzz/` (cargo-fuzz) for the given time; a failure found fails the command.
-    Fuzz {
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Only this target.
-        #[arg(long)]
-        target: Option<String>,
-    },
-    /// The test environment: a Kubernetes cluster and Gitea.
-    Cluster {
-        #[command(subcommand)]
-        action: ClusterAction,
-    },
-    /// The pinned tools the test environment runs (built from Go modules into a cache).
-    Tools {
-        #[command(subcommand)]
-        action: ToolsAction,
-    },
     /// Release builds of kas and agentk in `target/dist/` with `SHA256SUMS`.
     Dist {
         /// Build for this target triple (installed with `rustup target add`) instead of the host.
@@ -74,6 +56,24 @@ enum Command {
         /// Push the images after building them.
         #[arg(long)]
         push: bool,
+    },
+    /// Runs each fuzz target of `fuzz/` (cargo-fuzz) for the given time; a failure found fails the command.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// The test environment: a Kubernetes cluster and Gitea.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// The pinned tools the test environment runs (built from Go modules into a cache).
+    Tools {
+        #[command(subcommand)]
+        action: ToolsAction,
     },
     /// The seed's scenario, locally: kas, a Git server, agent registration, agentk connecting.
     E2e,
@@ -159,6 +159,12 @@ fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Codegen { check } => codegen::run(check)?,
         Command::Lint => lint::run()?,
+        Command::Dist { target } => dist::dist(target.as_deref())?,
+        Command::Image {
+            engine,
+            prefix,
+            push,
+        } => dist::image(&engine, &prefix, push)?,
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref())?,
         Command::Cluster { action } => match action {
             ClusterAction::Up { backend, dir } => {
@@ -176,12 +182,6 @@ fn main() -> anyhow::Result<ExitCode> {
             ToolsAction::Status => tools::print_status(),
             ToolsAction::GenKubernetes => kubernetes_gomod::generate()?,
         },
-        Command::Dist { target } => dist::dist(target.as_deref())?,
-        Command::Image {
-            engine,
-            prefix,
-            push,
-        } => dist::image(&engine, &prefix, push)?,
         Command::E2e => return scenarios::seed(),
         Command::Bench {
             which: BenchWhich::Agents { agents },

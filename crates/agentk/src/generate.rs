@@ -371,6 +371,35 @@ mod tests {
             .collect()
     }
 
+    /// The Deployment is what Pod Security "restricted" admits and what the image and probes need.
+    #[test]
+    fn the_deployment_is_restricted_compliant_with_probes_on_the_observability_port() {
+        let yaml = manifests(&InstallOptions {
+            agent_version: DEFAULT_IMAGE_TAG.into(),
+            image_repository: DEFAULT_IMAGE_REPOSITORY.into(),
+            ..options(true)
+        });
+        let deployment = documents(&yaml, "Deployment")[0];
+        for needle in [
+            &format!(
+                "image: \"ghcr.io/gitops-rs/agentk:{}\"\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "        - --observability-listen=:8080\n",
+            "      securityContext:\n        runAsNonRoot: true\n        runAsUser: 65532\n        runAsGroup: 65532\n        seccompProfile:\n          type: RuntimeDefault\n",
+            "        - name: http-metrics\n          containerPort: 8080\n",
+            "        livenessProbe:\n          httpGet:\n            path: /livez\n            port: http-metrics\n",
+            "        readinessProbe:\n          httpGet:\n            path: /readyz\n            port: http-metrics\n",
+            "          allowPrivilegeEscalation: false\n          readOnlyRootFilesystem: true\n",
+            "            drop: [\"ALL\"]\n",
+        ] {
+            assert!(
+                deployment.contains(needle),
+                "{needle:?} missing from\n{deployment}"
+            );
+        }
+    }
+
     /// agentk's own state (the leader Lease, the inventory ConfigMaps) is granted by a Role in its
     /// namespace in both modes; the built-in `admin` role of the restricted mode has no Leases.
     #[test]
@@ -463,35 +492,6 @@ mod tests {
                 binding.contains("name: \"gitlab-agent-impersonate:gitlab-kubernetes-agent\"")
                     && binding.contains("- kind: ServiceAccount\n  name: gitlab-agent\n"),
                 "{binding}"
-            );
-        }
-    }
-
-    /// The Deployment is what Pod Security "restricted" admits and what the image and probes need.
-    #[test]
-    fn the_deployment_is_restricted_compliant_with_probes_on_the_observability_port() {
-        let yaml = manifests(&InstallOptions {
-            agent_version: DEFAULT_IMAGE_TAG.into(),
-            image_repository: DEFAULT_IMAGE_REPOSITORY.into(),
-            ..options(true)
-        });
-        let deployment = documents(&yaml, "Deployment")[0];
-        for needle in [
-            &format!(
-                "image: \"ghcr.io/gitops-rs/agentk:{}\"\n",
-                env!("CARGO_PKG_VERSION")
-            ),
-            "        - --observability-listen=:8080\n",
-            "      securityContext:\n        runAsNonRoot: true\n        runAsUser: 65532\n        runAsGroup: 65532\n        seccompProfile:\n          type: RuntimeDefault\n",
-            "        - name: http-metrics\n          containerPort: 8080\n",
-            "        livenessProbe:\n          httpGet:\n            path: /livez\n            port: http-metrics\n",
-            "        readinessProbe:\n          httpGet:\n            path: /readyz\n            port: http-metrics\n",
-            "          allowPrivilegeEscalation: false\n          readOnlyRootFilesystem: true\n",
-            "            drop: [\"ALL\"]\n",
-        ] {
-            assert!(
-                deployment.contains(needle),
-                "{needle:?} missing from\n{deployment}"
             );
         }
     }
