@@ -169,7 +169,7 @@ async fn helm_charts_render_valid_objects_and_a_kas_config_kas_accepts() -> anyh
         helm(&["template", "r", "agentk"])
             .unwrap_err()
             .to_string()
-            .contains("token (or existingTokenSecret) is required")
+            .contains("config.token (or config.secretName, a Secret with key `token`) is required")
     );
     ns.delete().await?;
     Ok(())

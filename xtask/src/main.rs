@@ -2,6 +2,7 @@
 
 mod cluster;
 mod codegen;
+mod dist;
 mod fuzz;
 mod kubernetes_gomod;
 mod lint;
@@ -39,6 +40,24 @@ enum Command {
     },
     /// The lint gate: `cargo fmt --check`, clippy with `-D warnings`, `codegen --check`. `test` runs it first.
     Lint,
+    /// Release builds of kas and agentk in `target/dist/` with `SHA256SUMS`.
+    Dist {
+        /// Build for this target triple (installed with `rustup target add`) instead of the host.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// The kas and agentk images from `docker/Dockerfile` (needs a running Docker engine).
+    Image {
+        /// The container engine's command (`docker`, `podman`).
+        #[arg(long, default_value = "docker")]
+        engine: String,
+        /// Registry and owner of the image names: `<prefix>/kas:<version>`.
+        #[arg(long, default_value = dist::IMAGE_PREFIX)]
+        prefix: String,
+        /// Push the images after building them.
+        #[arg(long)]
+        push: bool,
+    },
     /// Runs each fuzz target of `fuzz/` (cargo-fuzz) for the given time; a failure found fails the command.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -154,6 +173,12 @@ fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Codegen { check } => codegen::run(check)?,
         Command::Lint => lint::run()?,
+        Command::Dist { target } => dist::dist(target.as_deref())?,
+        Command::Image {
+            engine,
+            prefix,
+            push,
+        } => dist::image(&engine, &prefix, push)?,
         Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref())?,
         Command::Cluster { action } => match action {
             ClusterAction::Up { backend, dir } => {

@@ -17,6 +17,10 @@
 //!   an agent's `ci_access`/`user_access` uses `access_as` other than `agent`. Without it such requests are
 //!   refused by the apiserver (403), so an agent that only does GitOps never holds the permission.
 //!
+//! The Deployment runs the image as its numeric non-root user (65532) under seccomp `RuntimeDefault`, so it
+//! is admitted where Pod Security "restricted" is enforced, and its probes use the observability listener
+//! (`--observability-listen=:8080`: `/livez`, `/readyz`).
+//!
 //! The cluster roles are the same for every install and keep the article's names; the cluster role
 //! bindings carry the namespace (`gitops-read-all:<namespace>`), so a second agent installed in another
 //! namespace adds its own binding instead of replacing the first agent's subject.
@@ -29,7 +33,7 @@ pub struct InstallOptions {
     pub namespace: String,
     pub kas_address: String,
     pub agent_token: String,
-    /// Image tag, e.g. `stable` or `0.1.0`.
+    /// Image tag, e.g. `0.1.0` ([`DEFAULT_IMAGE_TAG`]).
     pub agent_version: String,
     pub image_repository: String,
     /// Grant the agent write access to the whole cluster (the article's `gitops-write-all`). Without it,
@@ -39,6 +43,13 @@ pub struct InstallOptions {
     /// Kubernetes API proxy's `access_as: impersonate | ci_job | user`.
     pub impersonate: bool,
 }
+
+/// The image `agentk generate` installs unless told otherwise: the project's, tagged with this build's
+/// version (what `cargo xtask image` builds and the chart's appVersion names).
+pub const DEFAULT_IMAGE_REPOSITORY: &str = "ghcr.io/gitops-rs/agentk";
+pub const DEFAULT_IMAGE_TAG: &str = env!("CARGO_PKG_VERSION");
+/// `/metrics`, `/livez`, `/readyz` (`--observability-listen`); the probes use it.
+pub const OBSERVABILITY_PORT: u16 = 8080;
 
 fn q(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
@@ -275,12 +286,20 @@ spec:
         app: gitlab-agent
     spec:
       serviceAccountName: gitlab-agent
+      # Pod Security "restricted": non-root as the image's numeric user, seccomp RuntimeDefault.
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65532
+        runAsGroup: 65532
+        seccompProfile:
+          type: RuntimeDefault
       containers:
       - name: agent
         image: {image}
         args:
         - --kas-address={address}
         - --token-file=/etc/agentk/token/token
+        - --observability-listen=:{OBSERVABILITY_PORT}
         env:
         - name: POD_NAMESPACE
           valueFrom:
@@ -290,6 +309,20 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.name
+        ports:
+        - name: http-metrics
+          containerPort: {OBSERVABILITY_PORT}
+        livenessProbe:
+          httpGet:
+            path: /livez
+            port: http-metrics
+          initialDelaySeconds: 5
+          periodSeconds: 20
+        readinessProbe:
+          httpGet:
+            path: /readyz
+            port: http-metrics
+          periodSeconds: 10
         resources:
           requests:
             cpu: 10m
@@ -365,6 +398,35 @@ mod tests {
         yaml.split("\n---\n")
             .filter(|d| d.contains(&format!("\nkind: {kind}\n")))
             .collect()
+    }
+
+    /// The Deployment is what Pod Security "restricted" admits and what the image and probes need.
+    #[test]
+    fn the_deployment_is_restricted_compliant_with_probes_on_the_observability_port() {
+        let yaml = manifests(&InstallOptions {
+            agent_version: DEFAULT_IMAGE_TAG.into(),
+            image_repository: DEFAULT_IMAGE_REPOSITORY.into(),
+            ..options(true)
+        });
+        let deployment = documents(&yaml, "Deployment")[0];
+        for needle in [
+            &format!(
+                "image: \"ghcr.io/gitops-rs/agentk:{}\"\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "        - --observability-listen=:8080\n",
+            "      securityContext:\n        runAsNonRoot: true\n        runAsUser: 65532\n        runAsGroup: 65532\n        seccompProfile:\n          type: RuntimeDefault\n",
+            "        - name: http-metrics\n          containerPort: 8080\n",
+            "        livenessProbe:\n          httpGet:\n            path: /livez\n            port: http-metrics\n",
+            "        readinessProbe:\n          httpGet:\n            path: /readyz\n            port: http-metrics\n",
+            "          allowPrivilegeEscalation: false\n          readOnlyRootFilesystem: true\n",
+            "            drop: [\"ALL\"]\n",
+        ] {
+            assert!(
+                deployment.contains(needle),
+                "{needle:?} missing from\n{deployment}"
+            );
+        }
     }
 
     /// agentk's own state (the leader Lease, the inventory ConfigMaps) is granted by a Role in its

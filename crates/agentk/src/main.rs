@@ -84,11 +84,11 @@ enum Command {
         agent_token: String,
         #[arg(long)]
         kas_address: String,
-        #[arg(long, default_value = "stable")]
+        #[arg(long, default_value = agentk::generate::DEFAULT_IMAGE_TAG)]
         agent_version: String,
         #[arg(long, default_value = "gitlab-kubernetes-agent")]
         namespace: String,
-        #[arg(long, default_value = "agentk")]
+        #[arg(long, default_value = agentk::generate::DEFAULT_IMAGE_REPOSITORY)]
         image_repository: String,
         /// Bind the article's `gitops-write-all` (write anywhere); otherwise write only in --namespace.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
