@@ -38,6 +38,11 @@ const SHARD_BYTES: usize = 512 * 1024;
 /// Label on every shard but the head, with [`InventoryRef::label`]: how the shards of unfinished or old
 /// generations are found again.
 const SHARD_LABEL: &str = "agentk.gitlab.com/inventory-shard-of";
+/// On the head only: cli-utils' label naming an inventory, so `kubectl get cm -l` and cli-utils tooling find
+/// it (shards carry only [`SHARD_LABEL`], or cli-utils would see several inventories with one id).
+pub const INVENTORY_ID_LABEL: &str = "cli-utils.sigs.k8s.io/inventory-id";
+/// The standard label saying who writes these ConfigMaps.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Longest ConfigMap name kept whole in shard names (ConfigMap names end at 253 characters).
 const SHARD_PREFIX_MAX: usize = 220;
 /// Page size when listing shards.
@@ -196,7 +201,7 @@ impl InventoryRef {
                 "metadata": {
                     "name": name,
                     "namespace": self.namespace,
-                    "labels": {SHARD_LABEL: self.label()},
+                    "labels": {SHARD_LABEL: self.label(), MANAGED_BY_LABEL: "agentk"},
                 },
                 "data": {"objects": objects, "generation": generation.to_string()},
             });
@@ -207,7 +212,11 @@ impl InventoryRef {
         let head = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": self.name, "namespace": self.namespace},
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {INVENTORY_ID_LABEL: self.label(), MANAGED_BY_LABEL: "agentk"},
+            },
             "data": {
                 "objects": shards[0],
                 "shards": shards.len().to_string(),

@@ -280,6 +280,31 @@ async fn large_inventories_are_sharded_and_shrink_back() -> anyhow::Result<()> {
     assert_eq!(location.read(&ns.client).await?, many);
     let shards = inventory_configmaps(&ns).await?;
     assert!(shards.len() > 1, "{shards:?}");
+    // cli-utils' inventory label finds the head alone (shards carrying it would look like more
+    // inventories with the same id); every part says agentk manages it.
+    let labelled = |selector: &str| {
+        let api = ns.api::<ConfigMap>();
+        let params = kube::api::ListParams::default().labels(selector);
+        async move {
+            anyhow::Ok(
+                api.list(&params)
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter_map(|c| c.metadata.name)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    assert_eq!(
+        labelled("cli-utils.sigs.k8s.io/inventory-id").await?,
+        std::slice::from_ref(&location.name)
+    );
+    let mut managed = labelled("app.kubernetes.io/managed-by=agentk").await?;
+    managed.sort();
+    let mut all = shards.clone();
+    all.sort();
+    assert_eq!(managed, all);
 
     let few: BTreeSet<ObjectKey> = many.iter().take(3).cloned().collect();
     location.write(&ns.client, &few, "agentk").await?;
