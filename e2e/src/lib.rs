@@ -15,6 +15,28 @@ use kas::{RunningKas, cli::AdminClient};
 use serde_json::{Value, json};
 use test_support::git_http::GitHttpServer;
 
+/// Commits `files` (path, content) on branch `main` of a Gitea repository and pushes it, off the async
+/// threads (Git runs blocking); returns the new commit id.
+pub async fn push_main(
+    repo: &test_support::gitea::Repository,
+    files: &[(&str, &str)],
+    message: &str,
+) -> anyhow::Result<String> {
+    let (repo, message) = (repo.clone(), message.to_owned());
+    let files: Vec<(String, String)> = files
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+        .collect();
+    Ok(tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.as_str()))
+            .collect();
+        test_support::gitea::push_files(&repo, "main", &borrowed, &message)
+    })
+    .await??)
+}
+
 /// The configuration project every harness creates.
 pub const CONFIG_PROJECT: &str = "group/config";
 pub const AGENT_NAME: &str = "gitops";

@@ -26,12 +26,11 @@ use k8s_openapi::{
     ByteString,
     api::{
         apps::v1::Deployment,
-        authentication::v1::{TokenRequest, TokenRequestSpec},
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Container, PodSpec, Secret, ServiceAccount, Volume},
+        core::v1::{ConfigMap, Container, PodSpec, Secret, Volume},
     },
 };
-use kube::{Api, api::PostParams};
+use kube::Api;
 use serde_json::Value;
 use test_support::{
     cluster::TestNamespace,
@@ -666,21 +665,10 @@ async fn service_account_kubeconfig(
     service_account: &str,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let accounts: Api<ServiceAccount> = ns.api();
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let token = accounts
-        .create_token_request(service_account, &PostParams::default(), &request)
+    let token = ns
+        .service_account_token(service_account)
         .await
-        .with_context(|| format!("a token of ServiceAccount {service_account}"))?
-        .status
-        .context("TokenRequest status")?
-        .token;
+        .with_context(|| format!("a token of ServiceAccount {service_account}"))?;
     let admin = std::fs::read_to_string(&test_env().kubernetes.kubeconfig)?;
     let mut kubeconfig: Value = serde_saphyr::from_str(&admin)?;
     for user in kubeconfig["users"].as_array_mut().context("users")? {

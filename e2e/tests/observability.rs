@@ -14,30 +14,11 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use e2e::process::{Killed, free_port, sibling_binary};
+use e2e::push_main as push;
 use k8s_openapi::api::{core::v1::ConfigMap, events::v1::Event};
 use kas::cli::AdminClient;
 use kube::api::{ListParams, Patch, PatchParams};
-use test_support::{
-    cluster::TestNamespace,
-    env::test_env,
-    gitea::{Gitea, Repository, push_files},
-};
-
-async fn push(repo: &Repository, files: &[(&str, &str)], message: &str) -> anyhow::Result<String> {
-    let (repo, message) = (repo.clone(), message.to_owned());
-    let files: Vec<(String, String)> = files
-        .iter()
-        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
-        .collect();
-    Ok(tokio::task::spawn_blocking(move || {
-        let borrowed: Vec<(&str, &str)> = files
-            .iter()
-            .map(|(p, c)| (p.as_str(), c.as_str()))
-            .collect();
-        push_files(&repo, "main", &borrowed, &message)
-    })
-    .await??)
-}
+use test_support::{cluster::TestNamespace, env::test_env, gitea::Gitea};
 
 fn configmap(name: &str, value: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  key: {value}\n")

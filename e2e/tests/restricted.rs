@@ -15,9 +15,9 @@ use agentk::{
 use anyhow::Context;
 use e2e::{CONFIG_FILE, CONFIG_PROJECT, Harness, eventually};
 use k8s_openapi::api::{
-    authentication::v1::{SelfSubjectReview, TokenRequest, TokenRequestSpec},
+    authentication::v1::SelfSubjectReview,
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
-    core::v1::{ConfigMap, ServiceAccount},
+    core::v1::ConfigMap,
 };
 use kube::{
     Api, Client, Config,
@@ -126,20 +126,7 @@ impl Install {
     /// API: the admin kubeconfig gives only the server address and its CA.
     async fn client(&self) -> anyhow::Result<Client> {
         install_crypto_provider();
-        let accounts: Api<ServiceAccount> = self.ns.api();
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let token = accounts
-            .create_token_request(&self.service_account, &PostParams::default(), &request)
-            .await?
-            .status
-            .context("TokenRequest status")?
-            .token;
+        let token = self.ns.service_account_token(&self.service_account).await?;
         let mut kubeconfig = Kubeconfig::read_from(&test_env().kubernetes.kubeconfig)?;
         let auth: AuthInfo = serde_json::from_value(serde_json::json!({ "token": token }))?;
         for user in &mut kubeconfig.auth_infos {

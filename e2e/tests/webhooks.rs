@@ -3,28 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::push_main as push;
 use gitops_config::ServerConfig;
 use kas::cli::AdminClient;
-use test_support::{
-    env::test_env,
-    gitea::{Gitea, Repository, push_files},
-};
-
-async fn push(repo: &Repository, files: &[(&str, &str)], message: &str) -> anyhow::Result<String> {
-    let (repo, message) = (repo.clone(), message.to_owned());
-    let files: Vec<(String, String)> = files
-        .iter()
-        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
-        .collect();
-    Ok(tokio::task::spawn_blocking(move || {
-        let borrowed: Vec<(&str, &str)> = files
-            .iter()
-            .map(|(p, c)| (p.as_str(), c.as_str()))
-            .collect();
-        push_files(&repo, "main", &borrowed, &message)
-    })
-    .await??)
-}
+use test_support::{env::test_env, gitea::Gitea};
 
 fn snapshot_commit(agent: &agentk::RunningAgent, project: &str) -> Option<String> {
     agent

@@ -314,27 +314,20 @@ pub async fn start_with(
         addr: config.listen.api,
         source,
     })?;
-    let k8s_proxy_socket = match config.listen.k8s_proxy {
-        Some(addr) => {
-            let socket = bind(addr).await?;
-            let local = socket
-                .local_addr()
-                .map_err(|source| KasError::Listen { addr, source })?;
-            Some((socket, local))
-        }
-        None => None,
+    // An optional listener: bound with the address it got (port 0 picks one).
+    let bind_optional = |addr: Option<SocketAddr>| async move {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let socket = bind(addr).await?;
+        let local = socket
+            .local_addr()
+            .map_err(|source| KasError::Listen { addr, source })?;
+        Ok::<_, KasError>(Some((socket, local)))
     };
+    let k8s_proxy_socket = bind_optional(config.listen.k8s_proxy).await?;
     let k8s_proxy_addr = k8s_proxy_socket.as_ref().map(|(_, addr)| *addr);
-    let observability_socket = match config.listen.observability {
-        Some(addr) => {
-            let socket = bind(addr).await?;
-            let local = socket
-                .local_addr()
-                .map_err(|source| KasError::Listen { addr, source })?;
-            Some((socket, local))
-        }
-        None => None,
-    };
+    let observability_socket = bind_optional(config.listen.observability).await?;
     let observability_addr = observability_socket.as_ref().map(|(_, addr)| *addr);
 
     let stop = CancellationToken::new();

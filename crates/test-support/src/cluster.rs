@@ -16,6 +16,8 @@ pub enum ClusterError {
     Kubeconfig(#[from] kube::config::KubeconfigError),
     #[error("cannot build a client for the test cluster: {0}")]
     Client(#[from] kube::Error),
+    #[error("the TokenRequest for ServiceAccount {0} came back without a token")]
+    NoToken(String),
 }
 
 /// Installs the process-wide rustls provider (aws-lc-rs) once; kube's TLS needs one.
@@ -104,6 +106,26 @@ impl TestNamespace {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// A one-hour token of ServiceAccount `name` in this namespace from the TokenRequest API, like the
+    /// token the kubelet projects into a pod (tests run agentk under it as a process).
+    pub async fn service_account_token(&self, name: &str) -> Result<String, ClusterError> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.api::<ServiceAccount>()
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .map(|status| status.token)
+            .ok_or_else(|| ClusterError::NoToken(name.to_owned()))
     }
 
     /// Deletes the namespace (and, through the namespace controller, everything in it).
