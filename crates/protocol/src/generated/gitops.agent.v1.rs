@@ -2289,3 +2289,670 @@ pub mod gitops_status_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NetworkAlertBatch {
+    /// Unique per batch within one agentk process: (process start nanos \<\< 20 | sequence) is enough.
+    #[prost(uint64, tag = "1")]
+    pub batch_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub alerts: ::prost::alloc::vec::Vec<NetworkAlert>,
+    /// Flows matched but not reported because a per-policy rate limit or the pending-key cap was hit, since the
+    /// previous batch; kas adds them to the agent's status so nothing is silently lost.
+    #[prost(uint64, tag = "3")]
+    pub suppressed: u64,
+}
+/// One alert key and what happened to it since the previous batch. The key is
+/// (policy, source, destination, port, protocol, direction).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkAlert {
+    #[prost(message, optional, tag = "1")]
+    pub policy: ::core::option::Option<NetworkPolicyRef>,
+    #[prost(message, optional, tag = "2")]
+    pub source: ::core::option::Option<FlowEndpoint>,
+    #[prost(message, optional, tag = "3")]
+    pub destination: ::core::option::Option<FlowEndpoint>,
+    /// Destination port (TCP, UDP, SCTP); 0 for ICMP and unknown.
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    #[prost(enumeration = "NetworkProtocol", tag = "5")]
+    pub protocol: i32,
+    #[prost(enumeration = "TrafficDirection", tag = "6")]
+    pub direction: i32,
+    /// Matching flows since the previous batch (a delta: kas adds it to its count).
+    #[prost(uint64, tag = "7")]
+    pub count: u64,
+    /// First and last matching flow in this batch, unix milliseconds (Hubble's flow time).
+    #[prost(int64, tag = "8")]
+    pub first_seen_unix_ms: i64,
+    #[prost(int64, tag = "9")]
+    pub last_seen_unix_ms: i64,
+    #[prost(enumeration = "FlowVerdict", tag = "10")]
+    pub verdict: i32,
+    /// Hubble's drop reason, e.g. "POLICY_DENIED".
+    #[prost(string, tag = "11")]
+    pub drop_reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkPolicyRef {
+    #[prost(enumeration = "NetworkPolicyKind", tag = "1")]
+    pub kind: i32,
+    /// Empty for CiliumClusterwideNetworkPolicy.
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+}
+/// One end of a flow as Hubble saw it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FlowEndpoint {
+    /// Empty for endpoints outside the cluster (Cilium's reserved identities such as world).
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub pod_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub ip: ::prost::alloc::string::String,
+    /// Cilium's security identity.
+    #[prost(uint32, tag = "4")]
+    pub identity: u32,
+    /// The owning workload when Hubble knows it, e.g. "Deployment/frontend".
+    #[prost(string, tag = "5")]
+    pub workload: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkModuleStatus {
+    #[prost(enumeration = "NetworkModuleState", tag = "1")]
+    pub state: i32,
+    /// What happened, for people: "hubble relay hubble-relay.kube-system.svc:80 unreachable: connection refused".
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+    /// When `state` last changed, unix milliseconds.
+    #[prost(int64, tag = "3")]
+    pub since_unix_ms: i64,
+    /// Totals since agentk started.
+    #[prost(uint64, tag = "4")]
+    pub flows_seen: u64,
+    #[prost(uint64, tag = "5")]
+    pub flows_matched: u64,
+    /// Events Hubble reported lost (its ring buffer overflowed).
+    #[prost(uint64, tag = "6")]
+    pub lost_events: u64,
+    /// Annotated policies watched now, by kind.
+    #[prost(uint32, tag = "7")]
+    pub network_policies: u32,
+    #[prost(uint32, tag = "8")]
+    pub cilium_network_policies: u32,
+    #[prost(uint32, tag = "9")]
+    pub cilium_clusterwide_network_policies: u32,
+    /// The Cilium policy CRDs are not installed: only Kubernetes NetworkPolicy objects are matched.
+    #[prost(bool, tag = "10")]
+    pub cilium_crds_absent: bool,
+    /// Times the flow stream was (re)opened.
+    #[prost(uint64, tag = "11")]
+    pub connects: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NetworkAlertAck {}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum NetworkPolicyKind {
+    Unspecified = 0,
+    /// networking.k8s.io/v1 NetworkPolicy.
+    NetworkPolicy = 1,
+    /// cilium.io/v2 CiliumNetworkPolicy.
+    CiliumNetworkPolicy = 2,
+    /// cilium.io/v2 CiliumClusterwideNetworkPolicy.
+    CiliumClusterwideNetworkPolicy = 3,
+}
+impl NetworkPolicyKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "NETWORK_POLICY_KIND_UNSPECIFIED",
+            Self::NetworkPolicy => "NETWORK_POLICY_KIND_NETWORK_POLICY",
+            Self::CiliumNetworkPolicy => "NETWORK_POLICY_KIND_CILIUM_NETWORK_POLICY",
+            Self::CiliumClusterwideNetworkPolicy => {
+                "NETWORK_POLICY_KIND_CILIUM_CLUSTERWIDE_NETWORK_POLICY"
+            }
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "NETWORK_POLICY_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "NETWORK_POLICY_KIND_NETWORK_POLICY" => Some(Self::NetworkPolicy),
+            "NETWORK_POLICY_KIND_CILIUM_NETWORK_POLICY" => {
+                Some(Self::CiliumNetworkPolicy)
+            }
+            "NETWORK_POLICY_KIND_CILIUM_CLUSTERWIDE_NETWORK_POLICY" => {
+                Some(Self::CiliumClusterwideNetworkPolicy)
+            }
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum NetworkProtocol {
+    Unspecified = 0,
+    Tcp = 1,
+    Udp = 2,
+    Sctp = 3,
+    Icmpv4 = 4,
+    Icmpv6 = 5,
+}
+impl NetworkProtocol {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "NETWORK_PROTOCOL_UNSPECIFIED",
+            Self::Tcp => "NETWORK_PROTOCOL_TCP",
+            Self::Udp => "NETWORK_PROTOCOL_UDP",
+            Self::Sctp => "NETWORK_PROTOCOL_SCTP",
+            Self::Icmpv4 => "NETWORK_PROTOCOL_ICMPV4",
+            Self::Icmpv6 => "NETWORK_PROTOCOL_ICMPV6",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "NETWORK_PROTOCOL_UNSPECIFIED" => Some(Self::Unspecified),
+            "NETWORK_PROTOCOL_TCP" => Some(Self::Tcp),
+            "NETWORK_PROTOCOL_UDP" => Some(Self::Udp),
+            "NETWORK_PROTOCOL_SCTP" => Some(Self::Sctp),
+            "NETWORK_PROTOCOL_ICMPV4" => Some(Self::Icmpv4),
+            "NETWORK_PROTOCOL_ICMPV6" => Some(Self::Icmpv6),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum TrafficDirection {
+    Unspecified = 0,
+    Ingress = 1,
+    Egress = 2,
+}
+impl TrafficDirection {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "TRAFFIC_DIRECTION_UNSPECIFIED",
+            Self::Ingress => "TRAFFIC_DIRECTION_INGRESS",
+            Self::Egress => "TRAFFIC_DIRECTION_EGRESS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "TRAFFIC_DIRECTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "TRAFFIC_DIRECTION_INGRESS" => Some(Self::Ingress),
+            "TRAFFIC_DIRECTION_EGRESS" => Some(Self::Egress),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum FlowVerdict {
+    Unspecified = 0,
+    /// Dropped by policy.
+    Dropped = 1,
+    /// A policy in audit mode would have dropped it.
+    Audit = 2,
+}
+impl FlowVerdict {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "FLOW_VERDICT_UNSPECIFIED",
+            Self::Dropped => "FLOW_VERDICT_DROPPED",
+            Self::Audit => "FLOW_VERDICT_AUDIT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "FLOW_VERDICT_UNSPECIFIED" => Some(Self::Unspecified),
+            "FLOW_VERDICT_DROPPED" => Some(Self::Dropped),
+            "FLOW_VERDICT_AUDIT" => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum NetworkModuleState {
+    Unspecified = 0,
+    /// `cilium` is not configured in config.yaml.
+    Disabled = 1,
+    /// Dialling the relay (first time, or again after an error; `message` says which).
+    Connecting = 2,
+    /// Following flows.
+    Following = 3,
+    /// The relay could not be reached or the stream broke; agentk retries with backoff.
+    RelayUnreachable = 4,
+    /// The configuration cannot work (e.g. a TLS file is unreadable); fixed by a new config.yaml.
+    Misconfigured = 5,
+}
+impl NetworkModuleState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "NETWORK_MODULE_STATE_UNSPECIFIED",
+            Self::Disabled => "NETWORK_MODULE_STATE_DISABLED",
+            Self::Connecting => "NETWORK_MODULE_STATE_CONNECTING",
+            Self::Following => "NETWORK_MODULE_STATE_FOLLOWING",
+            Self::RelayUnreachable => "NETWORK_MODULE_STATE_RELAY_UNREACHABLE",
+            Self::Misconfigured => "NETWORK_MODULE_STATE_MISCONFIGURED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "NETWORK_MODULE_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "NETWORK_MODULE_STATE_DISABLED" => Some(Self::Disabled),
+            "NETWORK_MODULE_STATE_CONNECTING" => Some(Self::Connecting),
+            "NETWORK_MODULE_STATE_FOLLOWING" => Some(Self::Following),
+            "NETWORK_MODULE_STATE_RELAY_UNREACHABLE" => Some(Self::RelayUnreachable),
+            "NETWORK_MODULE_STATE_MISCONFIGURED" => Some(Self::Misconfigured),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod network_alerts_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Served by kas, called by agentk (the leader replica only, so two replicas never report the same flows).
+    #[derive(Debug, Clone)]
+    pub struct NetworkAlertsClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl NetworkAlertsClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> NetworkAlertsClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> NetworkAlertsClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            NetworkAlertsClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// New drops since the previous accepted batch, aggregated by alert key. Idempotent by `batch_id`: agentk
+        /// re-sends the same batch until it is acknowledged, and kas counts a batch id it has already stored once.
+        pub async fn report_alerts(
+            &mut self,
+            request: impl tonic::IntoRequest<super::NetworkAlertBatch>,
+        ) -> std::result::Result<
+            tonic::Response<super::NetworkAlertAck>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gitops.agent.v1.NetworkAlerts/ReportAlerts",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("gitops.agent.v1.NetworkAlerts", "ReportAlerts"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// The module's own health, sent whenever it changes (and once after every connect).
+        pub async fn report_status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::NetworkModuleStatus>,
+        ) -> std::result::Result<
+            tonic::Response<super::NetworkAlertAck>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/gitops.agent.v1.NetworkAlerts/ReportStatus",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("gitops.agent.v1.NetworkAlerts", "ReportStatus"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod network_alerts_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with NetworkAlertsServer.
+    #[async_trait]
+    pub trait NetworkAlerts: std::marker::Send + std::marker::Sync + 'static {
+        /// New drops since the previous accepted batch, aggregated by alert key. Idempotent by `batch_id`: agentk
+        /// re-sends the same batch until it is acknowledged, and kas counts a batch id it has already stored once.
+        async fn report_alerts(
+            &self,
+            request: tonic::Request<super::NetworkAlertBatch>,
+        ) -> std::result::Result<tonic::Response<super::NetworkAlertAck>, tonic::Status>;
+        /// The module's own health, sent whenever it changes (and once after every connect).
+        async fn report_status(
+            &self,
+            request: tonic::Request<super::NetworkModuleStatus>,
+        ) -> std::result::Result<tonic::Response<super::NetworkAlertAck>, tonic::Status>;
+    }
+    /// Served by kas, called by agentk (the leader replica only, so two replicas never report the same flows).
+    #[derive(Debug)]
+    pub struct NetworkAlertsServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> NetworkAlertsServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for NetworkAlertsServer<T>
+    where
+        T: NetworkAlerts,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/gitops.agent.v1.NetworkAlerts/ReportAlerts" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportAlertsSvc<T: NetworkAlerts>(pub Arc<T>);
+                    impl<
+                        T: NetworkAlerts,
+                    > tonic::server::UnaryService<super::NetworkAlertBatch>
+                    for ReportAlertsSvc<T> {
+                        type Response = super::NetworkAlertAck;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::NetworkAlertBatch>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NetworkAlerts>::report_alerts(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportAlertsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/gitops.agent.v1.NetworkAlerts/ReportStatus" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportStatusSvc<T: NetworkAlerts>(pub Arc<T>);
+                    impl<
+                        T: NetworkAlerts,
+                    > tonic::server::UnaryService<super::NetworkModuleStatus>
+                    for ReportStatusSvc<T> {
+                        type Response = super::NetworkAlertAck;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::NetworkModuleStatus>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NetworkAlerts>::report_status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportStatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for NetworkAlertsServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "gitops.agent.v1.NetworkAlerts";
+    impl<T> tonic::server::NamedService for NetworkAlertsServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
