@@ -1,6 +1,7 @@
 //! The agent's configuration file, `.gitlab/agents/<agent-name>/config.yaml` in its configuration project.
 //!
-//! The schema is GitLab's agent configuration: `gitops`, `ci_access`, `user_access` and `observability`.
+//! The schema is GitLab's agent configuration: `gitops`, `ci_access`, `user_access`, `observability` and
+//! `cilium` (network-policy alerts).
 //! Unknown keys are errors (a typo must not silently disable a feature). A missing file is an empty
 //! configuration. Every default is written on the field that has it.
 
@@ -27,6 +28,66 @@ pub struct AgentConfig {
     pub ci_access: CiAccessConfig,
     pub user_access: UserAccessConfig,
     pub observability: ObservabilityConfig,
+    /// Alerts from container network policy, read from Cilium's Hubble: off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cilium: Option<CiliumConfig>,
+}
+
+/// GitLab's `cilium` key: agentk follows Hubble's flows and reports the ones a network policy annotated
+/// `app.gitlab.com/alert: "true"` dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiliumConfig {
+    /// `host:port` of hubble-relay (or of one Cilium agent's Hubble server), e.g.
+    /// `hubble-relay.kube-system.svc:80`. Required.
+    pub hubble_relay_address: String,
+    /// TLS to the relay; plaintext when absent (hubble-relay's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HubbleTlsConfig>,
+    /// Which flows raise alerts. Default `[dropped]`: flows a policy dropped. `audit` adds flows a policy in
+    /// audit mode would have dropped.
+    #[serde(default = "default_alert_verdicts")]
+    pub alert_verdicts: Vec<AlertVerdict>,
+    /// New alerts (distinct source, destination, port, protocol, direction) one policy may raise per
+    /// minute; further ones wait for the next minute, their drops still counted. Default 60.
+    #[serde(default = "default_alerts_per_policy_per_minute")]
+    pub max_alerts_per_policy_per_minute: u32,
+}
+
+/// Files on agentk's own filesystem (a mounted Secret), not in the repository.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubbleTlsConfig {
+    /// PEM CA bundle the relay's certificate must chain to; the system's roots when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate and key, for a relay that requires mutual TLS (Cilium's default when TLS is on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name the relay's certificate must carry, e.g. `ui.hubble-relay.cilium.io`; the address's host
+    /// when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// Hubble's verdicts that can raise an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertVerdict {
+    /// Dropped by a policy.
+    Dropped,
+    /// Would have been dropped by a policy in audit mode.
+    Audit,
+}
+
+fn default_alert_verdicts() -> Vec<AlertVerdict> {
+    vec![AlertVerdict::Dropped]
+}
+
+fn default_alerts_per_policy_per_minute() -> u32 {
+    60
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -260,6 +321,48 @@ fn yes() -> bool {
     true
 }
 
+impl CiliumConfig {
+    /// What the types cannot express: (field under `cilium`, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let address = self.hubble_relay_address.trim();
+        let port = address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .filter(|&port| port > 0);
+        if address.is_empty() || address.contains("://") || port.is_none() {
+            return Err((
+                "hubble_relay_address".into(),
+                format!(
+                    "{:?} is not host:port (e.g. hubble-relay.kube-system.svc:80)",
+                    self.hubble_relay_address
+                ),
+            ));
+        }
+        if self.alert_verdicts.is_empty() {
+            return Err((
+                "alert_verdicts".into(),
+                "at least one verdict is required (dropped, audit); remove `cilium` to turn alerts off".into(),
+            ));
+        }
+        if self.max_alerts_per_policy_per_minute == 0 {
+            return Err((
+                "max_alerts_per_policy_per_minute".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(tls) = &self.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            return Err((
+                "tls".into(),
+                "cert_file and key_file go together (mutual TLS needs both)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Most manifest projects one agent may list.
 pub const MAX_MANIFEST_PROJECTS: usize = 100;
 
@@ -269,6 +372,7 @@ pub const MAX_MANIFEST_PROJECTS: usize = 100;
 #[serde(default)]
 struct Located {
     gitops: LocatedGitops,
+    cilium: Option<Spanned<IgnoredAny>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -414,6 +518,12 @@ impl AgentConfig {
                     ));
                 }
             }
+        }
+        if let Some(cilium) = &self.cilium {
+            let at = located.cilium.as_ref().map(|c| c.referenced);
+            cilium.validate().map_err(|(field, message)| {
+                invalid(format!("cilium.{field}"), at, &message)
+            })?;
         }
         for (kind, entries) in [
             ("projects", &self.ci_access.projects),
@@ -842,5 +952,67 @@ observability:
             ok.gitops.manifest_projects[0].reconcile_timeout,
             crate::duration::MAX_DURATION
         );
+    }
+
+    #[test]
+    fn cilium_defaults_and_gitlab_key() {
+        let config = parse("cilium:\n  hubble_relay_address: \"hubble-relay.kube-system.svc:80\"\n").unwrap();
+        let cilium = config.cilium.as_ref().unwrap();
+        assert_eq!(cilium.hubble_relay_address, "hubble-relay.kube-system.svc:80");
+        assert_eq!(cilium.alert_verdicts, vec![AlertVerdict::Dropped]);
+        assert_eq!(cilium.max_alerts_per_policy_per_minute, 60);
+        assert!(cilium.tls.is_none());
+        // The wire form round-trips; absent `cilium` stays absent.
+        assert_eq!(AgentConfig::from_json(&config.to_json()).unwrap(), config);
+        assert!(!AgentConfig::default().to_json().contains("cilium"));
+    }
+
+    #[test]
+    fn cilium_tls_and_verdicts() {
+        let config = parse(
+            "cilium:\n  hubble_relay_address: relay:443\n  alert_verdicts: [dropped, audit]\n  tls:\n    ca_file: /etc/hubble/ca.crt\n    cert_file: /etc/hubble/tls.crt\n    key_file: /etc/hubble/tls.key\n    server_name: ui.hubble-relay.cilium.io\n",
+        )
+        .unwrap();
+        let cilium = config.cilium.unwrap();
+        assert_eq!(cilium.alert_verdicts, vec![AlertVerdict::Dropped, AlertVerdict::Audit]);
+        let tls = cilium.tls.unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("ui.hubble-relay.cilium.io"));
+        assert!(tls.key_file.is_some());
+    }
+
+    #[test]
+    fn cilium_mistakes_name_the_field_and_line() {
+        for (body, field) in [
+            ("  hubble_relay_address: \"\"\n", "cilium.hubble_relay_address"),
+            ("  hubble_relay_address: http://relay:80\n", "cilium.hubble_relay_address"),
+            ("  hubble_relay_address: relay\n", "cilium.hubble_relay_address"),
+            ("  hubble_relay_address: relay:0\n", "cilium.hubble_relay_address"),
+            ("  hubble_relay_address: relay:80\n  alert_verdicts: []\n", "cilium.alert_verdicts"),
+            (
+                "  hubble_relay_address: relay:80\n  max_alerts_per_policy_per_minute: 0\n",
+                "cilium.max_alerts_per_policy_per_minute",
+            ),
+            (
+                "  hubble_relay_address: relay:80\n  tls:\n    cert_file: /c\n",
+                "cilium.tls",
+            ),
+        ] {
+            let err = parse(&format!("# alerts\ncilium:\n{body}")).unwrap_err();
+            match &err {
+                ConfigError::InvalidAt { line, field: f, .. } => {
+                    assert_eq!((f.as_str(), *line), (field, 3), "{body}: {err}");
+                }
+                other => panic!("{body}: expected a located error, got {other}"),
+            }
+        }
+        // Unknown keys and verdicts are syntax errors with their line.
+        for body in [
+            "  hubble_relay_address: relay:80\n  hubble_relay_adress: x\n",
+            "  hubble_relay_address: relay:80\n  alert_verdicts: [forwarded]\n",
+            "  relay: x\n",
+        ] {
+            let err = parse(&format!("cilium:\n{body}")).unwrap_err();
+            assert!(matches!(err, ConfigError::Syntax { .. }), "{body}: {err}");
+        }
     }
 }

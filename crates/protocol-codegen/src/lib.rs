@@ -1,5 +1,7 @@
 //! Generates the protocol crate's Rust code from `proto/` with protox (a pure-Rust protobuf compiler, so no
-//! `protoc` is needed) and tonic-prost-build. Shared by `cargo xtask codegen` and the freshness test.
+//! `protoc` is needed) and tonic-prost-build. Shared by `cargo xtask codegen` and the
+//! freshness tests of the crates it generates for (`gitops-protocol` from `proto/`, `gitops-hubble` from
+//! `proto/hubble/`).
 
 use std::{fs, io, path::Path};
 
@@ -47,7 +49,13 @@ pub fn generate(proto_dir: &Path, out_dir: &Path) -> Result<(), Error> {
 
 /// Regenerates into a scratch directory and returns the names of committed files that differ or are missing.
 pub fn stale_files(proto_dir: &Path, committed_dir: &Path) -> Result<Vec<String>, Error> {
-    let scratch = std::env::temp_dir().join(format!("protocol-codegen-{}", std::process::id()));
+    // Unique per call: two crates' freshness tests may run at once.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = std::env::temp_dir().join(format!(
+        "protocol-codegen-{}-{call}",
+        std::process::id()
+    ));
     let _ = fs::remove_dir_all(&scratch);
     generate(proto_dir, &scratch)?;
     let mut stale = Vec::new();
