@@ -190,6 +190,7 @@ impl Harness {
             reverse_tunnels: 2,
             apply,
             kubernetes_api: None,
+            network_alerts: None,
         };
         Ok(agentk::start(client, options, None)?)
     }

@@ -11,6 +11,7 @@ pub mod info;
 pub mod k8s_proxy;
 pub mod leader;
 pub mod metrics;
+pub mod network_alerts;
 pub mod observability;
 
 use std::sync::Arc;
@@ -59,6 +60,9 @@ pub struct AgentOptions {
     /// agentk's own client for its apiserver, for the Kubernetes API proxy; `None` answers every proxied
     /// request 503.
     pub kubernetes_api: Option<k8s_proxy::ApiserverClient>,
+    /// The cluster access the network-policy alerts need; `None` reports them misconfigured when
+    /// `cilium` is set.
+    pub network_alerts: Option<network_alerts::ClusterAccess>,
 }
 
 /// A running agent, for embedding (tests, benchmarks) as well as for `main`.
@@ -137,6 +141,13 @@ pub fn start_with_metrics(
         options.apply.clone(),
         gitops::DEFAULT_MAX_SNAPSHOT_BYTES,
         metrics.clone(),
+        stop.clone(),
+    ));
+
+    tasks.spawn(network_alerts::run(
+        tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
+        state_rx.clone(),
+        options.network_alerts.clone(),
         stop.clone(),
     ));
 

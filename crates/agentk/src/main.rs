@@ -191,20 +191,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .ok()
     });
     let cluster_url = kube_config.as_ref().map(|c| c.cluster_url.to_string());
-    let (apply, election) = match kube_config {
+    let (apply, election, cluster_client) = match kube_config {
         Some(config) if !args.no_apply => {
             let pod = Pod {
                 namespace: &pod_namespace,
                 name: &pod_name,
             };
             match apply_settings(config, pod, args.drift_check_interval, &metrics) {
-                Some((apply, election)) => (Some(apply), election),
-                None => (None, None),
+                Some((apply, election, client)) => (Some(apply), election, Some(client)),
+                None => (None, None, None),
             }
         }
-        _ => (None, None),
+        _ => (None, None, None),
     };
     let leading = apply.as_ref().map(|a| a.leading.clone());
+    let network_alerts = cluster_client
+        .zip(leading.clone())
+        .map(|(client, leading)| agentk::network_alerts::ClusterAccess { client, leading });
     log_start(
         &args,
         &client,
@@ -218,6 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         reverse_tunnels: 2,
         apply,
         kubernetes_api,
+        network_alerts,
     };
     let mut agent = agentk::start_with_metrics(client, options, Some(logs), metrics.clone())?;
     if let Some(leading) = &leading {
@@ -351,7 +355,7 @@ fn apply_settings(
     pod: Pod<'_>,
     drift_check_interval: Duration,
     metrics: &std::sync::Arc<agentk::metrics::AgentMetrics>,
-) -> Option<(agentk::gitops::ApplySettings, Option<Election>)> {
+) -> Option<(agentk::gitops::ApplySettings, Option<Election>, kube::Client)> {
     let Pod {
         namespace,
         name: pod_name,
@@ -380,8 +384,8 @@ fn apply_settings(
         leading: leading_tx,
         events: Some(events.clone()),
     });
-    let applier =
-        agentk::apply::EngineApplier::new(client, namespace, cluster_url).with_events(events);
+    let applier = agentk::apply::EngineApplier::new(client.clone(), namespace, cluster_url)
+        .with_events(events);
     Some((
         agentk::gitops::ApplySettings {
             applier: std::sync::Arc::new(applier),
@@ -389,6 +393,7 @@ fn apply_settings(
             resync: drift_check_interval,
         },
         election,
+        client,
     ))
 }
 

@@ -8,7 +8,7 @@ pub mod agent;
 mod duration;
 pub mod server;
 
-pub use agent::AgentConfig;
+pub use agent::{AgentConfig, AlertVerdict, CiliumConfig};
 pub use server::ServerConfig;
 
 /// A configuration file that could not be used, with where the problem is.

@@ -17,6 +17,9 @@ pub mod observer {
     include!("generated/observer.rs");
 }
 
+/// The well-known types the messages use (`Timestamp`).
+pub use prost_types;
+
 mod client;
 pub mod testing;
 

@@ -1,0 +1,68 @@
+//! Sends batches and the module's status to kas (`NetworkAlerts`), retrying a batch with its own id until
+//! kas acknowledges it, so a lost answer never counts drops twice.
+
+use std::{sync::Arc, time::Duration};
+
+use gitops_protocol::{NetworkAlertBatch, network_alerts_client::NetworkAlertsClient};
+use gitops_tunnel::backoff::Backoff;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::status::StatusBoard;
+use crate::KasChannel;
+
+/// The status is re-sent this often even when its state has not changed (the counters moved, or kas
+/// restarted).
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
+pub async fn batches(
+    service: KasChannel,
+    mut batches: mpsc::Receiver<NetworkAlertBatch>,
+    stop: CancellationToken,
+) {
+    let mut client = NetworkAlertsClient::new(service);
+    while let Some(batch) = tokio::select! {
+        () = stop.cancelled() => None,
+        batch = batches.recv() => batch,
+    } {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            let sent = tokio::select! {
+                () = stop.cancelled() => return,
+                sent = client.report_alerts(batch.clone()) => sent,
+            };
+            match sent {
+                Ok(_) => {
+                    tracing::debug!(alerts = batch.alerts.len(), batch_id = batch.batch_id, "alerts reported");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, alerts = batch.alerts.len(), "reporting network alerts to kas; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn status(service: KasChannel, board: Arc<StatusBoard>, stop: CancellationToken) {
+    let mut client = NetworkAlertsClient::new(service);
+    let mut changes = board.subscribe();
+    let mut every = tokio::time::interval(STATUS_EVERY);
+    loop {
+        // Coalesce bursts of changes (a watcher's first list, a reconnect) into one report.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        changes.borrow_and_update();
+        if let Err(e) = client.report_status(board.snapshot()).await {
+            tracing::debug!(error = %e, "reporting the network alerts status to kas");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = changes.changed() => {}
+            _ = every.tick() => {}
+        }
+    }
+}
