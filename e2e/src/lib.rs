@@ -2,6 +2,7 @@
 //! against a real Git server over smart HTTP. [`Harness`] starts them; the tests are in `tests/`.
 
 pub mod k8s_proxy;
+pub mod network_alerts;
 pub mod process;
 pub mod world;
 
