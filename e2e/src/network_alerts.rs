@@ -62,7 +62,12 @@ pub fn pod(namespace: &str, name: &str, app: &str) -> Endpoint {
 }
 
 /// A TCP packet to `port` the datapath dropped for policy, as a Hubble drop event.
-pub fn policy_drop(source: Endpoint, destination: Endpoint, direction: TrafficDirection, port: u32) -> Flow {
+pub fn policy_drop(
+    source: Endpoint,
+    destination: Endpoint,
+    direction: TrafficDirection,
+    port: u32,
+) -> Flow {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -101,7 +106,9 @@ fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Killed> {
     let file = std::fs::File::create(log)?;
     command.stderr(file).stdout(Stdio::null());
     Ok(Killed(
-        command.spawn().with_context(|| format!("starting {command:?}"))?,
+        command
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?,
     ))
 }
 
@@ -159,7 +166,8 @@ impl AlertsWorld {
             ),
         )?;
         let mut kas = Command::new(sibling_binary("kas")?);
-        kas.args(["serve", "--config"]).arg(dir.path().join("kas.yaml"));
+        kas.args(["serve", "--config"])
+            .arg(dir.path().join("kas.yaml"));
         let kas = spawn_logged(kas, &dir.path().join("kas.log"))?;
         let api_url = format!("http://127.0.0.1:{api_port}");
         let admin = AdminClient::new(&api_url, "admin-token".into());

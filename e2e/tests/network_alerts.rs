@@ -58,7 +58,10 @@ async fn delete_cilium_crds() -> anyhow::Result<()> {
         let _ = crds.delete(name, &Default::default()).await;
     }
     e2e::eventually(WAIT, "Cilium CRDs gone", || async {
-        Ok(crds.get_opt("ciliumnetworkpolicies.cilium.io").await?.is_none()
+        Ok(crds
+            .get_opt("ciliumnetworkpolicies.cilium.io")
+            .await?
+            .is_none()
             && crds
                 .get_opt("ciliumclusterwidenetworkpolicies.cilium.io")
                 .await?
@@ -78,9 +81,18 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
         name: "netalerts",
         cilium_extra: "  max_alerts_per_policy_per_minute: 4\n",
         manifests: vec![
-            ("db.yaml".into(), network_policy("db-ingress", true, "db", "Ingress")),
-            ("web.yaml".into(), network_policy("web-egress", true, "web", "Egress")),
-            ("cache.yaml".into(), network_policy("cache-quiet", false, "cache", "Ingress")),
+            (
+                "db.yaml".into(),
+                network_policy("db-ingress", true, "db", "Ingress"),
+            ),
+            (
+                "web.yaml".into(),
+                network_policy("web-egress", true, "web", "Egress"),
+            ),
+            (
+                "cache.yaml".into(),
+                network_policy("cache-quiet", false, "cache", "Ingress"),
+            ),
         ],
         kas_alerts: Some(format!(
             "  alertmanager_url: {}\n  resend_interval: 1s\n",
@@ -100,16 +112,24 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     assert_eq!(status["ciliumCrdsAbsent"], true, "{status}");
     assert_eq!(status["ciliumNetworkPolicies"], 0, "{status}");
     ensure!(world.replay.followers() == 1, "one follower: the leader");
-    let request = world.replay.requests().pop().context("a GetFlows request")?;
+    let request = world
+        .replay
+        .requests()
+        .pop()
+        .context("a GetFlows request")?;
     assert!(request.follow, "follows new flows");
-    assert_eq!(request.whitelist.len(), 1, "dropped only by default: {request:?}");
+    assert_eq!(
+        request.whitelist.len(),
+        1,
+        "dropped only by default: {request:?}"
+    );
 
     // 1,000 identical drops: one alert, counted 1,000 times.
     let web = pod(&ns, "web-1", "web");
     let db = pod(&ns, "db-0", "db");
-    world
-        .replay
-        .send((0..1000).map(|_| policy_drop(web.clone(), db.clone(), TrafficDirection::Ingress, 5432)));
+    world.replay.send(
+        (0..1000).map(|_| policy_drop(web.clone(), db.clone(), TrafficDirection::Ingress, 5432)),
+    );
     let alerts = world
         .wait_alerts(WAIT, "one alert counting 1,000 drops", |a| {
             a.len() == 1 && a[0]["count"] == 1000
@@ -134,7 +154,10 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
         })
         .await?;
     let labels = &received[0].labels;
-    assert_eq!(labels.get("agent").map(String::as_str), Some(e2e::AGENT_NAME));
+    assert_eq!(
+        labels.get("agent").map(String::as_str),
+        Some(e2e::AGENT_NAME)
+    );
     assert_eq!(labels.get("namespace"), Some(&ns));
     assert_eq!(labels.get("policy").map(String::as_str), Some("db-ingress"));
     assert_eq!(received[0].status.state, "active");
@@ -142,7 +165,9 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     // Rate limit: 6 more sources for db-ingress → only 3 more new alerts this minute (4 per policy); a drop
     // the unannotated policy made raises nothing; then a marker on another policy, after all of them in the
     // stream, proves agentk has handled them.
-    let sources: Vec<_> = (2..8).map(|i| pod(&ns, &format!("web-{i}"), "web")).collect();
+    let sources: Vec<_> = (2..8)
+        .map(|i| pod(&ns, &format!("web-{i}"), "web"))
+        .collect();
     world.replay.send(
         sources
             .iter()
@@ -162,16 +187,22 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     );
     let alerts = world
         .wait_alerts(WAIT, "the egress marker", |a| {
-            a.iter().any(|a| a["policy"] == json!(format!("{ns}/web-egress")))
+            a.iter()
+                .any(|a| a["policy"] == json!(format!("{ns}/web-egress")))
         })
         .await?;
     let db_alerts = alerts
         .iter()
         .filter(|a| a["policy"] == json!(format!("{ns}/db-ingress")))
         .count();
-    assert_eq!(db_alerts, 4, "4 new alerts per policy per minute: {alerts:#?}");
+    assert_eq!(
+        db_alerts, 4,
+        "4 new alerts per policy per minute: {alerts:#?}"
+    );
     assert!(
-        !alerts.iter().any(|a| a["destination"] == json!(format!("{ns}/cache-0"))),
+        !alerts
+            .iter()
+            .any(|a| a["destination"] == json!(format!("{ns}/cache-0"))),
         "the unannotated policy's drop raised an alert: {alerts:#?}"
     );
     let status = world.status().await?;
@@ -188,11 +219,15 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     )
     .await?;
     world
-        .wait_status(Duration::from_secs(120), "both Cilium policies watched", |s| {
-            s["ciliumCrdsAbsent"] == false
-                && s["ciliumNetworkPolicies"] == 1
-                && s["ciliumClusterwideNetworkPolicies"] == 1
-        })
+        .wait_status(
+            Duration::from_secs(120),
+            "both Cilium policies watched",
+            |s| {
+                s["ciliumCrdsAbsent"] == false
+                    && s["ciliumNetworkPolicies"] == 1
+                    && s["ciliumClusterwideNetworkPolicies"] == 1
+            },
+        )
         .await?;
     // Hubble names the denying policy: that one (the CNP), not by selector.
     let mut named = policy_drop(
@@ -217,7 +252,8 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     let alerts = world
         .wait_alerts(WAIT, "the Cilium policies' alerts", |a| {
             a.iter().any(|a| a["policyKind"] == "CILIUM_NETWORK_POLICY")
-                && a.iter().any(|a| a["policyKind"] == "CILIUM_CLUSTERWIDE_NETWORK_POLICY")
+                && a.iter()
+                    .any(|a| a["policyKind"] == "CILIUM_CLUSTERWIDE_NETWORK_POLICY")
         })
         .await?;
     let ccnp = alerts
@@ -225,7 +261,11 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
         .find(|a| a["policyKind"] == "CILIUM_CLUSTERWIDE_NETWORK_POLICY")
         .context("ccnp alert")?;
     assert_eq!(ccnp["policy"], json!(format!("{ns}-lockdown")), "{ccnp}");
-    assert_eq!(ccnp["destination"], json!(format!("{ns}/vault-0")), "{ccnp}");
+    assert_eq!(
+        ccnp["destination"],
+        json!(format!("{ns}/vault-0")),
+        "{ccnp}"
+    );
     alertmanager
         .wait_for(
             &AlertQuery::filter(format!("policy=\"{ns}-lockdown\"")),
@@ -239,7 +279,9 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     let mut world = world;
     world.replay.stop().await;
     let down = world
-        .wait_status(WAIT, "relay unreachable", |s| s["state"] == "RELAY_UNREACHABLE")
+        .wait_status(WAIT, "relay unreachable", |s| {
+            s["state"] == "RELAY_UNREACHABLE"
+        })
         .await?;
     let message = down["message"].as_str().unwrap_or_default();
     assert!(message.contains(&world.replay.address()), "{down}");
@@ -249,7 +291,13 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
             s["state"] == "FOLLOWING" && s["connects"].as_u64() >= Some(2)
         })
         .await?;
-    assert!(up["message"].as_str().unwrap_or_default().contains("following"), "{up}");
+    assert!(
+        up["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("following"),
+        "{up}"
+    );
     world.replay.send([policy_drop(
         pod(&ns, "web-9", "web"),
         pod(&ns, "api-1", "api"),
@@ -258,7 +306,8 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
     )]);
     world
         .wait_alerts(WAIT, "an alert after the relay came back", |a| {
-            a.iter().any(|a| a["destination"] == json!(format!("{ns}/api-1")))
+            a.iter()
+                .any(|a| a["destination"] == json!(format!("{ns}/api-1")))
         })
         .await?;
     drop(world);

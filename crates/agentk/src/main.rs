@@ -355,7 +355,11 @@ fn apply_settings(
     pod: Pod<'_>,
     drift_check_interval: Duration,
     metrics: &std::sync::Arc<agentk::metrics::AgentMetrics>,
-) -> Option<(agentk::gitops::ApplySettings, Option<Election>, kube::Client)> {
+) -> Option<(
+    agentk::gitops::ApplySettings,
+    Option<Election>,
+    kube::Client,
+)> {
     let Pod {
         namespace,
         name: pod_name,

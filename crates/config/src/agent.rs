@@ -521,9 +521,9 @@ impl AgentConfig {
         }
         if let Some(cilium) = &self.cilium {
             let at = located.cilium.as_ref().map(|c| c.referenced);
-            cilium.validate().map_err(|(field, message)| {
-                invalid(format!("cilium.{field}"), at, &message)
-            })?;
+            cilium
+                .validate()
+                .map_err(|(field, message)| invalid(format!("cilium.{field}"), at, &message))?;
         }
         for (kind, entries) in [
             ("projects", &self.ci_access.projects),
@@ -956,9 +956,14 @@ observability:
 
     #[test]
     fn cilium_defaults_and_gitlab_key() {
-        let config = parse("cilium:\n  hubble_relay_address: \"hubble-relay.kube-system.svc:80\"\n").unwrap();
+        let config =
+            parse("cilium:\n  hubble_relay_address: \"hubble-relay.kube-system.svc:80\"\n")
+                .unwrap();
         let cilium = config.cilium.as_ref().unwrap();
-        assert_eq!(cilium.hubble_relay_address, "hubble-relay.kube-system.svc:80");
+        assert_eq!(
+            cilium.hubble_relay_address,
+            "hubble-relay.kube-system.svc:80"
+        );
         assert_eq!(cilium.alert_verdicts, vec![AlertVerdict::Dropped]);
         assert_eq!(cilium.max_alerts_per_policy_per_minute, 60);
         assert!(cilium.tls.is_none());
@@ -974,20 +979,41 @@ observability:
         )
         .unwrap();
         let cilium = config.cilium.unwrap();
-        assert_eq!(cilium.alert_verdicts, vec![AlertVerdict::Dropped, AlertVerdict::Audit]);
+        assert_eq!(
+            cilium.alert_verdicts,
+            vec![AlertVerdict::Dropped, AlertVerdict::Audit]
+        );
         let tls = cilium.tls.unwrap();
-        assert_eq!(tls.server_name.as_deref(), Some("ui.hubble-relay.cilium.io"));
+        assert_eq!(
+            tls.server_name.as_deref(),
+            Some("ui.hubble-relay.cilium.io")
+        );
         assert!(tls.key_file.is_some());
     }
 
     #[test]
     fn cilium_mistakes_name_the_field_and_line() {
         for (body, field) in [
-            ("  hubble_relay_address: \"\"\n", "cilium.hubble_relay_address"),
-            ("  hubble_relay_address: http://relay:80\n", "cilium.hubble_relay_address"),
-            ("  hubble_relay_address: relay\n", "cilium.hubble_relay_address"),
-            ("  hubble_relay_address: relay:0\n", "cilium.hubble_relay_address"),
-            ("  hubble_relay_address: relay:80\n  alert_verdicts: []\n", "cilium.alert_verdicts"),
+            (
+                "  hubble_relay_address: \"\"\n",
+                "cilium.hubble_relay_address",
+            ),
+            (
+                "  hubble_relay_address: http://relay:80\n",
+                "cilium.hubble_relay_address",
+            ),
+            (
+                "  hubble_relay_address: relay\n",
+                "cilium.hubble_relay_address",
+            ),
+            (
+                "  hubble_relay_address: relay:0\n",
+                "cilium.hubble_relay_address",
+            ),
+            (
+                "  hubble_relay_address: relay:80\n  alert_verdicts: []\n",
+                "cilium.alert_verdicts",
+            ),
             (
                 "  hubble_relay_address: relay:80\n  max_alerts_per_policy_per_minute: 0\n",
                 "cilium.max_alerts_per_policy_per_minute",

@@ -134,7 +134,10 @@ pub fn channel(config: &RelayConfig) -> Result<Channel, Error> {
         return Ok(endpoint.connect_lazy());
     };
     let connector = TlsConnector::from(Arc::new(tls.rustls_config()?));
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let name = tls.server_name.clone().unwrap_or_else(|| host.clone());
     let name = ServerName::try_from(name.clone())
         .map_err(|e| Error::Tls(format!("server name {name:?}: {e}")))?;

@@ -14,10 +14,19 @@ use std::{
     time::Duration,
 };
 
-use futures::Stream;
-use tokio::{net::TcpListener, sync::broadcast, task::JoinHandle};
+use futures::{Stream, StreamExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::broadcast,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status, transport::Server};
+use tonic::{
+    Request, Response, Status,
+    transport::{Server, server::Connected},
+};
 
 use crate::{
     flow::{Flow, FlowFilter, LostEvent, LostEventSource},
@@ -52,11 +61,24 @@ pub struct ReplayServer {
     flows: broadcast::Sender<Arc<Flow>>,
     seen: Arc<Mutex<Seen>>,
     running: Option<(tokio::sync::watch::Sender<bool>, JoinHandle<()>)>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl ReplayServer {
     /// Listens on a free loopback port.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Listens on a free loopback port with TLS (`config` decides whether client certificates are required),
+    /// as hubble-relay does with `tls.enabled`.
+    pub async fn start_tls(config: rustls::ServerConfig) -> std::io::Result<Self> {
+        let mut config = config;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Self::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let (flows, _) = broadcast::channel(FOLLOW_BUFFER);
         let mut server = Self {
@@ -64,6 +86,7 @@ impl ReplayServer {
             flows,
             seen: Arc::default(),
             running: None,
+            tls,
         };
         server.serve(listener);
         Ok(server)
@@ -77,13 +100,27 @@ impl ReplayServer {
             stop: stop_rx.clone(),
         };
         let mut shutdown = stop_rx;
+        let tls = self.tls.clone();
         let task = tokio::spawn(async move {
-            let _ = Server::builder()
-                .add_service(ObserverServer::new(replay))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    let _ = shutdown.wait_for(|stopped| *stopped).await;
-                })
-                .await;
+            let stopped = async move {
+                let _ = shutdown.wait_for(|stopped| *stopped).await;
+            };
+            let router = Server::builder().add_service(ObserverServer::new(replay));
+            let tcp = TcpListenerStream::new(listener);
+            let _ = match tls {
+                None => router.serve_with_incoming_shutdown(tcp, stopped).await,
+                Some(acceptor) => {
+                    // A failed handshake (a client without its certificate, say) drops that connection only.
+                    let incoming = tcp
+                        .then(move |tcp| {
+                            let acceptor = acceptor.clone();
+                            async move { acceptor.accept(tcp?).await.map(TlsIo) }
+                        })
+                        .filter_map(|accepted| async move { accepted.ok() })
+                        .map(Ok::<_, std::io::Error>);
+                    router.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
         });
         self.running = Some((stop_tx, task));
     }
@@ -170,6 +207,46 @@ impl Drop for ReplayServer {
             let _ = stop.send(true);
             task.abort();
         }
+    }
+}
+
+/// A server-side TLS connection, as tonic's server takes it.
+struct TlsIo(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

@@ -61,7 +61,11 @@ async fn only_requested_verdicts_arrive_and_a_stop_ends_the_stream() {
     assert!(end.is_err(), "{end:?}");
     // Down: a new call fails; back up on the same port, the same client follows again.
     let mut c = client(&server);
-    assert!(c.get_flows(dropped_flows_request(&[Verdict::Dropped])).await.is_err());
+    assert!(
+        c.get_flows(dropped_flows_request(&[Verdict::Dropped]))
+            .await
+            .is_err()
+    );
     server.start_again().await.unwrap();
     let mut again = c
         .get_flows(dropped_flows_request(&[Verdict::Dropped, Verdict::Audit]))

@@ -52,10 +52,8 @@ pub fn stale_files(proto_dir: &Path, committed_dir: &Path) -> Result<Vec<String>
     // Unique per call: two crates' freshness tests may run at once.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let scratch = std::env::temp_dir().join(format!(
-        "protocol-codegen-{}-{call}",
-        std::process::id()
-    ));
+    let scratch =
+        std::env::temp_dir().join(format!("protocol-codegen-{}-{call}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     generate(proto_dir, &scratch)?;
     let mut stale = Vec::new();

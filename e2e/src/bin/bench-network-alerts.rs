@@ -18,6 +18,9 @@ use e2e::process::{Killed, rss_kib};
 use gitops_hubble::flow::{Flow, TrafficDirection};
 
 const RATE: u64 = 10_000;
+
+/// Makes the i-th flow of a phase.
+type MakeFlow = Box<dyn Fn(u64) -> Flow + Send>;
 const PHASE: Duration = Duration::from_secs(15);
 
 /// User + system CPU seconds a process has used.
@@ -48,8 +51,7 @@ async fn raw_follow(address: &str) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(5),
     })?;
     let mut client = gitops_hubble::observer::observer_client::ObserverClient::new(channel);
-    let request =
-        gitops_hubble::dropped_flows_request(&[gitops_hubble::flow::Verdict::Dropped]);
+    let request = gitops_hubble::dropped_flows_request(&[gitops_hubble::flow::Verdict::Dropped]);
     let mut stream = client.get_flows(request).await?.into_inner();
     let mut n = 0u64;
     while let Some(message) = stream.message().await? {
@@ -129,12 +131,17 @@ async fn main() -> anyhow::Result<()> {
             .spawn()?,
     );
     ensure!(
-        world.replay.wait_for_followers(2, Duration::from_secs(10)).await,
+        world
+            .replay
+            .wait_for_followers(2, Duration::from_secs(10))
+            .await,
         "the baseline follower did not connect"
     );
     let ns = world.ns.name.clone();
     let pids = [world.agentk.pid(), raw.pid()];
-    println!("network alerts benchmark: {RATE} flows/s for {PHASE:?} per phase, agentk vs a bare decoder of the same stream");
+    println!(
+        "network alerts benchmark: {RATE} flows/s for {PHASE:?} per phase, agentk vs a bare decoder of the same stream"
+    );
 
     let idle = measure(&pids).await?;
     println!(
@@ -143,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
         idle[0].1
     );
 
-    let phases: Vec<(&str, Box<dyn Fn(u64) -> Flow + Send>)> = vec![
+    let phases: Vec<(&str, MakeFlow)> = vec![
         ("matched, 100 sources", {
             let ns = ns.clone();
             Box::new(move |i| {

@@ -78,7 +78,10 @@ impl Aggregator {
         }
         new.sort_by_key(|(_, a)| a.first_seen_unix_ms);
         for (key, _) in new {
-            let window = self.windows.entry(key.policy.clone()).or_insert((now_ms, 0));
+            let window = self
+                .windows
+                .entry(key.policy.clone())
+                .or_insert((now_ms, 0));
             if now_ms - window.0 >= WINDOW_MS {
                 *window = (now_ms, 0);
             }

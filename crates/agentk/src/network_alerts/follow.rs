@@ -6,7 +6,9 @@ use std::{sync::Arc, time::Duration};
 use gitops_hubble::{
     RelayConfig, dropped_flows_request,
     flow::Verdict,
-    observer::{GetFlowsResponse, get_flows_response::ResponseTypes, observer_client::ObserverClient},
+    observer::{
+        GetFlowsResponse, get_flows_response::ResponseTypes, observer_client::ObserverClient,
+    },
 };
 use gitops_protocol::{NetworkAlertBatch, NetworkModuleState};
 use gitops_tunnel::backoff::Backoff;
@@ -39,7 +41,8 @@ impl Follower {
         let channel = match gitops_hubble::channel(&self.relay) {
             Ok(channel) => channel,
             Err(e) => {
-                self.status.set(NetworkModuleState::Misconfigured, e.to_string());
+                self.status
+                    .set(NetworkModuleState::Misconfigured, e.to_string());
                 return;
             }
         };
@@ -51,8 +54,10 @@ impl Follower {
         loop {
             StatusBoard::count(&self.status.connects, 1);
             if self.status.state() != NetworkModuleState::RelayUnreachable {
-                self.status
-                    .set(NetworkModuleState::Connecting, format!("dialling hubble relay {address}"));
+                self.status.set(
+                    NetworkModuleState::Connecting,
+                    format!("dialling hubble relay {address}"),
+                );
             }
             let opened = tokio::select! {
                 () = stop.cancelled() => return,

@@ -166,7 +166,10 @@ pub fn alert_for(policy: &WatchedPolicy, flow: &Flow) -> Matched {
         flow::Verdict::Audit => FlowVerdict::Audit,
         _ => FlowVerdict::Dropped,
     };
-    let drop_reason = match (flow.drop_reason_desc, flow::DropReason::try_from(flow.drop_reason_desc)) {
+    let drop_reason = match (
+        flow.drop_reason_desc,
+        flow::DropReason::try_from(flow.drop_reason_desc),
+    ) {
         (0, _) => String::new(),
         (_, Ok(reason)) => reason.as_str_name().to_owned(),
         (n, Err(_)) => format!("DROP_REASON_{n}"),
@@ -177,7 +180,11 @@ pub fn alert_for(policy: &WatchedPolicy, flow: &Flow) -> Matched {
         .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
         .unwrap_or_default();
     let key = AlertKey {
-        policy: (policy.kind as i32, policy.namespace.clone(), policy.name.clone()),
+        policy: (
+            policy.kind as i32,
+            policy.namespace.clone(),
+            policy.name.clone(),
+        ),
         source: endpoint_name(&source),
         destination: endpoint_name(&destination),
         port,

@@ -130,7 +130,9 @@ fn start(
 ) {
     let board = Arc::new(StatusBoard::default());
     let span = tracing::info_span!("network_alerts", mod_name = "cilium_alert");
-    tokio::spawn(report::status(service.clone(), board.clone(), stop.clone()).instrument(span.clone()));
+    tokio::spawn(
+        report::status(service.clone(), board.clone(), stop.clone()).instrument(span.clone()),
+    );
     let Some(access) = access else {
         board.set(
             NetworkModuleState::Misconfigured,
@@ -147,7 +149,8 @@ fn start(
     };
     let (policies_tx, policies) = tokio_watch::channel(Arc::default());
     tokio::spawn(
-        watch::run(access.client, policies_tx, board.clone(), stop.clone()).instrument(span.clone()),
+        watch::run(access.client, policies_tx, board.clone(), stop.clone())
+            .instrument(span.clone()),
     );
     let (batches_tx, batches) = mpsc::channel(1);
     tokio::spawn(report::batches(service, batches, stop.clone()).instrument(span.clone()));

@@ -96,7 +96,8 @@ pub fn parse(kind: NetworkPolicyKind, object: &Value) -> Result<WatchedPolicy, S
 /// Kubernetes defaults it).
 fn kubernetes_rule(spec: Option<&Value>) -> Result<(Selector, Directions), String> {
     let spec = spec.ok_or("no spec")?;
-    let selector = selector(spec.get("podSelector")).map_err(|e| format!("spec.podSelector: {e}"))?;
+    let selector =
+        selector(spec.get("podSelector")).map_err(|e| format!("spec.podSelector: {e}"))?;
     let directions = match spec.get("policyTypes").and_then(Value::as_array) {
         Some(types) => Directions {
             ingress: types.iter().any(|t| t == "Ingress"),
@@ -118,15 +119,19 @@ fn cilium_rules(object: &Value) -> Result<Vec<(Selector, Directions)>, String> {
         specs.push(("spec".into(), spec));
     }
     if let Some(list) = object.get("specs").and_then(Value::as_array) {
-        specs.extend(list.iter().enumerate().map(|(i, s)| (format!("specs[{i}]"), s)));
+        specs.extend(
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| (format!("specs[{i}]"), s)),
+        );
     }
     let mut rules = Vec::new();
     for (path, spec) in specs {
         let Some(endpoint_selector) = spec.get("endpointSelector") else {
             continue;
         };
-        let selector =
-            selector(Some(endpoint_selector)).map_err(|e| format!("{path}.endpointSelector: {e}"))?;
+        let selector = selector(Some(endpoint_selector))
+            .map_err(|e| format!("{path}.endpointSelector: {e}"))?;
         let has = |key: &str| spec.get(key).is_some_and(|v| !v.is_null());
         let directions = Directions {
             ingress: has("ingress") || has("ingressDeny"),
@@ -148,7 +153,9 @@ fn selector(value: Option<&Value>) -> Result<Selector, String> {
     let mut requirements = Vec::new();
     if let Some(labels) = value.get("matchLabels").and_then(Value::as_object) {
         for (key, v) in labels {
-            let v = v.as_str().ok_or_else(|| format!("matchLabels.{key}: not a string"))?;
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("matchLabels.{key}: not a string"))?;
             requirements.push(Requirement::Equals(key.clone(), v.to_owned()));
         }
     }
@@ -202,7 +209,9 @@ impl EndpointLabels {
             let (full_key, value) = label.split_once('=').unwrap_or((label.as_str(), ""));
             by_key.insert(full_key.to_owned(), value.to_owned());
             if let Some((_, bare)) = full_key.split_once(':') {
-                by_key.entry(bare.to_owned()).or_insert_with(|| value.to_owned());
+                by_key
+                    .entry(bare.to_owned())
+                    .or_insert_with(|| value.to_owned());
             }
         }
         Self { by_key }

@@ -33,7 +33,11 @@ pub async fn batches(
             };
             match sent {
                 Ok(_) => {
-                    tracing::debug!(alerts = batch.alerts.len(), batch_id = batch.batch_id, "alerts reported");
+                    tracing::debug!(
+                        alerts = batch.alerts.len(),
+                        batch_id = batch.batch_id,
+                        "alerts reported"
+                    );
                     break;
                 }
                 Err(e) => {

@@ -24,7 +24,12 @@ fn pod(namespace: &str, name: &str, labels: &[&str]) -> Endpoint {
     }
 }
 
-fn drop_flow(source: Endpoint, destination: Endpoint, direction: TrafficDirection, port: u32) -> Flow {
+fn drop_flow(
+    source: Endpoint,
+    destination: Endpoint,
+    direction: TrafficDirection,
+    port: u32,
+) -> Flow {
     Flow {
         verdict: Verdict::Dropped as i32,
         drop_reason_desc: flow::DropReason::PolicyDenied as i32,
@@ -90,16 +95,35 @@ fn kubernetes_policy_matches_the_isolated_destination_on_ingress_only() {
     let web = pod("shop", "web-1", &["app=web"]);
     let db = pod("shop", "db-0", &["app=db"]);
     assert_eq!(
-        names(&set, &drop_flow(web.clone(), db.clone(), TrafficDirection::Ingress, 5432)),
+        names(
+            &set,
+            &drop_flow(web.clone(), db.clone(), TrafficDirection::Ingress, 5432)
+        ),
         ["shop/db-ingress"]
     );
     // Egress from db is not what an Ingress-only policy governs; ingress to web is not db.
-    assert!(names(&set, &drop_flow(db.clone(), web.clone(), TrafficDirection::Egress, 80)).is_empty());
-    assert!(names(&set, &drop_flow(db.clone(), web, TrafficDirection::Ingress, 80)).is_empty());
+    assert!(
+        names(
+            &set,
+            &drop_flow(db.clone(), web.clone(), TrafficDirection::Egress, 80)
+        )
+        .is_empty()
+    );
+    assert!(
+        names(
+            &set,
+            &drop_flow(db.clone(), web, TrafficDirection::Ingress, 80)
+        )
+        .is_empty()
+    );
     // Same labels in another namespace: a NetworkPolicy is namespaced.
     let other_db = pod("other", "db-0", &["app=db"]);
     assert!(
-        names(&set, &drop_flow(db, other_db, TrafficDirection::Ingress, 5432)).is_empty()
+        names(
+            &set,
+            &drop_flow(db, other_db, TrafficDirection::Ingress, 5432)
+        )
+        .is_empty()
     );
 }
 
@@ -108,7 +132,10 @@ fn unannotated_or_false_policies_are_not_watched() {
     let mut off = db_policy();
     off["metadata"]["annotations"]["app.gitlab.com/alert"] = json!("false");
     let mut none = db_policy();
-    none["metadata"].as_object_mut().unwrap().remove("annotations");
+    none["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
     assert!(!policy::is_annotated(&off));
     assert!(!policy::is_annotated(&none));
     let set = set(&[
@@ -135,8 +162,17 @@ fn policy_types_default_and_egress() {
     }));
     let set = set(&[(NetworkPolicyKind::NetworkPolicy, egress)]);
     let to_world = |source| drop_flow(source, Endpoint::default(), TrafficDirection::Egress, 443);
-    assert_eq!(names(&set, &to_world(pod("shop", "web-1", &["app=web"]))), ["shop/web-egress"]);
-    assert!(names(&set, &to_world(pod("shop", "web-2", &["app=web", "canary=yes"]))).is_empty());
+    assert_eq!(
+        names(&set, &to_world(pod("shop", "web-1", &["app=web"]))),
+        ["shop/web-egress"]
+    );
+    assert!(
+        names(
+            &set,
+            &to_world(pod("shop", "web-2", &["app=web", "canary=yes"]))
+        )
+        .is_empty()
+    );
     assert!(names(&set, &to_world(pod("shop", "db-0", &["app=db"]))).is_empty());
 }
 
@@ -161,16 +197,40 @@ fn cilium_selectors_with_source_prefixes_specs_and_deny_rules() {
     ]);
     let web = pod("shop", "web-1", &["app=web"]);
     assert_eq!(
-        names(&set, &drop_flow(web.clone(), pod("shop", "api-0", &["app=api"]), TrafficDirection::Ingress, 8080)),
+        names(
+            &set,
+            &drop_flow(
+                web.clone(),
+                pod("shop", "api-0", &["app=api"]),
+                TrafficDirection::Ingress,
+                8080
+            )
+        ),
         ["shop/api-guard"]
     );
     assert_eq!(
-        names(&set, &drop_flow(pod("shop", "worker-0", &["app=worker"]), web.clone(), TrafficDirection::Egress, 25)),
+        names(
+            &set,
+            &drop_flow(
+                pod("shop", "worker-0", &["app=worker"]),
+                web.clone(),
+                TrafficDirection::Egress,
+                25
+            )
+        ),
         ["shop/api-guard"]
     );
     // The clusterwide policy selects by namespace label, in any namespace.
     assert_eq!(
-        names(&set, &drop_flow(web, pod("dev", "x", &["app=x"]), TrafficDirection::Ingress, 80)),
+        names(
+            &set,
+            &drop_flow(
+                web,
+                pod("dev", "x", &["app=x"]),
+                TrafficDirection::Ingress,
+                80
+            )
+        ),
         ["/no-prod-to-dev"]
     );
 }
@@ -201,7 +261,12 @@ fn policies_hubble_names_win_over_selectors() {
 
 #[test]
 fn only_policy_drops_count() {
-    let mut flow = drop_flow(Endpoint::default(), Endpoint::default(), TrafficDirection::Ingress, 1);
+    let mut flow = drop_flow(
+        Endpoint::default(),
+        Endpoint::default(),
+        TrafficDirection::Ingress,
+        1,
+    );
     assert!(matcher::is_policy_verdict(&flow));
     flow.drop_reason_desc = flow::DropReason::CtNoMapFound as i32;
     assert!(!matcher::is_policy_verdict(&flow));
@@ -218,7 +283,10 @@ fn bad_selectors_are_refused_with_the_field() {
         "spec": { "podSelector": { "matchExpressions": [{ "key": "a", "operator": "Gt" }] } }
     }));
     let err = policy::parse(NetworkPolicyKind::NetworkPolicy, &bad).unwrap_err();
-    assert!(err.contains("spec.podSelector: matchExpressions[0].operator"), "{err}");
+    assert!(
+        err.contains("spec.podSelector: matchExpressions[0].operator"),
+        "{err}"
+    );
 }
 
 fn alert_flow(i: u32) -> matcher::Matched {

@@ -20,12 +20,18 @@ use super::{
 
 fn resource(kind: NetworkPolicyKind) -> ApiResource {
     let (group, version, kind_name, plural) = match kind {
-        NetworkPolicyKind::NetworkPolicy => {
-            ("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies")
-        }
-        NetworkPolicyKind::CiliumNetworkPolicy => {
-            ("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies")
-        }
+        NetworkPolicyKind::NetworkPolicy => (
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+        ),
+        NetworkPolicyKind::CiliumNetworkPolicy => (
+            "cilium.io",
+            "v2",
+            "CiliumNetworkPolicy",
+            "ciliumnetworkpolicies",
+        ),
         _ => (
             "cilium.io",
             "v2",
@@ -132,7 +138,10 @@ fn note_error(kind: NetworkPolicyKind, state: &mut KindState, e: &watcher::Error
         let cleared = !state.policies.is_empty();
         state.policies.clear();
         if !was {
-            tracing::info!(kind = kind.as_str_name(), "policy API not installed: not watched until it is");
+            tracing::info!(
+                kind = kind.as_str_name(),
+                "policy API not installed: not watched until it is"
+            );
         }
         return !was || cleared;
     }
