@@ -148,6 +148,7 @@ pub fn start_with_metrics(
         tonic::service::interceptor::InterceptedService::new(channel.clone(), interceptor.clone()),
         state_rx.clone(),
         options.network_alerts.clone(),
+        metrics.network.clone(),
         stop.clone(),
     ));
 

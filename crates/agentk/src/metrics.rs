@@ -99,6 +99,19 @@ pub struct AgentMetrics {
     inventory: Family<ProjectLabels, Gauge>,
     events: Family<EventLabels, Counter>,
     synced: Mutex<HashMap<EntryKey, String>>,
+    /// The network-policy alerts module's counters (its status to kas reads them too).
+    pub network: NetworkAlertMetrics,
+}
+
+/// `agentk_network_*`: what the network-policy alerts module saw and sent.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkAlertMetrics {
+    pub flows_seen: Counter,
+    pub flows_matched: Counter,
+    pub lost_events: Counter,
+    pub relay_connects: Counter,
+    pub alerts_reported: Counter,
+    pub following: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -133,6 +146,7 @@ impl AgentMetrics {
             inventory: Family::default(),
             events: Family::default(),
             synced: Mutex::default(),
+            network: NetworkAlertMetrics::default(),
         };
         registry.register(
             "build_info",
@@ -185,6 +199,7 @@ impl AgentMetrics {
             "Kubernetes Events agentk recorded, by reason and result: published, failed, dropped",
             this.events.clone(),
         );
+        this.network.register(&mut registry);
         Self {
             registry: Arc::new(registry),
             ..this
@@ -349,5 +364,40 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+}
+
+impl NetworkAlertMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "network_flows_seen",
+            "Flows the Hubble relay sent the network-policy alerts module (its filter passes dropped ones only)",
+            self.flows_seen.clone(),
+        );
+        registry.register(
+            "network_flows_matched",
+            "Dropped flows matched to at least one policy annotated app.gitlab.com/alert",
+            self.flows_matched.clone(),
+        );
+        registry.register(
+            "network_lost_events",
+            "Events Hubble reported lost (its buffers overflowed) while agentk followed it",
+            self.lost_events.clone(),
+        );
+        registry.register(
+            "network_relay_connects",
+            "Times the flow stream from the Hubble relay was opened (first time and after errors)",
+            self.relay_connects.clone(),
+        );
+        registry.register(
+            "network_alerts_reported",
+            "Alert updates kas acknowledged (one per alert key per batch)",
+            self.alerts_reported.clone(),
+        );
+        registry.register(
+            "network_relay_following",
+            "1 while the module follows the Hubble relay's flows, else 0",
+            self.following.clone(),
+        );
     }
 }

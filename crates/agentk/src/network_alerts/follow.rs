@@ -52,7 +52,7 @@ impl Follower {
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         let address = self.relay.address.clone();
         loop {
-            StatusBoard::count(&self.status.connects, 1);
+            self.status.counters.relay_connects.inc();
             if self.status.state() != NetworkModuleState::RelayUnreachable {
                 self.status.set(
                     NetworkModuleState::Connecting,
@@ -105,7 +105,7 @@ impl Follower {
     fn handle(&mut self, message: GetFlowsResponse) {
         match message.response_types {
             Some(ResponseTypes::Flow(flow)) => {
-                StatusBoard::count(&self.status.flows_seen, 1);
+                self.status.counters.flows_seen.inc();
                 if !matcher::is_policy_verdict(&flow) {
                     return;
                 }
@@ -116,11 +116,14 @@ impl Follower {
                     self.aggregator.add(matcher::alert_for(policy, &flow));
                 }
                 if matched {
-                    StatusBoard::count(&self.status.flows_matched, 1);
+                    self.status.counters.flows_matched.inc();
                 }
             }
             Some(ResponseTypes::LostEvents(lost)) => {
-                StatusBoard::count(&self.status.lost_events, lost.num_events_lost);
+                self.status
+                    .counters
+                    .lost_events
+                    .inc_by(lost.num_events_lost);
             }
             Some(ResponseTypes::NodeStatus(node)) => {
                 tracing::debug!(nodes = ?node.node_names, message = %node.message, "hubble relay node status");

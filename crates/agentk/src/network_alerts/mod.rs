@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{AgentState, KasChannel};
+use crate::{AgentState, KasChannel, metrics::NetworkAlertMetrics};
 use status::StatusBoard;
 
 /// What the module needs from the cluster: a client to watch policies with, and whether this replica leads.
@@ -42,6 +42,7 @@ pub async fn run(
     service: KasChannel,
     mut config: tokio_watch::Receiver<AgentState>,
     access: Option<ClusterAccess>,
+    metrics: NetworkAlertMetrics,
     stop: CancellationToken,
 ) {
     let mut leading = access.as_ref().map(|a| a.leading.clone());
@@ -62,7 +63,13 @@ pub async fn run(
             }
             if let Some(cilium) = desired {
                 let instance = stop.child_token();
-                start(service.clone(), &cilium, access.clone(), instance.clone());
+                start(
+                    service.clone(),
+                    &cilium,
+                    access.clone(),
+                    metrics.clone(),
+                    instance.clone(),
+                );
                 running = Some((cilium, instance));
                 reported_disabled = false;
             }
@@ -126,9 +133,10 @@ fn start(
     service: KasChannel,
     cilium: &CiliumConfig,
     access: Option<ClusterAccess>,
+    metrics: NetworkAlertMetrics,
     stop: CancellationToken,
 ) {
-    let board = Arc::new(StatusBoard::default());
+    let board = Arc::new(StatusBoard::new(metrics.clone()));
     let span = tracing::info_span!("network_alerts", mod_name = "cilium_alert");
     tokio::spawn(
         report::status(service.clone(), board.clone(), stop.clone()).instrument(span.clone()),
@@ -153,7 +161,10 @@ fn start(
             .instrument(span.clone()),
     );
     let (batches_tx, batches) = mpsc::channel(1);
-    tokio::spawn(report::batches(service, batches, stop.clone()).instrument(span.clone()));
+    tokio::spawn(
+        report::batches(service, batches, metrics.alerts_reported, stop.clone())
+            .instrument(span.clone()),
+    );
     let follower = follow::Follower {
         relay,
         verdicts: cilium

@@ -18,6 +18,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(30);
 pub async fn batches(
     service: KasChannel,
     mut batches: mpsc::Receiver<NetworkAlertBatch>,
+    reported: gitops_telemetry::prometheus_client::metrics::counter::Counter,
     stop: CancellationToken,
 ) {
     let mut client = NetworkAlertsClient::new(service);
@@ -33,6 +34,7 @@ pub async fn batches(
             };
             match sent {
                 Ok(_) => {
+                    reported.inc_by(batch.alerts.len() as u64);
                     tracing::debug!(
                         alerts = batch.alerts.len(),
                         batch_id = batch.batch_id,

@@ -1,23 +1,19 @@
 //! The module's own health, as kas shows it: a state with what happened, and counters.
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::Mutex;
 
 use gitops_protocol::{NetworkModuleState, NetworkModuleStatus};
 use tokio::sync::watch;
 
-/// Shared by the module's tasks. State changes wake the status reporter; counters ride along with the next
-/// report (they change thousands of times a second).
+use crate::metrics::NetworkAlertMetrics;
+
+/// Shared by the module's tasks. State changes wake the status reporter; counters (agentk's metrics, so
+/// totals since agentk started) ride along with the next report: they change thousands of times a second.
 #[derive(Debug)]
 pub struct StatusBoard {
     state: watch::Sender<(NetworkModuleState, String, i64)>,
     policies: Mutex<PolicyCounts>,
-    pub flows_seen: AtomicU64,
-    pub flows_matched: AtomicU64,
-    pub lost_events: AtomicU64,
-    pub connects: AtomicU64,
+    pub counters: NetworkAlertMetrics,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -34,20 +30,15 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-impl Default for StatusBoard {
-    fn default() -> Self {
+impl StatusBoard {
+    pub fn new(counters: NetworkAlertMetrics) -> Self {
         Self {
             state: watch::channel((NetworkModuleState::Connecting, String::new(), now_ms())).0,
             policies: Mutex::default(),
-            flows_seen: AtomicU64::new(0),
-            flows_matched: AtomicU64::new(0),
-            lost_events: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
+            counters,
         }
     }
-}
 
-impl StatusBoard {
     /// Records a state (and why); logs and wakes the reporter only when it differs from the current one.
     pub fn set(&self, state: NetworkModuleState, message: impl Into<String>) {
         let message = message.into();
@@ -62,6 +53,9 @@ impl StatusBoard {
                 _ => tracing::info!(state = state.as_str_name(), %message, "network alerts"),
             }
             *current = (state, message, now_ms());
+            self.counters
+                .following
+                .set(i64::from(state == NetworkModuleState::Following));
             true
         });
     }
@@ -85,26 +79,22 @@ impl StatusBoard {
         self.state.subscribe()
     }
 
-    pub fn count(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
     pub fn snapshot(&self) -> NetworkModuleStatus {
         let (state, message, since) = self.state.borrow().clone();
         let policies = *self.policies.lock().expect("lock");
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
         NetworkModuleStatus {
             state: state as i32,
             message,
             since_unix_ms: since,
-            flows_seen: load(&self.flows_seen),
-            flows_matched: load(&self.flows_matched),
-            lost_events: load(&self.lost_events),
+            flows_seen: c.flows_seen.get(),
+            flows_matched: c.flows_matched.get(),
+            lost_events: c.lost_events.get(),
             network_policies: policies.network_policies,
             cilium_network_policies: policies.cilium_network_policies,
             cilium_clusterwide_network_policies: policies.cilium_clusterwide_network_policies,
             cilium_crds_absent: policies.cilium_crds_absent,
-            connects: load(&self.connects),
+            connects: c.relay_connects.get(),
         }
     }
 }
