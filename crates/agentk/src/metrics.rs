@@ -286,6 +286,41 @@ impl AgentMetrics {
     }
 }
 
+impl NetworkAlertMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "network_flows_seen",
+            "Flows the Hubble relay sent the network-policy alerts module (its filter passes dropped ones only)",
+            self.flows_seen.clone(),
+        );
+        registry.register(
+            "network_flows_matched",
+            "Dropped flows matched to at least one policy annotated app.gitlab.com/alert",
+            self.flows_matched.clone(),
+        );
+        registry.register(
+            "network_lost_events",
+            "Events Hubble reported lost (its buffers overflowed) while agentk followed it",
+            self.lost_events.clone(),
+        );
+        registry.register(
+            "network_relay_connects",
+            "Times the flow stream from the Hubble relay was opened (first time and after errors)",
+            self.relay_connects.clone(),
+        );
+        registry.register(
+            "network_alerts_reported",
+            "Alert updates kas acknowledged (one per alert key per batch)",
+            self.alerts_reported.clone(),
+        );
+        registry.register(
+            "network_relay_following",
+            "1 while the module follows the Hubble relay's flows, else 0",
+            self.following.clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -364,40 +399,5 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
-    }
-}
-
-impl NetworkAlertMetrics {
-    fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "network_flows_seen",
-            "Flows the Hubble relay sent the network-policy alerts module (its filter passes dropped ones only)",
-            self.flows_seen.clone(),
-        );
-        registry.register(
-            "network_flows_matched",
-            "Dropped flows matched to at least one policy annotated app.gitlab.com/alert",
-            self.flows_matched.clone(),
-        );
-        registry.register(
-            "network_lost_events",
-            "Events Hubble reported lost (its buffers overflowed) while agentk followed it",
-            self.lost_events.clone(),
-        );
-        registry.register(
-            "network_relay_connects",
-            "Times the flow stream from the Hubble relay was opened (first time and after errors)",
-            self.relay_connects.clone(),
-        );
-        registry.register(
-            "network_alerts_reported",
-            "Alert updates kas acknowledged (one per alert key per batch)",
-            self.alerts_reported.clone(),
-        );
-        registry.register(
-            "network_relay_following",
-            "1 while the module follows the Hubble relay's flows, else 0",
-            self.following.clone(),
-        );
     }
 }
