@@ -121,6 +121,8 @@ enum BenchWhich {
     },
     /// The Kubernetes API proxy against the apiserver directly: GET latency, LIST, watches, log streams.
     Proxy,
+    /// Network alerts per second kas accepts (`ReportAlerts`), against empty batches in the same run.
+    Alerts,
 }
 
 #[derive(Subcommand)]
@@ -210,6 +212,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             which: BenchWhich::Proxy,
         } => return scenarios::bench_proxy(),
+        Command::Bench {
+            which: BenchWhich::Alerts,
+        } => return scenarios::bench_alerts(),
         Command::Test {
             backend,
             no_lint,

@@ -119,3 +119,8 @@ fn bench_on_cluster(scenario: &str, env_dir: &str) -> anyhow::Result<ExitCode> {
 pub fn bench_agents(agents: usize) -> anyhow::Result<ExitCode> {
     build_and_run(true, "bench-agents", &[agents.to_string()], &[])
 }
+
+/// kas's `NetworkAlerts.ReportAlerts` throughput against empty batches, in one run (no cluster needed).
+pub fn bench_alerts() -> anyhow::Result<ExitCode> {
+    build_and_run(true, "bench-alerts", &[], &[])
+}

@@ -20,6 +20,8 @@ pub const GITEA_VERSION: &str = "v1.26.0";
 pub const KIND_VERSION: &str = "v0.30.0";
 /// Prometheus's Go module version (v0.3xx.y is Prometheus 3.xx.y); only its `promtool` is built.
 pub const PROMTOOL_VERSION: &str = "v0.316.0";
+/// Alertmanager's Go module version; the network-alerts tests post to and read back from the real server.
+pub const ALERTMANAGER_VERSION: &str = "v0.35.0";
 
 /// Where a tool's Go code comes from.
 enum Source {
@@ -28,6 +30,12 @@ enum Source {
     /// The upstream module itself, built as the main module from its downloaded source, because its go.mod
     /// has `replace` directives that only apply to the main module.
     MainModule(&'static str),
+    /// Like [`Source::MainModule`], from a writable copy of the source that `prepare` completes first
+    /// (files its release process generates and its module zip leaves out).
+    PreparedMainModule {
+        module: &'static str,
+        prepare: fn(source: &Path) -> Result<()>,
+    },
 }
 
 /// One pinned tool: the binaries it provides and how to build them.
@@ -99,6 +107,23 @@ fn kwok_data(module_dir: &Path, out: &Path) -> Result<()> {
 fn gitea_data(module_dir: &Path, out: &Path) -> Result<()> {
     for dir in ["templates", "options", "public"] {
         copy_dir(&module_dir.join(dir), &out.join(dir))?;
+    }
+    Ok(())
+}
+
+/// Gives the owner write permission on everything under `dir` (files copied from the module cache are
+/// read-only, which would stop both `prepare` and the removal of an old copy).
+fn make_writable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let mut permissions = entry.metadata()?.permissions();
+        permissions.set_mode(permissions.mode() | 0o200);
+        std::fs::set_permissions(&path, permissions)?;
+        if entry.file_type()?.is_dir() {
+            make_writable(&path)?;
+        }
     }
     Ok(())
 }
@@ -192,6 +217,44 @@ fn promtool_ldflags() -> String {
     format!("-X github.com/prometheus/common/version.Version={PROMTOOL_VERSION}")
 }
 
+/// Alertmanager, the receiver kas forwards network-policy alerts to; the kas tests read the alerts back
+/// through its v2 API. Built as main module like promtool: its go.mod pins its dependencies.
+pub const ALERTMANAGER: Tool = Tool {
+    name: "alertmanager",
+    version: ALERTMANAGER_VERSION,
+    source: Source::PreparedMainModule {
+        module: "github.com/prometheus/alertmanager",
+        prepare: alertmanager_ui_placeholder,
+    },
+    binaries: &[("./cmd/alertmanager", "alertmanager")],
+    tags: "",
+    ldflags: alertmanager_ldflags,
+    data: no_data,
+};
+
+/// Alertmanager embeds its web UI from `ui/app/dist`, which its release builds with npm and Elm and its
+/// module zip leaves out. The tests use only the v2 API, so a placeholder page stands in for the UI (the
+/// only stand-in in this build; the API and everything behind it are Alertmanager's own code).
+fn alertmanager_ui_placeholder(source: &Path) -> Result<()> {
+    for ui in ["elm", "mantine"] {
+        let dir = source.join("ui/app/dist").join(ui);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("index.html"),
+            "<!doctype html><title>Alertmanager</title><p>Built without its web UI; use /api/v2.</p>\n",
+        )?;
+    }
+    std::fs::write(source.join("ui/app/dist/elm/favicon.ico"), b"")?;
+    Ok(())
+}
+
+fn alertmanager_ldflags() -> String {
+    format!(
+        "-X github.com/prometheus/common/version.Version={}",
+        ALERTMANAGER_VERSION.trim_start_matches('v')
+    )
+}
+
 /// Only the Docker backend uses kind.
 pub const KIND: Tool = Tool {
     name: "kind",
@@ -204,7 +267,7 @@ pub const KIND: Tool = Tool {
 };
 
 /// The tools the local backend needs, cheapest first so a cold cache gets the cluster's pieces early.
-pub const LOCAL_BACKEND: &[&Tool] = &[&ETCD, &KUBERNETES, &KWOK, &GITEA, &HELM, &PROMTOOL];
+pub const LOCAL_BACKEND: &[&Tool] = &[&ETCD, &KUBERNETES, &KWOK, &GITEA, &HELM, &PROMTOOL, &ALERTMANAGER];
 
 pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("GITOPS_TOOLS_CACHE") {
@@ -254,6 +317,10 @@ impl Tool {
         }
         (self.data)(&module_dir, &partial)?;
         std::fs::rename(&partial, &dir)?;
+        if matches!(self.source, Source::PreparedMainModule { .. }) && work_dir.exists() {
+            make_writable(&work_dir)?;
+            std::fs::remove_dir_all(&work_dir)?;
+        }
         eprintln!(
             "==> built {} {} in {:.0?}",
             self.name,
@@ -276,6 +343,19 @@ impl Tool {
             Source::MainModule(module) => {
                 let dir = download_module_source(module, self.version)?;
                 Ok((dir.clone(), dir))
+            }
+            Source::PreparedMainModule { module, prepare } => {
+                let downloaded = download_module_source(module, self.version)?;
+                // The module cache is read-only: build from a copy beside the tool's directory.
+                let copy = PathBuf::from(format!("{}.src", self.dir().display()));
+                if copy.exists() {
+                    make_writable(&copy)?;
+                    std::fs::remove_dir_all(&copy)?;
+                }
+                copy_dir(&downloaded, &copy)?;
+                make_writable(&copy)?;
+                prepare(&copy)?;
+                Ok((copy.clone(), copy))
             }
         }
     }

@@ -37,6 +37,9 @@ pub struct ServerConfig {
     /// The Kubernetes API proxy (CI/CD tunnel, user access); served when `listen.k8s_proxy` is set.
     #[serde(default)]
     pub k8s_proxy: K8sProxyConfig,
+    /// Network-policy alerts agents report: how many kas keeps and where it forwards them.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +190,9 @@ impl Default for ManifestLimits {
 /// may reach) is reused: a token revoked in the Git server stops working within this.
 pub const MAX_USER_CACHE_TTL: Duration = Duration::from_secs(10);
 
+/// Highest `alerts.max_per_agent`.
+pub const MAX_ALERTS_PER_AGENT: usize = 100_000;
+
 /// The Kubernetes API proxy's settings besides its listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -234,6 +240,48 @@ pub struct WebhookConfig {
     /// File holding the shared secret: the HMAC key for Gitea and GitHub signatures, the token GitLab sends.
     /// Without it the webhook endpoints refuse every request.
     pub secret_file: Option<PathBuf>,
+}
+
+/// `alerts:`: network-policy alerts from agents (docs/network-alerts.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Prometheus Alertmanager's base URL, e.g. `http://127.0.0.1:9093`; alerts go to `<url>/api/v2/alerts`.
+    /// Not forwarded when absent (still stored and shown in GraphQL).
+    pub alertmanager_url: Option<String>,
+    /// A generic JSON webhook, signed with HMAC-SHA256.
+    pub webhook: Option<AlertWebhookConfig>,
+    /// Alerts kept per agent; over it, the one seen longest ago is dropped first. Default 1000.
+    pub max_per_agent: usize,
+    /// An alert with no new drops for this long is resolved (Alertmanager gets `endsAt = last seen + this`).
+    /// Default `15m`.
+    #[serde(with = "crate::duration")]
+    pub resolve_after: Duration,
+    /// An active alert whose count moved is posted again at most this often. Default `1m`.
+    #[serde(with = "crate::duration")]
+    pub resend_interval: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            alertmanager_url: None,
+            webhook: None,
+            max_per_agent: 1000,
+            resolve_after: Duration::from_secs(15 * 60),
+            resend_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `alerts.webhook`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertWebhookConfig {
+    /// Where kas POSTs the alerts as JSON.
+    pub url: String,
+    /// File holding the HMAC key of the `X-Gitops-Signature` header.
+    pub secret_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -342,7 +390,52 @@ impl ServerConfig {
                 return Err(invalid(field, "must be at least 1".into()));
             }
         }
-        self.check_k8s_proxy(file)
+        self.check_k8s_proxy(file)?;
+        self.check_alerts(file)
+    }
+
+    fn check_alerts(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            file: file.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        };
+        let alerts = &self.alerts;
+        let is_http = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        if let Some(url) = &alerts.alertmanager_url
+            && !is_http(url)
+        {
+            return Err(invalid(
+                "alerts.alertmanager_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(webhook) = &alerts.webhook
+            && !is_http(&webhook.url)
+        {
+            return Err(invalid(
+                "alerts.webhook.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if alerts.max_per_agent == 0 {
+            return Err(invalid("alerts.max_per_agent", "must be at least 1"));
+        }
+        if alerts.max_per_agent > MAX_ALERTS_PER_AGENT {
+            return Err(invalid(
+                "alerts.max_per_agent",
+                "at most 100000: every alert of an agent is held to answer GraphQL",
+            ));
+        }
+        for (field, value) in [
+            ("alerts.resolve_after", alerts.resolve_after),
+            ("alerts.resend_interval", alerts.resend_interval),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(field, "must be at least 1s"));
+            }
+        }
+        Ok(())
     }
 
     fn check_k8s_proxy(&self, file: &str) -> Result<(), ConfigError> {
@@ -409,6 +502,11 @@ impl ServerConfig {
     /// The webhook secret, if configured.
     pub fn read_webhook_secret(&self) -> Result<Option<String>, ConfigError> {
         read_secret(self.webhooks.secret_file.as_deref())
+    }
+
+    /// The alerts webhook's HMAC key, if a webhook is configured.
+    pub fn read_alerts_webhook_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(self.alerts.webhook.as_ref().map(|w| w.secret_file.as_path()))
     }
 
     /// The Git password, if configured.
@@ -651,5 +749,65 @@ mod tests {
         );
         let c = ServerConfig::parse("kas.yaml", GIT).unwrap();
         assert_eq!(c.read_viewer_token().unwrap(), None);
+    }
+
+    #[test]
+    fn alerts_have_defaults_and_bad_values_name_the_field() {
+        let c = ServerConfig::parse("kas.yaml", GIT).unwrap();
+        assert_eq!(c.alerts.max_per_agent, 1000);
+        assert_eq!(c.alerts.resolve_after, Duration::from_secs(900));
+        assert_eq!(c.alerts.resend_interval, Duration::from_secs(60));
+        assert_eq!(c.alerts.alertmanager_url, None);
+        let dir = scratch_dir("alerts");
+        let secret = dir.join("hook");
+        std::fs::write(&secret, "hook-secret\n").unwrap();
+        let c = ServerConfig::parse(
+            "kas.yaml",
+            &format!(
+                "alerts:\n  alertmanager_url: http://127.0.0.1:9093\n  webhook:\n    url: https://hooks.example/x\n    \
+                 secret_file: {}\n  max_per_agent: 5\n  resolve_after: 2m\n  resend_interval: 10s\n{GIT}",
+                secret.display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.alerts.alertmanager_url.as_deref(),
+            Some("http://127.0.0.1:9093")
+        );
+        assert_eq!(c.alerts.max_per_agent, 5);
+        assert_eq!(c.alerts.resolve_after, Duration::from_secs(120));
+        assert_eq!(
+            c.read_alerts_webhook_secret().unwrap().as_deref(),
+            Some("hook-secret")
+        );
+        for (yaml, field) in [
+            ("alerts:\n  alertmanager_url: am:9093\n", "alerts.alertmanager_url"),
+            (
+                "alerts:\n  webhook:\n    url: ftp://x\n    secret_file: /s\n",
+                "alerts.webhook.url",
+            ),
+            ("alerts:\n  max_per_agent: 0\n", "alerts.max_per_agent"),
+            ("alerts:\n  max_per_agent: 100001\n", "alerts.max_per_agent"),
+            ("alerts:\n  resolve_after: 0s\n", "alerts.resolve_after"),
+            ("alerts:\n  resend_interval: 10ms\n", "alerts.resend_interval"),
+            // Unknown and missing fields are named by the parser.
+            ("alerts:\n  alertmanager: http://am\n", "alertmanager"),
+            ("alerts:\n  webhook:\n    url: http://x\n", "secret_file"),
+            ("alerts:\n  webhook:\n    url: http://x\n    secret: s\n", "secret"),
+            ("alerts:\n  resolve_after: soon\n", "soon"),
+        ] {
+            let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{yaml}: {err}");
+        }
+        let missing = ServerConfig::parse(
+            "kas.yaml",
+            &format!(
+                "alerts:\n  webhook:\n    url: http://x\n    secret_file: {}\n{GIT}",
+                dir.join("absent").display()
+            ),
+        )
+        .unwrap();
+        let err = missing.read_alerts_webhook_secret().unwrap_err().to_string();
+        assert!(err.contains("absent"), "{err}");
     }
 }

@@ -14,6 +14,8 @@ use crate::{
     tokens,
 };
 
+mod network_alerts;
+
 pub type KasSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
 /// How long `liveInfo` waits for the agent's answer.
@@ -233,6 +235,22 @@ impl ClusterAgent {
             });
         }
         Ok(out)
+    }
+    /// Flows network policies dropped, newest `lastSeen` first, at most `first` (default 100).
+    async fn network_alerts(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 100, validator(minimum = 0, maximum = 100000))] first: i32,
+    ) -> async_graphql::Result<Vec<network_alerts::NetworkAlert>> {
+        network_alerts::network_alerts(state(ctx), self.0.id, first)
+    }
+    /// The agent's alerts module as it last reported, and kas's forwarding of its alerts (null before the
+    /// agent reported any).
+    async fn network_alerts_status(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Option<network_alerts::NetworkAlertsStatus>> {
+        network_alerts::network_alerts_status(state(ctx), self.0.id)
     }
     /// Asks the agent itself, through its reverse tunnel (null when it is not connected).
     async fn live_info(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<AgentLiveInfo>> {
@@ -846,6 +864,16 @@ impl MutationRoot {
         )
         .await;
         Ok(errors(failures.iter().map(ToString::to_string).collect()))
+    }
+
+    /// Resolves network alerts of an agent (all its firing ones without `alertIds`) and posts them to
+    /// Alertmanager with `endsAt` now. An alert that gets new drops fires again.
+    async fn network_alerts_resolve(
+        &self,
+        ctx: &Context<'_>,
+        input: network_alerts::NetworkAlertsResolveInput,
+    ) -> async_graphql::Result<network_alerts::NetworkAlertsResolvePayload> {
+        network_alerts::resolve(state(ctx), input)
     }
 
     // --- Kubernetes API proxy: CI tokens ---

@@ -13,6 +13,7 @@ pub mod k8s_proxy;
 pub mod log_reload;
 pub mod manifests;
 pub mod metrics;
+pub mod network_alerts;
 pub mod observability;
 pub mod store;
 pub mod tokens;
@@ -93,6 +94,8 @@ pub struct KasState {
     pub metrics: Arc<metrics::KasMetrics>,
     /// The process's logger, for `kasLogLevelSet`; `None` when an embedder installed none.
     pub logs: Option<Arc<log_reload::LogControl>>,
+    /// Network-policy alerts: settings, what waits to be forwarded, forwarding outcomes.
+    pub network_alerts: network_alerts::NetworkAlerts,
 }
 
 impl std::fmt::Debug for KasState {
@@ -218,6 +221,10 @@ pub async fn start_with(
         },
         metrics,
         logs: options.log_control.clone(),
+        network_alerts: network_alerts::NetworkAlerts::new(
+            config.alerts.clone(),
+            config.read_alerts_webhook_secret()?,
+        ),
     });
 
     let read = |p: &std::path::Path| {
@@ -275,6 +282,9 @@ pub async fn start_with(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
+    .add_service(network_alerts::service::NetworkAlertsService::server(
+        state.clone(),
+    ))
     .add_service(ReverseTunnelService::new(
         state.tunnels.clone(),
         Arc::new(AgentTunnelAuthority {
@@ -333,6 +343,7 @@ pub async fn start_with(
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(agent_listener.serve(agent_socket, stop.clone()));
+    tasks.spawn(network_alerts::forward::run(state.clone(), stop.clone()));
     let api = api::router(state.clone(), graphql::schema(state.clone()));
     let api_limits = HttpLimits {
         header_read_timeout: config.listen.header_read_timeout,
@@ -435,6 +446,8 @@ fn log_start(config: &ServerConfig, git_url: &str, listening: &Listening) {
         git_poll_period = %humantime::format_duration(config.git.poll_period),
         admin_api = config.admin_token_file.is_some(),
         webhooks = config.webhooks.secret_file.is_some(),
+        alertmanager = config.alerts.alertmanager_url.is_some(),
+        alerts_webhook = config.alerts.webhook.is_some(),
         log_level = config.logging.level.as_str(),
         "kas is serving"
     );

@@ -122,6 +122,15 @@ enum GetCommand {
         #[arg(long)]
         project: Option<String>,
     },
+    /// The agent's network-policy alerts, newest last seen first.
+    Alerts {
+        /// `gid://kas/Clusters::Agent/N` or `N`.
+        #[arg(long)]
+        agent: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        first: i32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -365,6 +374,12 @@ async fn get(client: AdminClient, format: Format, what: GetCommand) -> anyhow::R
             let agents = client.agents_detail(agent.as_deref(), true).await?;
             let objects = views::objects_of(&agents, project.as_deref());
             print_records(&objects, format, "No objects found.", views::objects_table)
+        }
+        GetCommand::Alerts { agent, first } => {
+            let alerts = client.network_alerts(&agent, first).await?;
+            print_records(&alerts, format, "No network alerts found.", |a| {
+                views::alerts_table(a, now)
+            })
         }
     }
 }

@@ -188,6 +188,61 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// `{result}` of a counted event.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// `{sink, result}` of forwarded alerts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub sink: &'static str,
+    pub result: &'static str,
+}
+
+/// The network-policy alerts' metrics (`kas_network_alerts_*`).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkAlertMetrics {
+    batches: Family<ResultLabels, Counter>,
+    received: Family<ResultLabels, Counter>,
+    evicted: Counter,
+    forwarded: Family<SinkLabels, Counter>,
+    forward_pending: Gauge,
+}
+
+impl NetworkAlertMetrics {
+    /// A `ReportAlerts` batch: a repeat of a stored one, or stored with `stored` entries kept and
+    /// `rejected` refused, and `evicted` alerts dropped by the bound.
+    pub fn batch(&self, duplicate: bool, stored: usize, rejected: u64, evicted: usize) {
+        let result = if duplicate { "duplicate" } else { "accepted" };
+        self.batches.get_or_create(&ResultLabels { result }).inc();
+        self.received
+            .get_or_create(&ResultLabels { result: "stored" })
+            .inc_by(stored as u64);
+        self.received
+            .get_or_create(&ResultLabels { result: "rejected" })
+            .inc_by(rejected);
+        self.evicted.inc_by(evicted as u64);
+    }
+
+    /// `alerts` posted to `sink` in one request.
+    pub fn forwarded(&self, sink: crate::network_alerts::forward::SinkKind, ok: bool, alerts: usize) {
+        let result = if ok { "ok" } else { "error" };
+        self.forwarded
+            .get_or_create(&SinkLabels {
+                sink: sink.as_str(),
+                result,
+            })
+            .inc_by(alerts as u64);
+    }
+
+    /// Alerts waiting to be posted, summed over the receivers.
+    pub fn forward_pending(&self, alerts: usize) {
+        self.forward_pending.set(alerts as i64);
+    }
+}
+
 /// Every metric kas exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct KasMetrics {
@@ -199,6 +254,7 @@ pub struct KasMetrics {
     webhook_deliveries: Family<WebhookLabels, Counter>,
     sync_reports: Family<OutcomeLabels, Counter>,
     pub proxy: ProxyMetrics,
+    pub network_alerts: NetworkAlertMetrics,
 }
 
 impl Default for KasMetrics {
@@ -218,6 +274,20 @@ impl KasMetrics {
         let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
         let sync_reports = Family::<OutcomeLabels, Counter>::default();
         let proxy = ProxyMetrics::default();
+        let network_alerts = NetworkAlertMetrics::default();
+        for result in ["accepted", "duplicate"] {
+            let _ = network_alerts.batches.get_or_create(&ResultLabels { result });
+        }
+        for result in ["stored", "rejected"] {
+            let _ = network_alerts.received.get_or_create(&ResultLabels { result });
+        }
+        for sink in ["alertmanager", "webhook"] {
+            for result in ["ok", "error"] {
+                let _ = network_alerts
+                    .forwarded
+                    .get_or_create(&SinkLabels { sink, result });
+            }
+        }
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -316,6 +386,31 @@ impl KasMetrics {
             "Kubernetes API proxy requests in flight (watches, logs and exec sessions included)",
             proxy.in_flight.clone(),
         );
+        registry.register(
+            "network_alerts_batches",
+            "NetworkAlerts.ReportAlerts batches, by result: accepted, duplicate (a re-sent batch id, counted once)",
+            network_alerts.batches.clone(),
+        );
+        registry.register(
+            "network_alerts_received",
+            "Alert entries in accepted batches, by result: stored, rejected (invalid; named in the log and GraphQL)",
+            network_alerts.received.clone(),
+        );
+        registry.register(
+            "network_alerts_evicted",
+            "Alerts dropped to stay within alerts.max_per_agent (oldest last seen first)",
+            network_alerts.evicted.clone(),
+        );
+        registry.register(
+            "network_alerts_forwarded",
+            "Alerts posted to a receiver, by sink (alertmanager, webhook) and result (ok, error)",
+            network_alerts.forwarded.clone(),
+        );
+        registry.register(
+            "network_alerts_forward_pending",
+            "Alerts waiting to be posted, summed over the receivers",
+            network_alerts.forward_pending.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             connections,
@@ -325,6 +420,7 @@ impl KasMetrics {
             webhook_deliveries,
             sync_reports,
             proxy,
+            network_alerts,
         }
     }
 

@@ -46,4 +46,8 @@ pub struct ToolPaths {
     /// `promtool` (Prometheus's exposition linter); empty in a state file written before it was added.
     #[serde(default)]
     pub promtool: PathBuf,
+    /// Prometheus Alertmanager, for the network-alerts tests; empty in a state file written before it was
+    /// added.
+    #[serde(default)]
+    pub alertmanager: PathBuf,
 }

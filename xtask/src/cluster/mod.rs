@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::process::{self, Started};
 use crate::state::{STATE_ENV_VAR, TestEnvState, ToolPaths};
-use crate::tools::{self, HELM, KUBERNETES, PROMTOOL};
+use crate::tools::{self, ALERTMANAGER, HELM, KUBERNETES, PROMTOOL};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -117,6 +117,7 @@ fn start_local(dir: &Path, started: &mut Vec<Started>) -> Result<TestEnvState> {
             kubectl: KUBERNETES.bin("kubectl"),
             helm: HELM.bin("helm"),
             promtool: PROMTOOL.bin("promtool"),
+            alertmanager: ALERTMANAGER.bin("alertmanager"),
         },
     })
 }
@@ -210,6 +211,7 @@ pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState
     // for kubectl alone would cost minutes, so a cached one is used when there, else the one on PATH.
     HELM.ensure()?;
     PROMTOOL.ensure()?;
+    ALERTMANAGER.ensure()?;
     let (env, kubernetes, gitea) = docker::start(dir).await?;
     let kubectl = if KUBERNETES.is_built() {
         KUBERNETES.bin("kubectl")
@@ -224,6 +226,7 @@ pub async fn start_docker(dir: &Path) -> Result<(docker::DockerEnv, TestEnvState
             kubectl,
             helm: HELM.bin("helm"),
             promtool: PROMTOOL.bin("promtool"),
+            alertmanager: ALERTMANAGER.bin("alertmanager"),
         },
     };
     write_json(&state_file(dir), &state)?;

@@ -294,4 +294,21 @@ impl AdminClient {
         )
         .await
     }
+
+    /// The agent's network alerts, newest last seen first (at most `first`).
+    pub async fn network_alerts(&self, agent_id: &str, first: i32) -> Result<Vec<Value>, CliError> {
+        let data = self
+            .execute(
+                "query($a: ID!, $n: Int!) { clusterAgent(id: $a) { networkAlerts(first: $n) { id policy policyKind source destination port protocol direction verdict dropReason count firstSeen lastSeen firingSince resolved resolvedAt sourceEndpoint { namespace podName ip workload } destinationEndpoint { namespace podName ip workload } } } }",
+                json!({ "a": agent_id, "n": first }),
+            )
+            .await?;
+        match &data["clusterAgent"] {
+            Value::Null => Err(CliError::Failed(format!("agent {agent_id} does not exist"))),
+            agent => Ok(agent["networkAlerts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()),
+        }
+    }
 }

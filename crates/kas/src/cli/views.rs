@@ -246,6 +246,44 @@ pub fn objects_table(objects: &[Value]) -> Table {
     table
 }
 
+/// `kas get alerts`: one row per alert (dedupe key), newest last seen first as kas answers.
+pub fn alerts_table(alerts: &[Value], now: SystemTime) -> Table {
+    let mut table = Table::new(&[
+        "ID",
+        "POLICY",
+        "DIRECTION",
+        "SOURCE",
+        "DESTINATION",
+        "PORT",
+        "COUNT",
+        "STATE",
+        "LAST SEEN",
+    ]);
+    for alert in alerts {
+        let port = match (&alert["port"], text(&alert["protocol"])) {
+            (Value::Number(n), protocol) if n.as_u64() != Some(0) => format!("{n}/{protocol}"),
+            (_, protocol) => protocol.to_owned(),
+        };
+        let state = if alert["resolved"].as_bool().unwrap_or(false) {
+            "resolved"
+        } else {
+            "firing"
+        };
+        table.push(vec![
+            short_id(text(&alert["id"])),
+            text(&alert["policy"]).to_owned(),
+            text(&alert["direction"]).to_lowercase(),
+            text(&alert["source"]).to_owned(),
+            text(&alert["destination"]).to_owned(),
+            port,
+            alert["count"].to_string(),
+            state.to_owned(),
+            age(text(&alert["lastSeen"]), now),
+        ]);
+    }
+    table
+}
+
 /// `kas token list`: the tokens of the agents (never secrets: kas does not have them).
 pub fn tokens(agents: &[Value]) -> Vec<Value> {
     agents

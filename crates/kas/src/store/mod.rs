@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod ci_tokens;
+pub mod network_alerts;
 
 use std::{
     path::{Path, PathBuf},
@@ -312,6 +313,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(SYNC_STATUS)?;
         ci_tokens::create_tables(&txn)?;
         audit::create_tables(&txn)?;
+        network_alerts::create_tables(&txn)?;
         txn.commit()?;
         Ok(())
     };
@@ -433,6 +435,7 @@ impl Store {
             remove_agent_rows(&mut txn.open_table(GRANTS)?, id)?;
             remove_agent_rows(&mut txn.open_table(MANIFEST_STATUS)?, id)?;
             remove_agent_rows(&mut txn.open_table(SYNC_STATUS)?, id)?;
+            network_alerts::remove_agent(&txn, id)?;
             let mut tokens = txn.open_table(TOKENS)?;
             let mut hashes = txn.open_table(TOKEN_HASHES)?;
             let mut index = txn.open_table(AGENT_TOKENS)?;
