@@ -267,7 +267,15 @@ pub const KIND: Tool = Tool {
 };
 
 /// The tools the local backend needs, cheapest first so a cold cache gets the cluster's pieces early.
-pub const LOCAL_BACKEND: &[&Tool] = &[&ETCD, &KUBERNETES, &KWOK, &GITEA, &HELM, &PROMTOOL, &ALERTMANAGER];
+pub const LOCAL_BACKEND: &[&Tool] = &[
+    &ETCD,
+    &KUBERNETES,
+    &KWOK,
+    &GITEA,
+    &HELM,
+    &PROMTOOL,
+    &ALERTMANAGER,
+];
 
 pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("GITOPS_TOOLS_CACHE") {

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use super::status::StatusBoard;
 use crate::KasChannel;
 
-/// The status is re-sent this often even when its state has not changed (the counters moved, or kas
-/// restarted).
-const STATUS_EVERY: Duration = Duration::from_secs(30);
+/// Counters are re-sent this often when they moved; state changes go at once.
+const COUNTERS_EVERY: Duration = Duration::from_secs(5);
+/// The status is re-sent this often even when nothing changed (kas may have restarted).
+const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn batches(
     service: KasChannel,
@@ -57,18 +58,26 @@ pub async fn batches(
 pub async fn status(service: KasChannel, board: Arc<StatusBoard>, stop: CancellationToken) {
     let mut client = NetworkAlertsClient::new(service);
     let mut changes = board.subscribe();
-    let mut every = tokio::time::interval(STATUS_EVERY);
+    let mut tick = tokio::time::interval(COUNTERS_EVERY);
+    let mut last: Option<(gitops_protocol::NetworkModuleStatus, tokio::time::Instant)> = None;
     loop {
         // Coalesce bursts of changes (a watcher's first list, a reconnect) into one report.
         tokio::time::sleep(Duration::from_millis(100)).await;
         changes.borrow_and_update();
-        if let Err(e) = client.report_status(board.snapshot()).await {
-            tracing::debug!(error = %e, "reporting the network alerts status to kas");
+        let now = board.snapshot();
+        let due = last
+            .as_ref()
+            .is_none_or(|(sent, at)| *sent != now || at.elapsed() >= STATUS_EVERY);
+        if due {
+            match client.report_status(now.clone()).await {
+                Ok(_) => last = Some((now, tokio::time::Instant::now())),
+                Err(e) => tracing::debug!(error = %e, "reporting the network alerts status to kas"),
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,
             _ = changes.changed() => {}
-            _ = every.tick() => {}
+            _ = tick.tick() => {}
         }
     }
 }

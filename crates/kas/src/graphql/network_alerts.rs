@@ -306,7 +306,3 @@ pub(super) fn resolve(
         errors,
     })
 }
-
-
-
-
