@@ -123,6 +123,9 @@ enum BenchWhich {
     Proxy,
     /// Network alerts per second kas accepts (`ReportAlerts`), against empty batches in the same run.
     Alerts,
+    /// agentk following 10,000 Hubble flows a second (network alerts): CPU and memory, against a bare
+    /// decoder of the same stream in the same run, on the local cluster.
+    Flows,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +218,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             which: BenchWhich::Alerts,
         } => return scenarios::bench_alerts(),
+        Command::Bench {
+            which: BenchWhich::Flows,
+        } => return scenarios::bench_flows(),
         Command::Test {
             backend,
             no_lint,

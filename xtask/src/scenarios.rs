@@ -120,6 +120,11 @@ pub fn bench_agents(agents: usize) -> anyhow::Result<ExitCode> {
     build_and_run(true, "bench-agents", &[agents.to_string()], &[])
 }
 
+/// agentk's network-policy alerts module at 10,000 flows/s, as processes against the local cluster.
+pub fn bench_flows() -> anyhow::Result<ExitCode> {
+    bench_on_cluster("bench-network-alerts", "bench-flows-env")
+}
+
 /// kas's `NetworkAlerts.ReportAlerts` throughput against empty batches, in one run (no cluster needed).
 pub fn bench_alerts() -> anyhow::Result<ExitCode> {
     build_and_run(true, "bench-alerts", &[], &[])

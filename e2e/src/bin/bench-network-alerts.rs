@@ -8,7 +8,7 @@
 //! (100 distinct sources: the dedupe path); 10k/s of drops that match none; 10k/s of drops each from a new
 //! address (the worst case for memory: every flow a new alert key, bounded by the pending cap).
 //!
-//! Run: `cargo xtask bench network-alerts`.
+//! Run: `cargo xtask bench flows`.
 
 use std::time::{Duration, Instant};
 
