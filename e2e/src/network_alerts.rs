@@ -43,6 +43,9 @@ pub struct AlertsWorld {
     /// The agent's GraphQL id.
     pub agent_gid: String,
     pub manifests_repo: test_support::gitea::Repository,
+    pub config_repo: test_support::gitea::Repository,
+    /// config.yaml's `gitops` section, to push variants of the `cilium` one.
+    pub gitops_yaml: String,
     pub kas: Killed,
     pub agentk: Killed,
 }
@@ -124,11 +127,12 @@ impl AlertsWorld {
         let manifests_repo = gitea
             .create_repository(&format!("{}-manifests", options.name))
             .await?;
+        let gitops_yaml = format!(
+            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n",
+            manifests_repo.full_name, ns.name,
+        );
         let config_yaml = format!(
-            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {}\n    paths:\n    - glob: '/**/*.yaml'\n\
-             cilium:\n  hubble_relay_address: {}\n{}",
-            manifests_repo.full_name,
-            ns.name,
+            "{gitops_yaml}cilium:\n  hubble_relay_address: {}\n{}",
             replay.address(),
             options.cilium_extra,
         );
@@ -175,13 +179,16 @@ impl AlertsWorld {
             Ok(admin.list_agents(None).await.is_ok())
         })
         .await?;
-        gitea
-            .add_push_webhook(
-                &manifests_repo,
-                &format!("{api_url}/api/webhooks/gitea"),
-                "hook-secret",
-            )
-            .await?;
+        // kas polls hourly: every change must come by the push webhooks.
+        for repo in [&manifests_repo, &config_repo] {
+            gitea
+                .add_push_webhook(
+                    repo,
+                    &format!("{api_url}/api/webhooks/gitea"),
+                    "hook-secret",
+                )
+                .await?;
+        }
         let (agent_gid, _, token) = crate::register_agent(&admin, &config_repo.full_name).await?;
         let mut agentk = Command::new(sibling_binary("agentk")?);
         agentk
@@ -200,9 +207,26 @@ impl AlertsWorld {
             api_url,
             agent_gid,
             manifests_repo,
+            config_repo,
+            gitops_yaml,
             kas,
             agentk,
         })
+    }
+
+    /// Pushes config.yaml with `cilium` replaced by `cilium` (the section's body, or none).
+    pub async fn push_cilium(&self, cilium: Option<&str>) -> anyhow::Result<()> {
+        let yaml = match cilium {
+            Some(body) => format!("{}cilium:\n{body}", self.gitops_yaml),
+            None => self.gitops_yaml.clone(),
+        };
+        crate::push_main(
+            &self.config_repo,
+            &[(crate::CONFIG_FILE, &yaml)],
+            "cilium changed",
+        )
+        .await?;
+        Ok(())
     }
 
     /// `clusterAgent { networkAlertsStatus }`.

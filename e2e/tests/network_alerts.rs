@@ -315,6 +315,35 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
                 .any(|a| a["destination"] == json!(format!("{ns}/api-1")))
         })
         .await?;
+
+    // A TLS file agentk cannot read: the module says so (config.yaml is valid; the file is agentk's own).
+    // Then `cilium` removed: disabled, and the relay is no longer followed.
+    world
+        .push_cilium(Some(&format!(
+            "  hubble_relay_address: {}\n  tls:\n    ca_file: /nonexistent/hubble-ca.crt\n",
+            world.replay.address()
+        )))
+        .await?;
+    let bad = world
+        .wait_status(WAIT, "misconfigured", |s| s["state"] == "MISCONFIGURED")
+        .await?;
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/nonexistent/hubble-ca.crt"),
+        "{bad}"
+    );
+    world.push_cilium(None).await?;
+    world
+        .wait_status(WAIT, "disabled", |s| s["state"] == "DISABLED")
+        .await?;
+    e2e::eventually(
+        Duration::from_secs(10),
+        "agentk stops following the relay",
+        || async { Ok(world.replay.followers() == 0) },
+    )
+    .await?;
     drop(world);
     delete_cilium_crds().await?;
     Ok(())

@@ -279,6 +279,8 @@ impl Observer for Replay {
         let stream = async_stream(move |tx| async move {
             loop {
                 let next = tokio::select! {
+                    // The client went away (its call was cancelled): stop following, as Hubble does.
+                    () = tx.closed() => return,
                     () = stopped(&mut stop) => {
                         let _ = tx.send(Err(Status::unavailable("hubble replay server stopped"))).await;
                         return;

@@ -89,3 +89,19 @@ async fn unsupported_filters_are_refused_not_ignored() {
     let err = client(&server).get_flows(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_no_longer_a_follower() {
+    let server = ReplayServer::start().await.unwrap();
+    let flows = client(&server)
+        .get_flows(dropped_flows_request(&[Verdict::Dropped]))
+        .await
+        .unwrap();
+    assert!(server.wait_for_followers(1, Duration::from_secs(5)).await);
+    drop(flows);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.followers() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still a follower");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
