@@ -104,10 +104,12 @@ async fn report_disabled(service: KasChannel) -> bool {
         since_unix_ms: status::now_ms(),
         ..Default::default()
     };
-    NetworkAlertsClient::new(service)
-        .report_status(status)
-        .await
-        .is_ok()
+    // Bounded: this runs in the supervisor's loop, which must keep following configuration changes.
+    let call = NetworkAlertsClient::new(service).report_status(status);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), call).await,
+        Ok(Ok(_))
+    )
 }
 
 fn relay_config(cilium: &CiliumConfig) -> Result<RelayConfig, String> {
