@@ -105,7 +105,8 @@ async fn report_disabled(service: KasChannel) -> bool {
         ..Default::default()
     };
     // Bounded: this runs in the supervisor's loop, which must keep following configuration changes.
-    let call = NetworkAlertsClient::new(service).report_status(status);
+    let mut client = NetworkAlertsClient::new(service);
+    let call = client.report_status(status);
     matches!(
         tokio::time::timeout(Duration::from_secs(10), call).await,
         Ok(Ok(_))
