@@ -506,7 +506,12 @@ impl ServerConfig {
 
     /// The alerts webhook's HMAC key, if a webhook is configured.
     pub fn read_alerts_webhook_secret(&self) -> Result<Option<String>, ConfigError> {
-        read_secret(self.alerts.webhook.as_ref().map(|w| w.secret_file.as_path()))
+        read_secret(
+            self.alerts
+                .webhook
+                .as_ref()
+                .map(|w| w.secret_file.as_path()),
+        )
     }
 
     /// The Git password, if configured.
@@ -781,7 +786,10 @@ mod tests {
             Some("hook-secret")
         );
         for (yaml, field) in [
-            ("alerts:\n  alertmanager_url: am:9093\n", "alerts.alertmanager_url"),
+            (
+                "alerts:\n  alertmanager_url: am:9093\n",
+                "alerts.alertmanager_url",
+            ),
             (
                 "alerts:\n  webhook:\n    url: ftp://x\n    secret_file: /s\n",
                 "alerts.webhook.url",
@@ -789,11 +797,17 @@ mod tests {
             ("alerts:\n  max_per_agent: 0\n", "alerts.max_per_agent"),
             ("alerts:\n  max_per_agent: 100001\n", "alerts.max_per_agent"),
             ("alerts:\n  resolve_after: 0s\n", "alerts.resolve_after"),
-            ("alerts:\n  resend_interval: 10ms\n", "alerts.resend_interval"),
+            (
+                "alerts:\n  resend_interval: 10ms\n",
+                "alerts.resend_interval",
+            ),
             // Unknown and missing fields are named by the parser.
             ("alerts:\n  alertmanager: http://am\n", "alertmanager"),
             ("alerts:\n  webhook:\n    url: http://x\n", "secret_file"),
-            ("alerts:\n  webhook:\n    url: http://x\n    secret: s\n", "secret"),
+            (
+                "alerts:\n  webhook:\n    url: http://x\n    secret: s\n",
+                "secret",
+            ),
             ("alerts:\n  resolve_after: soon\n", "soon"),
         ] {
             let err = ServerConfig::parse("kas.yaml", &format!("{yaml}{GIT}")).unwrap_err();
@@ -807,7 +821,10 @@ mod tests {
             ),
         )
         .unwrap();
-        let err = missing.read_alerts_webhook_secret().unwrap_err().to_string();
+        let err = missing
+            .read_alerts_webhook_secret()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("absent"), "{err}");
     }
 }

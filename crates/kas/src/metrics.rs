@@ -227,7 +227,12 @@ impl NetworkAlertMetrics {
     }
 
     /// `alerts` posted to `sink` in one request.
-    pub fn forwarded(&self, sink: crate::network_alerts::forward::SinkKind, ok: bool, alerts: usize) {
+    pub fn forwarded(
+        &self,
+        sink: crate::network_alerts::forward::SinkKind,
+        ok: bool,
+        alerts: usize,
+    ) {
         let result = if ok { "ok" } else { "error" };
         self.forwarded
             .get_or_create(&SinkLabels {
@@ -276,10 +281,14 @@ impl KasMetrics {
         let proxy = ProxyMetrics::default();
         let network_alerts = NetworkAlertMetrics::default();
         for result in ["accepted", "duplicate"] {
-            let _ = network_alerts.batches.get_or_create(&ResultLabels { result });
+            let _ = network_alerts
+                .batches
+                .get_or_create(&ResultLabels { result });
         }
         for result in ["stored", "rejected"] {
-            let _ = network_alerts.received.get_or_create(&ResultLabels { result });
+            let _ = network_alerts
+                .received
+                .get_or_create(&ResultLabels { result });
         }
         for sink in ["alertmanager", "webhook"] {
             for result in ["ok", "error"] {

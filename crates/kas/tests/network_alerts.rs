@@ -203,7 +203,11 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     client
         .report_alerts(batch(
             1,
-            vec![drop_of("web-1", 600, t), drop_of("web-1", 400, t + 10), drop_of("web-2", 1, t)],
+            vec![
+                drop_of("web-1", 600, t),
+                drop_of("web-1", 400, t + 10),
+                drop_of("web-2", 1, t),
+            ],
         ))
         .await?;
     let alerts = am
@@ -233,7 +237,10 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     assert_eq!(web1.labels, expected);
     assert_eq!(web1.annotations["count"], "1000", "{web1:#?}");
     assert_eq!(web1.status.state, "active");
-    assert!(web1.annotations["summary"].contains("shop/deny-db"), "{web1:#?}");
+    assert!(
+        web1.annotations["summary"].contains("shop/deny-db"),
+        "{web1:#?}"
+    );
     assert_eq!(
         chrono_free_ms(&web1.starts_at),
         t,
@@ -256,7 +263,10 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     assert_eq!(alerts.len(), 2, "still one alert per key: {alerts:#?}");
     let graph = kas.alerts().await?;
     assert_eq!(graph.len(), 2);
-    assert_eq!(graph[0]["source"], "shop/web-1", "newest lastSeen first: {graph:?}");
+    assert_eq!(
+        graph[0]["source"], "shop/web-1",
+        "newest lastSeen first: {graph:?}"
+    );
     assert_eq!(graph[0]["count"], 1005);
     assert_eq!(graph[0]["policy"], "shop/deny-db");
     assert_eq!(graph[0]["policyKind"], "CILIUM_NETWORK_POLICY");
@@ -264,7 +274,10 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     assert_eq!(graph[0]["direction"], "EGRESS");
     assert_eq!(graph[0]["verdict"], "DROPPED");
     assert_eq!(graph[0]["destination"], "world 203.0.113.7");
-    assert_eq!(graph[0]["sourceEndpoint"]["workload"], "Deployment/frontend");
+    assert_eq!(
+        graph[0]["sourceEndpoint"]["workload"],
+        "Deployment/frontend"
+    );
     assert_eq!(graph[0]["resolved"], false);
     // A few seconds more: nothing else arrives (the re-sent batch was not counted late).
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -275,7 +288,10 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     );
     let status = kas.status().await?;
     assert_eq!(status["forwarding"]["lastError"], Value::Null, "{status}");
-    assert!(status["forwarding"]["lastSuccessAt"].is_string(), "{status}");
+    assert!(
+        status["forwarding"]["lastSuccessAt"].is_string(),
+        "{status}"
+    );
     kas.kas.shutdown().await;
     Ok(())
 }
@@ -295,15 +311,15 @@ async fn resolving_ends_the_alert_in_alertmanager_and_new_drops_fire_it_again() 
     let mut client = kas.client(AGENT_SECRET)?;
     let t = now_ms() - 60_000;
     client
-        .report_alerts(batch(1, vec![drop_of("web-1", 3, t), drop_of("web-2", 1, t)]))
+        .report_alerts(batch(
+            1,
+            vec![drop_of("web-1", 3, t), drop_of("web-2", 1, t)],
+        ))
         .await?;
     am.wait_for(&am_query(), WAIT, "two alerts", |a| a.len() == 2)
         .await?;
     let graph = kas.alerts().await?;
-    let web1 = graph
-        .iter()
-        .find(|a| a["source"] == "shop/web-1")
-        .unwrap();
+    let web1 = graph.iter().find(|a| a["source"] == "shop/web-1").unwrap();
     let answer = kas
         .graphql(&format!(
             r#"mutation {{ networkAlertsResolve(input: {{ clusterAgentId: "{}", alertIds: ["{}", "gid://kas/Clusters::NetworkAlert/999"] }}) {{ resolved errors }} }}"#,
@@ -353,7 +369,10 @@ async fn resolving_ends_the_alert_in_alertmanager_and_new_drops_fire_it_again() 
             kas.gid()
         ))
         .await?;
-    assert_eq!(answer["data"]["networkAlertsResolve"]["resolved"], 2, "{answer}");
+    assert_eq!(
+        answer["data"]["networkAlertsResolve"]["resolved"], 2,
+        "{answer}"
+    );
     am.wait_for(&am_query(), WAIT, "no alert firing", |a| a.is_empty())
         .await?;
     kas.kas.shutdown().await;
@@ -370,19 +389,30 @@ async fn the_bound_drops_the_oldest_and_alerts_and_batch_ids_survive_a_restart()
     client
         .report_alerts(batch(
             1,
-            vec![drop_of("a", 1, t), drop_of("b", 1, t + 1), drop_of("c", 1, t + 2)],
+            vec![
+                drop_of("a", 1, t),
+                drop_of("b", 1, t + 1),
+                drop_of("c", 1, t + 2),
+            ],
         ))
         .await?;
     // `a` seen again: `b` is now the oldest and goes when `d` arrives.
-    client.report_alerts(batch(2, vec![drop_of("a", 1, t + 3)])).await?;
-    client.report_alerts(batch(3, vec![drop_of("d", 1, t + 4)])).await?;
+    client
+        .report_alerts(batch(2, vec![drop_of("a", 1, t + 3)]))
+        .await?;
+    client
+        .report_alerts(batch(3, vec![drop_of("d", 1, t + 4)]))
+        .await?;
     let sources = |alerts: &[Value]| -> Vec<String> {
         alerts
             .iter()
             .map(|a| a["source"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(sources(&kas.alerts().await?), ["shop/d", "shop/a", "shop/c"]);
+    assert_eq!(
+        sources(&kas.alerts().await?),
+        ["shop/d", "shop/a", "shop/c"]
+    );
     assert_eq!(kas.status().await?["evicted"], 1);
 
     let kas = kas.restart(alerts_yaml).await?;
@@ -391,9 +421,13 @@ async fn the_bound_drops_the_oldest_and_alerts_and_batch_ids_survive_a_restart()
     assert_eq!(sources(&alerts), ["shop/d", "shop/a", "shop/c"]);
     assert_eq!(alerts[1]["count"], 2);
     // agentk re-sends batch 3 because the ack was lost in the restart: counted once.
-    client.report_alerts(batch(3, vec![drop_of("d", 1, t + 4)])).await?;
+    client
+        .report_alerts(batch(3, vec![drop_of("d", 1, t + 4)]))
+        .await?;
     assert_eq!(kas.alerts().await?[0]["count"], 1);
-    client.report_alerts(batch(4, vec![drop_of("d", 1, t + 5)])).await?;
+    client
+        .report_alerts(batch(4, vec![drop_of("d", 1, t + 5)]))
+        .await?;
     assert_eq!(kas.alerts().await?[0]["count"], 2);
     kas.kas.shutdown().await;
     Ok(())
@@ -409,13 +443,18 @@ async fn the_webhook_gets_signed_json() -> anyhow::Result<()> {
     .await?;
     let mut client = kas.client(AGENT_SECRET)?;
     let t = now_ms();
-    client.report_alerts(batch(1, vec![drop_of("web-1", 7, t)])).await?;
-    let delivery = hook
-        .next_delivery(WAIT)
-        .await
-        .expect("a webhook delivery");
-    let timestamp = delivery.header("x-gitops-timestamp").expect("timestamp").to_owned();
-    let signature = delivery.header("x-gitops-signature").expect("signature").to_owned();
+    client
+        .report_alerts(batch(1, vec![drop_of("web-1", 7, t)]))
+        .await?;
+    let delivery = hook.next_delivery(WAIT).await.expect("a webhook delivery");
+    let timestamp = delivery
+        .header("x-gitops-timestamp")
+        .expect("timestamp")
+        .to_owned();
+    let signature = delivery
+        .header("x-gitops-signature")
+        .expect("signature")
+        .to_owned();
     let hex = signature.strip_prefix("sha256=").expect("sha256= prefix");
     let mut signed = timestamp.as_bytes().to_vec();
     signed.push(b'.');
@@ -438,7 +477,10 @@ async fn the_webhook_gets_signed_json() -> anyhow::Result<()> {
     assert_eq!(alert["agent"]["name"], "prod");
     assert_eq!(alert["labels"]["alertname"], "NetworkPolicyViolation");
     assert_eq!(alert["labels"]["source"], "shop/web-1");
-    assert!(alert["startsAt"].is_string() && alert["endsAt"].is_string(), "{body}");
+    assert!(
+        alert["startsAt"].is_string() && alert["endsAt"].is_string(),
+        "{body}"
+    );
     assert!(
         !String::from_utf8_lossy(&delivery.body).contains(HOOK_SECRET),
         "the secret is not in the body"
@@ -474,7 +516,11 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
         "{status}"
     );
     assert_eq!(status["suppressed"], 12);
-    assert_eq!(status["state"], Value::Null, "no ReportStatus yet: {status}");
+    assert_eq!(
+        status["state"],
+        Value::Null,
+        "no ReportStatus yet: {status}"
+    );
 
     client
         .report_status(NetworkModuleStatus {
@@ -518,10 +564,12 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
 }
 
 #[tokio::test]
-async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wait() -> anyhow::Result<()>
-{
+async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wait()
+-> anyhow::Result<()> {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let kas = start(&format!("  alertmanager_url: http://127.0.0.1:{port}\n")).await?;
     let mut client = kas.client(AGENT_SECRET)?;
     let started = std::time::Instant::now();
@@ -531,7 +579,10 @@ async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wa
             .await?;
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(5), "20 calls took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "20 calls took {elapsed:?}"
+    );
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
         let status = kas.status().await?;
@@ -540,7 +591,9 @@ async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wa
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let error = status["forwarding"]["lastError"].as_str().unwrap_or_default();
+    let error = status["forwarding"]["lastError"]
+        .as_str()
+        .unwrap_or_default();
     assert!(error.starts_with("alertmanager: "), "{status}");
     assert_eq!(status["forwarding"]["lastSuccessAt"], Value::Null);
     kas.kas.shutdown().await;
@@ -559,11 +612,9 @@ async fn a_bad_alerts_section_stops_kas_naming_the_field() -> anyhow::Result<()>
         err.to_string(),
         "kas.yaml: alerts.alertmanager_url: must be an http:// or https:// URL"
     );
-    let err = gitops_config::ServerConfig::parse(
-        "kas.yaml",
-        &kas_yaml(dir.path(), "  resend: 1m\n"),
-    )
-    .unwrap_err();
+    let err =
+        gitops_config::ServerConfig::parse("kas.yaml", &kas_yaml(dir.path(), "  resend: 1m\n"))
+            .unwrap_err();
     assert!(err.to_string().contains("resend"), "{err}");
     // A webhook secret file that is not there is an error at start, naming it.
     std::fs::write(dir.path().join("admin"), ADMIN)?;

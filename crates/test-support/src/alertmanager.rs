@@ -104,7 +104,10 @@ impl Alertmanager {
         let log = std::fs::File::create(dir.path().join("alertmanager.log"))?;
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             // An empty address turns clustering (gossip on :9094) off.
             .arg("--cluster.listen-address=")
@@ -130,7 +133,10 @@ impl Alertmanager {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("Alertmanager exited ({status}) before it was ready; log:\n{}", self.log());
+                bail!(
+                    "Alertmanager exited ({status}) before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             if let Ok(response) = self.http.get(format!("{}/-/ready", self.url)).send().await
                 && response.status().is_success()

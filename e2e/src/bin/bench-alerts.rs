@@ -12,7 +12,8 @@ use anyhow::Context;
 use e2e::{CONFIG_FILE, CONFIG_PROJECT, process::KasProcess};
 use gitops_protocol::{
     FlowEndpoint, FlowVerdict, NetworkAlert, NetworkAlertBatch, NetworkPolicyKind,
-    NetworkPolicyRef, NetworkProtocol, TrafficDirection, network_alerts_client::NetworkAlertsClient,
+    NetworkPolicyRef, NetworkProtocol, TrafficDirection,
+    network_alerts_client::NetworkAlertsClient,
 };
 use gitops_tunnel::{KasAddress, client::ClientConfig};
 use test_support::git_http::GitHttpServer;

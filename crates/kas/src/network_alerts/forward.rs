@@ -274,7 +274,12 @@ async fn flush(state: &KasState, client: &reqwest::Client, sink: &mut Sink) {
                 continue;
             }
         };
-        match decide(sink.posted.get(&id), &record, config.config.resend_interval, now) {
+        match decide(
+            sink.posted.get(&id),
+            &record,
+            config.config.resend_interval,
+            now,
+        ) {
             Decision::Post => to_post.push(record),
             Decision::Later(at) => sink.next_due = Some(sink.next_due.map_or(at, |d| d.min(at))),
             Decision::Nothing => done.push(((agent_id, id), false)),
@@ -311,7 +316,12 @@ async fn flush(state: &KasState, client: &reqwest::Client, sink: &mut Sink) {
         config.forwarding.record(&involved, &result);
         match result {
             Ok(()) => {
-                debug!(mod_name = "network_alerts", sink = sink.kind.as_str(), alerts = with_agents.len(), "alerts forwarded");
+                debug!(
+                    mod_name = "network_alerts",
+                    sink = sink.kind.as_str(),
+                    alerts = with_agents.len(),
+                    "alerts forwarded"
+                );
                 let at = Instant::now();
                 for (record, _) in &with_agents {
                     sink.dirty.remove(&(record.agent_id, record.id));
@@ -380,7 +390,10 @@ async fn post(
     if let Some(secret) = &sink.secret {
         let timestamp = (now_ms() / 1000).to_string();
         request = request
-            .header("X-Gitops-Signature", payload::signature(secret, &timestamp, &body))
+            .header(
+                "X-Gitops-Signature",
+                payload::signature(secret, &timestamp, &body),
+            )
             .header("X-Gitops-Timestamp", timestamp);
     }
     let name = sink.kind.as_str();
@@ -428,9 +441,15 @@ mod tests {
         );
         let mut resolved = r.clone();
         resolved.resolved_at_ms = Some(5);
-        assert_eq!(decide(Some(&posted), &resolved, interval, now), Decision::Post);
+        assert_eq!(
+            decide(Some(&posted), &resolved, interval, now),
+            Decision::Post
+        );
         let mut refired = r;
         refired.episode_started_ms += 1;
-        assert_eq!(decide(Some(&posted), &refired, interval, now), Decision::Post);
+        assert_eq!(
+            decide(Some(&posted), &refired, interval, now),
+            Decision::Post
+        );
     }
 }

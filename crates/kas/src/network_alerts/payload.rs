@@ -219,7 +219,10 @@ mod tests {
         let alert = alertmanager_alert(&record(), &agent, 900_000);
         assert_eq!(alert.labels["namespace"], "shop");
         assert_eq!(alert.labels["destination"], "world 203.0.113.7");
-        assert_eq!(alert.labels["policy_kind"], "CiliumClusterwideNetworkPolicy");
+        assert_eq!(
+            alert.labels["policy_kind"],
+            "CiliumClusterwideNetworkPolicy"
+        );
         assert_eq!(alert.starts_at, "2023-11-14T22:13:20.000Z");
         assert_eq!(alert.ends_at, "2023-11-14T22:29:20.000Z", "last seen + 15m");
         assert_eq!(alert.annotations["count"], "1000");

@@ -79,7 +79,10 @@ fn endpoint(field: &str, wire: Option<FlowEndpoint>) -> Result<Endpoint, String>
         return Err(format!("{field}: neither pod_name nor ip is set"));
     }
     if !wire.pod_name.is_empty() && wire.namespace.is_empty() {
-        return Err(format!("{field}.namespace: empty for pod {}", wire.pod_name));
+        return Err(format!(
+            "{field}.namespace: empty for pod {}",
+            wire.pod_name
+        ));
     }
     Ok(Endpoint {
         namespace: wire.namespace,
@@ -101,7 +104,11 @@ pub fn alert_update(index: usize, wire: NetworkAlert, now_ms: i64) -> Result<Ale
             PolicyKind::CiliumClusterwideNetworkPolicy
         }
         Ok(NetworkPolicyKind::Unspecified) | Err(_) => {
-            return Err(format!("{}: {} is not a policy kind", at("policy.kind"), policy.kind));
+            return Err(format!(
+                "{}: {} is not a policy kind",
+                at("policy.kind"),
+                policy.kind
+            ));
         }
     };
     if policy.name.is_empty() {
@@ -125,11 +132,18 @@ pub fn alert_update(index: usize, wire: NetworkAlert, now_ms: i64) -> Result<Ale
         Ok(FlowVerdict::Dropped) => Verdict::Dropped,
         Ok(FlowVerdict::Audit) => Verdict::Audit,
         Ok(FlowVerdict::Unspecified) | Err(_) => {
-            return Err(format!("{}: {} is not a verdict", at("verdict"), wire.verdict));
+            return Err(format!(
+                "{}: {} is not a verdict",
+                at("verdict"),
+                wire.verdict
+            ));
         }
     };
     if wire.count == 0 {
-        return Err(format!("{}: 0; an entry reports at least one flow", at("count")));
+        return Err(format!(
+            "{}: 0; an entry reports at least one flow",
+            at("count")
+        ));
     }
     check_len(&at("drop_reason"), &wire.drop_reason, MAX_REASON)?;
     let clamp = |ms: i64| ms.clamp(0, now_ms.saturating_add(MAX_FUTURE_MS));
@@ -344,22 +358,46 @@ mod tests {
         }
     }
 
+    /// Spoils one field of an entry.
+    type Change = Box<dyn Fn(&mut NetworkAlert)>;
+
     #[test]
     fn bad_entries_are_refused_naming_the_field() {
         let now = 10_000;
         let ok = alert_update(0, wire(), now).unwrap();
-        assert_eq!((ok.count, ok.first_seen_ms, ok.last_seen_ms), (2, 1_000, 2_000));
-        let cases: Vec<(Box<dyn Fn(&mut NetworkAlert)>, &str)> = vec![
+        assert_eq!(
+            (ok.count, ok.first_seen_ms, ok.last_seen_ms),
+            (2, 1_000, 2_000)
+        );
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|a| a.policy = None), "alerts[4].policy"),
-            (Box::new(|a| a.policy.as_mut().unwrap().kind = 0), "alerts[4].policy.kind"),
-            (Box::new(|a| a.policy.as_mut().unwrap().name.clear()), "alerts[4].policy.name"),
-            (Box::new(|a| a.policy.as_mut().unwrap().namespace.clear()), "alerts[4].policy.namespace"),
+            (
+                Box::new(|a| a.policy.as_mut().unwrap().kind = 0),
+                "alerts[4].policy.kind",
+            ),
+            (
+                Box::new(|a| a.policy.as_mut().unwrap().name.clear()),
+                "alerts[4].policy.name",
+            ),
+            (
+                Box::new(|a| a.policy.as_mut().unwrap().namespace.clear()),
+                "alerts[4].policy.namespace",
+            ),
             (Box::new(|a| a.count = 0), "alerts[4].count"),
             (Box::new(|a| a.verdict = 7), "alerts[4].verdict"),
-            (Box::new(|a| a.first_seen_unix_ms = 3_000), "alerts[4].first_seen_unix_ms"),
+            (
+                Box::new(|a| a.first_seen_unix_ms = 3_000),
+                "alerts[4].first_seen_unix_ms",
+            ),
             (Box::new(|a| a.source = None), "alerts[4].source"),
-            (Box::new(|a| a.destination.as_mut().unwrap().ip.clear()), "alerts[4].destination"),
-            (Box::new(|a| a.source.as_mut().unwrap().namespace = "x".repeat(300)), "alerts[4].source.namespace"),
+            (
+                Box::new(|a| a.destination.as_mut().unwrap().ip.clear()),
+                "alerts[4].destination",
+            ),
+            (
+                Box::new(|a| a.source.as_mut().unwrap().namespace = "x".repeat(300)),
+                "alerts[4].source.namespace",
+            ),
         ];
         for (change, field) in cases {
             let mut bad = wire();

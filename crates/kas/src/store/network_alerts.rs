@@ -60,6 +60,8 @@ pub(super) fn remove_agent(txn: &redb::WriteTransaction, agent_id: u64) -> Resul
     Ok(())
 }
 
+// The variants are the Kubernetes kinds, which all end in NetworkPolicy.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
@@ -529,7 +531,10 @@ impl Store {
     }
 
     /// The agent's counters and module status; `None` when it never reported any.
-    pub fn network_alerts_meta(&self, agent_id: u64) -> Result<Option<AgentAlertsMeta>, StoreError> {
+    pub fn network_alerts_meta(
+        &self,
+        agent_id: u64,
+    ) -> Result<Option<AgentAlertsMeta>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(NETWORK_ALERT_AGENTS)?;
         table
@@ -671,7 +676,11 @@ pub(crate) mod tests_support {
     use super::*;
 
     pub(crate) fn record() -> NetworkAlertRecord {
-        new_record(9, 1, &super::tests::update("web-1", 1000, 1_700_000_000_000))
+        new_record(
+            9,
+            1,
+            &super::tests::update("web-1", 1000, 1_700_000_000_000),
+        )
     }
 }
 
@@ -743,7 +752,12 @@ mod tests {
     #[test]
     fn deltas_add_up_per_key_and_a_repeated_batch_counts_once() {
         let (_dir, store, agent) = store();
-        let first = apply(&store, agent, 7, &[update("web-1", 10, 1_000), update("web-1", 5, 2_000)]);
+        let first = apply(
+            &store,
+            agent,
+            7,
+            &[update("web-1", 10, 1_000), update("web-1", 5, 2_000)],
+        );
         assert_eq!((first.changed.len(), first.fired), (1, 1), "{first:?}");
         let again = apply(&store, agent, 7, &[update("web-1", 10, 1_000)]);
         assert!(again.duplicate && again.changed.is_empty());
@@ -751,7 +765,10 @@ mod tests {
         let alerts = store.network_alerts(agent, 10).unwrap();
         assert_eq!(alerts.len(), 1);
         let a = &alerts[0];
-        assert_eq!((a.count, a.first_seen_ms, a.last_seen_ms), (16, 1_000, 3_000));
+        assert_eq!(
+            (a.count, a.first_seen_ms, a.last_seen_ms),
+            (16, 1_000, 3_000)
+        );
         assert_eq!(a.episode_started_ms, 1_000);
         assert_eq!(a.namespace(), "shop");
     }
@@ -762,7 +779,16 @@ mod tests {
         let agent = {
             let store = Store::open(dir.path()).unwrap();
             let agent = store.create_agent("g/p", "a").unwrap().id;
-            apply(&store, agent, 1, &[update("a", 1, 1_000), update("b", 1, 2_000), update("c", 1, 3_000)]);
+            apply(
+                &store,
+                agent,
+                1,
+                &[
+                    update("a", 1, 1_000),
+                    update("b", 1, 2_000),
+                    update("c", 1, 3_000),
+                ],
+            );
             // `a` is seen again: `b` is now the oldest.
             apply(&store, agent, 2, &[update("a", 1, 4_000)]);
             let outcome = apply(&store, agent, 3, &[update("d", 1, 5_000)]);
@@ -803,14 +829,24 @@ mod tests {
         let refire = apply(&store, agent, 2, &[update("a", 2, 2_000)]);
         assert_eq!(refire.fired, 1);
         let a = store.network_alert(agent, id).unwrap().unwrap();
-        assert_eq!((a.count, a.episode_started_ms, a.resolved_at_ms), (5, 2_000, None));
+        assert_eq!(
+            (a.count, a.episode_started_ms, a.resolved_at_ms),
+            (5, 2_000, None)
+        );
         // Quiet for resolve_after: the next drop is a new episode too.
         let later = 2_000 + LIMITS.resolve_after_ms;
         assert_eq!(apply(&store, agent, 3, &[update("a", 1, later)]).fired, 1);
         // But a drop within it is the same episode.
-        assert_eq!(apply(&store, agent, 4, &[update("a", 1, later + 1)]).fired, 0);
         assert_eq!(
-            store.network_alert(agent, id).unwrap().unwrap().episode_started_ms,
+            apply(&store, agent, 4, &[update("a", 1, later + 1)]).fired,
+            0
+        );
+        assert_eq!(
+            store
+                .network_alert(agent, id)
+                .unwrap()
+                .unwrap()
+                .episode_started_ms,
             later
         );
     }
