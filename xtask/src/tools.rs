@@ -32,7 +32,7 @@ enum Source {
     MainModule(&'static str),
     /// Like [`Source::MainModule`], from a writable copy of the source that `prepare` completes first
     /// (files its release process generates and its module zip leaves out).
-    PreparedMainModule {
+    PreparedMain {
         module: &'static str,
         prepare: fn(source: &Path) -> Result<()>,
     },
@@ -222,7 +222,7 @@ fn promtool_ldflags() -> String {
 pub const ALERTMANAGER: Tool = Tool {
     name: "alertmanager",
     version: ALERTMANAGER_VERSION,
-    source: Source::PreparedMainModule {
+    source: Source::PreparedMain {
         module: "github.com/prometheus/alertmanager",
         prepare: alertmanager_ui_placeholder,
     },
@@ -325,7 +325,7 @@ impl Tool {
         }
         (self.data)(&module_dir, &partial)?;
         std::fs::rename(&partial, &dir)?;
-        if matches!(self.source, Source::PreparedMainModule { .. }) && work_dir.exists() {
+        if matches!(self.source, Source::PreparedMain { .. }) && work_dir.exists() {
             make_writable(&work_dir)?;
             std::fs::remove_dir_all(&work_dir)?;
         }
@@ -352,7 +352,7 @@ impl Tool {
                 let dir = download_module_source(module, self.version)?;
                 Ok((dir.clone(), dir))
             }
-            Source::PreparedMainModule { module, prepare } => {
+            Source::PreparedMain { module, prepare } => {
                 let downloaded = download_module_source(module, self.version)?;
                 // The module cache is read-only: build from a copy beside the tool's directory.
                 let copy = PathBuf::from(format!("{}.src", self.dir().display()));

@@ -14,6 +14,8 @@ fn alert_gid(id: u64) -> ID {
 }
 
 /// The kind of the policy that dropped the flows.
+// The variants are the Kubernetes kinds, which all end in NetworkPolicy.
+#[allow(clippy::enum_variant_names)]
 #[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "crate::store::network_alerts::PolicyKind")]
 pub enum NetworkPolicyKind {

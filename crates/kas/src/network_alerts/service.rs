@@ -358,6 +358,9 @@ mod tests {
         }
     }
 
+    /// Spoils one field of an entry.
+    type Change = Box<dyn Fn(&mut NetworkAlert)>;
+
     #[test]
     fn bad_entries_are_refused_naming_the_field() {
         let now = 10_000;
@@ -366,7 +369,7 @@ mod tests {
             (ok.count, ok.first_seen_ms, ok.last_seen_ms),
             (2, 1_000, 2_000)
         );
-        let cases: Vec<(Box<dyn Fn(&mut NetworkAlert)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|a| a.policy = None), "alerts[4].policy"),
             (
                 Box::new(|a| a.policy.as_mut().unwrap().kind = 0),

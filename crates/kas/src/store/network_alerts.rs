@@ -60,6 +60,8 @@ pub(super) fn remove_agent(txn: &redb::WriteTransaction, agent_id: u64) -> Resul
     Ok(())
 }
 
+// The variants are the Kubernetes kinds, which all end in NetworkPolicy.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
