@@ -16,12 +16,14 @@ pub struct StatusBoard {
     pub counters: NetworkAlertMetrics,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PolicyCounts {
     pub network_policies: u32,
     pub cilium_network_policies: u32,
     pub cilium_clusterwide_network_policies: u32,
     pub cilium_crds_absent: bool,
+    /// Why a kind cannot be watched now (RBAC, say), if one cannot.
+    pub watch_error: String,
 }
 
 pub fn now_ms() -> i64 {
@@ -67,7 +69,9 @@ impl StatusBoard {
     pub fn set_policies(&self, counts: PolicyCounts) {
         let changed = {
             let mut current = self.policies.lock().expect("lock");
-            std::mem::replace(&mut *current, counts) != counts
+            let changed = *current != counts;
+            *current = counts;
+            changed
         };
         if changed {
             // Wake the reporter: a CRD appearing or a policy annotated is news.
@@ -81,7 +85,7 @@ impl StatusBoard {
 
     pub fn snapshot(&self) -> NetworkModuleStatus {
         let (state, message, since) = self.state.borrow().clone();
-        let policies = *self.policies.lock().expect("lock");
+        let policies = self.policies.lock().expect("lock").clone();
         let c = &self.counters;
         NetworkModuleStatus {
             state: state as i32,
@@ -94,6 +98,7 @@ impl StatusBoard {
             cilium_network_policies: policies.cilium_network_policies,
             cilium_clusterwide_network_policies: policies.cilium_clusterwide_network_policies,
             cilium_crds_absent: policies.cilium_crds_absent,
+            policy_watch_error: policies.watch_error,
             connects: c.relay_connects.get(),
         }
     }

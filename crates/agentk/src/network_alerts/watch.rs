@@ -59,6 +59,8 @@ const KINDS: [NetworkPolicyKind; 3] = [
 struct KindState {
     policies: BTreeMap<(String, String), WatchedPolicy>,
     absent: bool,
+    /// The last watch error other than a missing API, until the watch works again.
+    error: Option<String>,
 }
 
 /// Runs until `stop`, publishing the annotated policies to `out` after every change.
@@ -95,6 +97,9 @@ pub async fn run(
     while let Some((kind, event)) = changes.recv().await {
         let state = kinds.entry(kind as i32).or_default();
         let mut changed = true;
+        if event.is_ok() && state.error.take().is_some() {
+            tracing::info!(kind = kind.as_str_name(), "watching policies again");
+        }
         match event {
             Ok(watcher::Event::Apply(object)) => {
                 state.absent = false;
@@ -145,16 +150,20 @@ fn note_error(kind: NetworkPolicyKind, state: &mut KindState, e: &watcher::Error
         }
         return !was || cleared;
     }
-    if status == Some(403) {
-        tracing::warn!(
-            kind = kind.as_str_name(),
-            error = %e,
-            "no permission to watch policies: grant get, list and watch (ClusterRole gitlab-agent-alert-reader)"
-        );
+    let message = if status == Some(403) {
+        format!(
+            "{}: no permission to watch them: grant get, list and watch (ClusterRole gitlab-agent-alert-reader): {e}",
+            resource(kind).plural
+        )
     } else {
-        tracing::warn!(kind = kind.as_str_name(), error = %e, "watching policies");
+        format!("{}: {e}", resource(kind).plural)
+    };
+    if state.error.as_ref() == Some(&message) {
+        return false;
     }
-    false
+    tracing::warn!(kind = kind.as_str_name(), error = %message, "watching policies");
+    state.error = Some(message);
+    true
 }
 
 fn key(object: &DynamicObject) -> (String, String) {
@@ -207,6 +216,11 @@ fn publish(
             .map_or(0, |k| k.policies.len() as u32)
     };
     let absent = |kind: NetworkPolicyKind| kinds.get(&(kind as i32)).is_some_and(|k| k.absent);
+    let watch_error = kinds
+        .values()
+        .filter_map(|k| k.error.clone())
+        .collect::<Vec<_>>()
+        .join("; ");
     status.set_policies(PolicyCounts {
         network_policies: count(NetworkPolicyKind::NetworkPolicy),
         cilium_network_policies: count(NetworkPolicyKind::CiliumNetworkPolicy),
@@ -215,10 +229,59 @@ fn publish(
         ),
         cilium_crds_absent: absent(NetworkPolicyKind::CiliumNetworkPolicy)
             || absent(NetworkPolicyKind::CiliumClusterwideNetworkPolicy),
+        watch_error,
     });
     let policies = kinds
         .values()
         .flat_map(|k| k.policies.values().cloned())
         .collect();
     out.send_replace(Arc::new(PolicySet { policies }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: format!("code {code}"),
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn a_missing_api_is_absent_and_a_forbidden_one_is_an_error_saying_what_to_grant() {
+        let mut state = KindState::default();
+        assert!(note_error(
+            NetworkPolicyKind::CiliumNetworkPolicy,
+            &mut state,
+            &api_error(404)
+        ));
+        assert!(state.absent && state.error.is_none());
+        // The same again changes nothing (no republish, no log flood).
+        assert!(!note_error(
+            NetworkPolicyKind::CiliumNetworkPolicy,
+            &mut state,
+            &api_error(404)
+        ));
+
+        let mut state = KindState::default();
+        assert!(note_error(
+            NetworkPolicyKind::NetworkPolicy,
+            &mut state,
+            &api_error(403)
+        ));
+        let error = state.error.clone().unwrap();
+        assert!(
+            error.contains("networkpolicies") && error.contains("gitlab-agent-alert-reader"),
+            "{error}"
+        );
+        assert!(!note_error(
+            NetworkPolicyKind::NetworkPolicy,
+            &mut state,
+            &api_error(403)
+        ));
+        assert!(!state.absent);
+    }
 }

@@ -2390,6 +2390,10 @@ pub struct NetworkModuleStatus {
     /// Times the flow stream was (re)opened.
     #[prost(uint64, tag = "11")]
     pub connects: u64,
+    /// Why a policy kind cannot be watched now, other than its CRD being absent (e.g. RBAC forbids it); empty
+    /// while every watch works. Flows are matched to the policies that could be read.
+    #[prost(string, tag = "12")]
+    pub policy_watch_error: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NetworkAlertAck {}
