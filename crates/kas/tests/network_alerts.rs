@@ -45,7 +45,7 @@ fn kas_yaml(dir: &std::path::Path, alerts: &str) -> String {
     let d = dir.display();
     let alerts = alerts.replace("{DIR}", &d.to_string());
     format!(
-        "listen:\n  agent: 127.0.0.1:0\n  api: 127.0.0.1:0\ndata_dir: {d}/data\nadmin_token_file: {d}/admin\n\
+        "listen:\n  agent: 127.0.0.1:0\n  api: 127.0.0.1:0\n  observability: 127.0.0.1:0\ndata_dir: {d}/data\nadmin_token_file: {d}/admin\n\
          git:\n  base_url: http://127.0.0.1:9\nalerts:\n{alerts}"
     )
 }
@@ -292,6 +292,26 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
         status["forwarding"]["lastSuccessAt"].is_string(),
         "{status}"
     );
+    // The counters moved: two accepted batches, the re-sent one counted as a duplicate, four entries
+    // stored; three alerts posted (two new, one count change).
+    let metrics = reqwest::get(format!(
+        "http://{}/metrics",
+        kas.kas.observability_addr.expect("observability listener")
+    ))
+    .await?
+    .text()
+    .await?;
+    for line in [
+        "kas_network_alerts_batches_total{result=\"accepted\"} 2",
+        "kas_network_alerts_batches_total{result=\"duplicate\"} 1",
+        "kas_network_alerts_received_total{result=\"stored\"} 4",
+        "kas_network_alerts_received_total{result=\"rejected\"} 0",
+        "kas_network_alerts_forwarded_total{sink=\"alertmanager\",result=\"ok\"} 3",
+        "kas_network_alerts_forwarded_total{sink=\"alertmanager\",result=\"error\"} 0",
+        "kas_network_alerts_forward_pending 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
     kas.kas.shutdown().await;
     Ok(())
 }

@@ -63,9 +63,15 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs `CALLERS` × `CALLS` calls, batch ids from `first_id`; each batch has `entries` alerts. Returns the
-/// wall time.
-async fn phase(config: &ClientConfig, first_id: u64, entries: usize) -> anyhow::Result<Duration> {
+/// Runs `CALLERS` × `CALLS` calls, batch ids from `first_id`; each batch has `entries` alerts, and with
+/// `resend` is sent a second time at once (as after a lost acknowledgement: kas must count it once).
+/// Returns the wall time.
+async fn phase(
+    config: &ClientConfig,
+    first_id: u64,
+    entries: usize,
+    resend: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for caller in 0..CALLERS {
@@ -78,13 +84,15 @@ async fn phase(config: &ClientConfig, first_id: u64, entries: usize) -> anyhow::
                 let alerts = (0..entries)
                     .map(|e| alert((n * entries + e) % KEYS, now_ms()))
                     .collect();
-                client
-                    .report_alerts(NetworkAlertBatch {
-                        batch_id: first_id + n as u64,
-                        alerts,
-                        suppressed: 0,
-                    })
-                    .await?;
+                let batch = NetworkAlertBatch {
+                    batch_id: first_id + n as u64,
+                    alerts,
+                    suppressed: 0,
+                };
+                if resend {
+                    client.report_alerts(batch.clone()).await?;
+                }
+                client.report_alerts(batch).await?;
             }
             anyhow::Ok(())
         }));
@@ -116,12 +124,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Warm up connections, the database file and the keys.
-    phase(&config, 1_000_000, BATCH).await?;
+    phase(&config, 1_000_000, BATCH, false).await?;
     let calls = (CALLERS * CALLS) as f64;
-    let empty = phase(&config, 2_000_000, 0).await?;
-    let full = phase(&config, 3_000_000, BATCH).await?;
-    // Re-sent batches (ids already stored) are acknowledged without counting.
-    let repeated = phase(&config, 3_000_000, BATCH).await?;
+    let empty = phase(&config, 2_000_000, 0, false).await?;
+    let full = phase(&config, 3_000_000, BATCH, false).await?;
+    // Every batch sent twice: the repeat is acknowledged without counting (kas remembers an agent's last
+    // 64 batch ids, and agentk re-sends only its newest).
+    let repeated = phase(&config, 4_000_000, BATCH, true).await?;
 
     let alerts = kas
         .admin
@@ -134,11 +143,12 @@ async fn main() -> anyhow::Result<()> {
         .as_array()
         .context("alerts")?;
     let total: u64 = list.iter().filter_map(|a| a["count"].as_u64()).sum();
-    let expected = (2 * CALLERS * CALLS * BATCH * 3) as u64;
+    // Three phases with alerts (warm-up, alerts, re-sent), each counted once; 3 flows per entry.
+    let expected = (3 * CALLERS * CALLS * BATCH * 3) as u64;
     anyhow::ensure!(
         list.len() == KEYS && total == expected,
-        "kas holds {} alerts counting {total}; expected {KEYS} counting {expected} (the repeated phase must \
-         count nothing)",
+        "kas holds {} alerts counting {total}; expected {KEYS} counting {expected} (re-sent batches must \
+         count once)",
         list.len()
     );
 
@@ -155,8 +165,8 @@ async fn main() -> anyhow::Result<()> {
         alert_calls * BATCH as f64
     );
     println!(
-        "  re-sent batches:          {:>8.0} calls/s  ({repeated:.2?}), counted once (checked)",
-        per_s(calls, repeated)
+        "  every batch sent twice:   {:>8.0} calls/s  ({repeated:.2?}), the repeats counted once (checked)",
+        per_s(2.0 * calls, repeated)
     );
     println!(
         "  ratio calls/s with alerts / baseline: {:.2}",

@@ -373,6 +373,27 @@ mod tests {
     }
 
     #[test]
+    fn the_alerts_table_shows_port_with_protocol_and_the_state() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_100);
+        let alerts = [
+            json!({ "id": "gid://kas/Clusters::NetworkAlert/12", "policy": "shop/deny-db",
+                    "direction": "EGRESS", "source": "shop/web-1", "destination": "world 203.0.113.7",
+                    "port": 5432, "protocol": "TCP", "count": 1000, "resolved": false,
+                    "lastSeen": "2023-11-14T22:13:10.000Z" }),
+            json!({ "id": "gid://kas/Clusters::NetworkAlert/13", "policy": "deny-all",
+                    "direction": "INGRESS", "source": "10.0.0.1", "destination": "shop/db-0",
+                    "port": 0, "protocol": "ICMPV4", "count": 2, "resolved": true,
+                    "lastSeen": "2023-11-14T22:00:00.000Z" }),
+        ];
+        assert_eq!(
+            alerts_table(&alerts, now).render(""),
+            "ID   POLICY         DIRECTION   SOURCE       DESTINATION         PORT       COUNT   STATE      LAST SEEN\n\
+             12   shop/deny-db   egress      shop/web-1   world 203.0.113.7   5432/TCP   1000    firing     110s\n\
+             13   deny-all       ingress     10.0.0.1     shop/db-0           ICMPV4     2       resolved   15m\n"
+        );
+    }
+
+    #[test]
     fn the_agents_table_counts_connections_versions_and_synced_projects() {
         let table = agents_table(&[agent()], now());
         assert_eq!(

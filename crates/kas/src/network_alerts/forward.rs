@@ -270,7 +270,10 @@ async fn flush(state: &KasState, client: &reqwest::Client, sink: &mut Sink) {
                 continue;
             }
             Err(e) => {
+                // Looked at again shortly (the store reopens itself after an I/O error).
                 warn!(mod_name = "network_alerts", agent_id, error = %e, "reading an alert to forward");
+                let at = now + FIRST_BACKOFF;
+                sink.next_due = Some(sink.next_due.map_or(at, |d| d.min(at)));
                 continue;
             }
         };

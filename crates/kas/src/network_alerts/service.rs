@@ -287,20 +287,27 @@ impl NetworkAlerts for NetworkAlertsService {
             metrics.batch(true, 0, 0, 0);
             return Ok(Response::new(NetworkAlertAck {}));
         }
-        metrics.batch(false, updates.len(), rejections.count, outcome.evicted);
-        if outcome.fired > 0 || outcome.evicted > 0 {
+        metrics.batch(
+            false,
+            updates.len(),
+            rejections.count,
+            outcome.evicted.len(),
+        );
+        if outcome.fired > 0 || !outcome.evicted.is_empty() {
             info!(
                 mod_name = "network_alerts",
                 agent_id = identity.agent_id,
                 batch_id = batch.batch_id,
                 entries = total,
                 firing = outcome.fired,
-                evicted = outcome.evicted,
+                evicted = outcome.evicted.len(),
                 refused = rejections.count,
                 "network alerts reported"
             );
         }
         alerts.pending.add(identity.agent_id, &outcome.changed);
+        // Evicted ones too: the forwarder finds them gone and forgets what it posted of them.
+        alerts.pending.add(identity.agent_id, &outcome.evicted);
         Ok(Response::new(NetworkAlertAck {}))
     }
 

@@ -349,8 +349,8 @@ pub struct BatchOutcome {
     pub changed: Vec<u64>,
     /// How many of them are new keys or re-fired after a resolution.
     pub fired: usize,
-    /// Alerts dropped to stay within the bound.
-    pub evicted: usize,
+    /// Alerts dropped to stay within the bound (the forwarder forgets them).
+    pub evicted: Vec<u64>,
 }
 
 /// How a batch is to be stored.
@@ -465,7 +465,7 @@ impl Store {
                 }
                 meta.count -= 1;
                 meta.evicted += 1;
-                outcome.evicted += 1;
+                outcome.evicted.push(id);
                 outcome.changed.retain(|changed| *changed != id);
             }
             agents.insert(agent_id, encode(&meta).as_slice())?;
@@ -792,7 +792,7 @@ mod tests {
             // `a` is seen again: `b` is now the oldest.
             apply(&store, agent, 2, &[update("a", 1, 4_000)]);
             let outcome = apply(&store, agent, 3, &[update("d", 1, 5_000)]);
-            assert_eq!(outcome.evicted, 1);
+            assert_eq!(outcome.evicted.len(), 1);
             agent
         };
         let store = Store::open(dir.path()).unwrap();

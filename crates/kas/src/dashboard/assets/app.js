@@ -90,6 +90,26 @@ const AGENT_FIELDS = `id name projectPath createdAt connected lastSeenAt
   connections { agentVersion connectedAt podNamespace podName }
   configStatus { commitId error updatedAt }`;
 
+// The agent page's "Network alerts" section: the module's state, a forwarding error, the newest alerts.
+function networkAlerts(a) {
+  const st = a.networkAlertsStatus;
+  const facts = st ? h('p', { 'data-testid': 'network-alerts-status' },
+    st.state ? badge(st.state.toLowerCase().replace(/_/g, ' '), st.state === 'FOLLOWING' ? 'synced' : 'partial') : '',
+    st.message ? ' ' + st.message : '',
+    st.forwarding.lastError ? [' ', badge('forwarding failed', 'failed'), ' ', st.forwarding.lastError] : '') : null;
+  const rows = a.networkAlerts.map((x) => h('tr', { 'data-testid': 'network-alert-row' },
+    h('td', {}, x.policy),
+    h('td', {}, x.direction.toLowerCase()),
+    h('td', {}, x.source),
+    h('td', {}, x.destination),
+    h('td', {}, x.port ? `${x.port}/${x.protocol}` : x.protocol),
+    h('td', {}, String(x.count)),
+    h('td', {}, x.resolved ? badge('resolved', 'unchanged') : badge('firing', 'failed')),
+    h('td', {}, when(x.lastSeen))));
+  return [facts, table('network-alerts', ['Policy', 'Direction', 'Source', 'Destination', 'Port', 'Count', 'State', 'Last seen'],
+    rows, 'No network alerts from this agent.')];
+}
+
 // --- pages ---
 
 const pages = {
@@ -118,7 +138,9 @@ const pages = {
     const data = await gql(`query($id: ID!) { clusterAgent(id: $id) { ${AGENT_FIELDS}
       manifestProjects { projectId commitSeen commitSent error updatedAt
         lastSync { commitSeen commitApplied finishedAt outcome message
-          objects { resourceKey source result health message } } } } }`, { id: 'gid://kas/Clusters::Agent/' + id });
+          objects { resourceKey source result health message } } }
+      networkAlerts(first: 50) { id policy direction source destination port protocol count lastSeen resolved }
+      networkAlertsStatus { state message forwarding { lastError } } } }`, { id: 'gid://kas/Clusters::Agent/' + id });
     const a = data.clusterAgent;
     if (!a) return [h('h1', {}, 'Agent ' + id), h('p', { class: 'error' }, 'No such agent.')];
     const c = a.connections[0];
@@ -138,6 +160,8 @@ const pages = {
       h('div', { class: 'actions' }, reconcileButton(a, null, 'Reconcile all projects now')),
       h('h2', {}, 'Manifest projects'),
       projects.length ? projects : h('p', { class: 'empty' }, 'No manifest project has been read for this agent yet.'),
+      h('h2', {}, 'Network alerts'),
+      networkAlerts(a),
     ];
   },
 
