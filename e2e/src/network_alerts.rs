@@ -236,7 +236,7 @@ impl AlertsWorld {
             .execute(
                 "query($id: ID!) { clusterAgent(id: $id) { networkAlertsStatus { state message since \
                  flowsSeen flowsMatched lostEvents suppressed connects networkPolicies ciliumNetworkPolicies \
-                 ciliumClusterwideNetworkPolicies ciliumCrdsAbsent } } }",
+                 ciliumClusterwideNetworkPolicies ciliumCrdsAbsent policyWatchError } } }",
                 json!({ "id": self.agent_gid }),
             )
             .await?;

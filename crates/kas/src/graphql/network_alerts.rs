@@ -192,6 +192,8 @@ pub struct NetworkAlertsStatus {
     cilium_network_policies: u32,
     cilium_clusterwide_network_policies: u32,
     cilium_crds_absent: bool,
+    /// Why agentk cannot watch a policy kind now (e.g. RBAC forbids it), if it cannot.
+    policy_watch_error: Option<String>,
     /// When the status arrived (kas's clock).
     reported_at: Option<String>,
     /// Alerts kept now.
@@ -232,6 +234,9 @@ pub(super) fn network_alerts_status(
         cilium_network_policies: s.map_or(0, |s| s.cilium_network_policies),
         cilium_clusterwide_network_policies: s.map_or(0, |s| s.cilium_clusterwide_network_policies),
         cilium_crds_absent: s.is_some_and(|s| s.cilium_crds_absent),
+        policy_watch_error: s
+            .map(|s| s.policy_watch_error.clone())
+            .filter(|e| !e.is_empty()),
         reported_at: s.map(|s| rfc3339_ms(s.reported_at_ms)),
         alerts: meta.count,
         evicted: meta.evicted,

@@ -193,16 +193,22 @@ pub fn alert_update(index: usize, wire: NetworkAlert, now_ms: i64) -> Result<Ale
     })
 }
 
-/// The store's form of a status report received at `now_ms`.
-pub fn module_status(wire: NetworkModuleStatus, now_ms: i64) -> ModuleStatusRecord {
-    let mut message = wire.message;
-    if message.len() > MAX_MESSAGE {
+/// `text` cut to at most `MAX_MESSAGE` bytes, on a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
+        while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        message.truncate(cut);
+        text.truncate(cut);
     }
+    text
+}
+
+/// The store's form of a status report received at `now_ms`.
+pub fn module_status(wire: NetworkModuleStatus, now_ms: i64) -> ModuleStatusRecord {
+    let message = bounded(wire.message);
+    let policy_watch_error = bounded(wire.policy_watch_error);
     ModuleStatusRecord {
         state: match WireState::try_from(wire.state) {
             Ok(WireState::Disabled) => ModuleState::Disabled,
@@ -224,6 +230,7 @@ pub fn module_status(wire: NetworkModuleStatus, now_ms: i64) -> ModuleStatusReco
         cilium_network_policies: wire.cilium_network_policies,
         cilium_clusterwide_network_policies: wire.cilium_clusterwide_network_policies,
         cilium_crds_absent: wire.cilium_crds_absent,
+        policy_watch_error,
         reported_at_ms: now_ms,
     }
 }

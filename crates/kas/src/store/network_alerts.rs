@@ -319,6 +319,9 @@ pub struct ModuleStatusRecord {
     pub cilium_network_policies: u32,
     pub cilium_clusterwide_network_policies: u32,
     pub cilium_crds_absent: bool,
+    /// Why agentk cannot watch a policy kind (RBAC, say); empty when it can. Absent in older records.
+    #[serde(default)]
+    pub policy_watch_error: String,
     /// kas's clock when it arrived, unix milliseconds.
     pub reported_at_ms: i64,
 }
