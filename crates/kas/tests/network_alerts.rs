@@ -584,7 +584,7 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
 }
 
 #[tokio::test]
-async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wait()
+async fn an_unreachable_alertmanager_shows_in_the_status_the_rpc_does_not_wait_and_retries_deliver()
 -> anyhow::Result<()> {
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -616,6 +616,27 @@ async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wa
         .unwrap_or_default();
     assert!(error.starts_with("alertmanager: "), "{status}");
     assert_eq!(status["forwarding"]["lastSuccessAt"], Value::Null);
+
+    // Alertmanager comes up at that address: the retries (backoff from 1 s) deliver all 20, and the
+    // error clears.
+    let am = Alertmanager::start_on(port).await?;
+    am.wait_for(&am_query(), Duration::from_secs(40), "the 20 alerts", |a| {
+        a.len() == 20
+    })
+    .await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        let status = kas.status().await?;
+        if status["forwarding"]["lastError"].is_null() || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["forwarding"]["lastError"], Value::Null, "{status}");
+    assert!(
+        status["forwarding"]["lastSuccessAt"].is_string(),
+        "{status}"
+    );
     kas.kas.shutdown().await;
     Ok(())
 }
