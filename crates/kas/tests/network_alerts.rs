@@ -193,7 +193,7 @@ fn am_query() -> AlertQuery {
 async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::Result<()> {
     let am = Alertmanager::start().await?;
     let kas = start(&format!(
-        "  alertmanager_url: {}\n  resend_interval: 1s\n",
+        "  alertmanager_url: {}\n  resend_interval: 1s\n  dashboard_url: http://kas.example:8080/\n",
         am.url
     ))
     .await?;
@@ -237,6 +237,11 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     assert_eq!(web1.labels, expected);
     assert_eq!(web1.annotations["count"], "1000", "{web1:#?}");
     assert_eq!(web1.status.state, "active");
+    assert_eq!(
+        web1.generator_url,
+        format!("http://kas.example:8080/dashboard#/agent/{}", kas.agent_id),
+        "the agent's dashboard page"
+    );
     assert!(
         web1.annotations["summary"].contains("shop/deny-db"),
         "{web1:#?}"

@@ -40,6 +40,8 @@ pub struct GettableAlert {
     pub ends_at: String,
     pub status: AlertStatus,
     pub fingerprint: String,
+    #[serde(rename = "generatorURL", default)]
+    pub generator_url: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
