@@ -678,3 +678,46 @@ async fn a_bad_alerts_section_stops_kas_naming_the_field() -> anyhow::Result<()>
     assert!(err.contains("missing"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn after_a_restart_kas_posts_what_still_fires_again() -> anyhow::Result<()> {
+    let first = Alertmanager::start().await?;
+    let kas = start(&format!("  alertmanager_url: {}\n", first.url)).await?;
+    let mut client = kas.client(AGENT_SECRET)?;
+    let t = now_ms();
+    client
+        .report_alerts(batch(
+            1,
+            vec![drop_of("web-1", 4, t), drop_of("web-2", 1, t)],
+        ))
+        .await?;
+    first
+        .wait_for(&am_query(), WAIT, "two alerts", |a| a.len() == 2)
+        .await?;
+    let graph = kas.alerts().await?;
+    let web2 = graph.iter().find(|a| a["source"] == "shop/web-2").unwrap();
+    kas.graphql(&format!(
+        r#"mutation {{ networkAlertsResolve(input: {{ clusterAgentId: "{}", alertIds: ["{}"] }}) {{ resolved }} }}"#,
+        kas.gid(),
+        web2["id"].as_str().unwrap()
+    ))
+    .await?;
+    first
+        .wait_for(&am_query(), WAIT, "web-2 resolved", |a| a.len() == 1)
+        .await?;
+
+    // kas restarts with an Alertmanager that knows nothing (a new one, say): what fires is posted again,
+    // what was resolved is not.
+    let second = Alertmanager::start().await?;
+    let kas = kas
+        .restart(&format!("  alertmanager_url: {}\n", second.url))
+        .await?;
+    let alerts = second
+        .wait_for(&am_query(), WAIT, "web-1 posted again", |a| !a.is_empty())
+        .await?;
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0].labels["source"], "shop/web-1");
+    assert_eq!(alerts[0].annotations["count"], "4");
+    kas.kas.shutdown().await;
+    Ok(())
+}
