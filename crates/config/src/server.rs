@@ -251,6 +251,9 @@ pub struct AlertsConfig {
     pub alertmanager_url: Option<String>,
     /// A generic JSON webhook, signed with HMAC-SHA256.
     pub webhook: Option<AlertWebhookConfig>,
+    /// kas's API address as people reach it, e.g. `https://kas.example.com`: alerts then link to the
+    /// agent's dashboard page (Alertmanager's `generatorURL`). Omitted when absent.
+    pub dashboard_url: Option<String>,
     /// Alerts kept per agent; over it, the one seen longest ago is dropped first. Default 1000.
     pub max_per_agent: usize,
     /// An alert with no new drops for this long is resolved (Alertmanager gets `endsAt = last seen + this`).
@@ -267,6 +270,7 @@ impl Default for AlertsConfig {
         Self {
             alertmanager_url: None,
             webhook: None,
+            dashboard_url: None,
             max_per_agent: 1000,
             resolve_after: Duration::from_secs(15 * 60),
             resend_interval: Duration::from_secs(60),
@@ -415,6 +419,14 @@ impl ServerConfig {
         {
             return Err(invalid(
                 "alerts.webhook.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if let Some(url) = &alerts.dashboard_url
+            && !is_http(url)
+        {
+            return Err(invalid(
+                "alerts.dashboard_url",
                 "must be an http:// or https:// URL",
             ));
         }
@@ -795,6 +807,10 @@ mod tests {
                 "alerts.webhook.url",
             ),
             ("alerts:\n  max_per_agent: 0\n", "alerts.max_per_agent"),
+            (
+                "alerts:\n  dashboard_url: kas.example\n",
+                "alerts.dashboard_url",
+            ),
             ("alerts:\n  max_per_agent: 100001\n", "alerts.max_per_agent"),
             ("alerts:\n  resolve_after: 0s\n", "alerts.resolve_after"),
             (

@@ -193,7 +193,7 @@ fn am_query() -> AlertQuery {
 async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::Result<()> {
     let am = Alertmanager::start().await?;
     let kas = start(&format!(
-        "  alertmanager_url: {}\n  resend_interval: 1s\n",
+        "  alertmanager_url: {}\n  resend_interval: 1s\n  dashboard_url: http://kas.example:8080/\n",
         am.url
     ))
     .await?;
@@ -237,6 +237,11 @@ async fn alerts_reach_alertmanager_once_per_key_with_their_labels() -> anyhow::R
     assert_eq!(web1.labels, expected);
     assert_eq!(web1.annotations["count"], "1000", "{web1:#?}");
     assert_eq!(web1.status.state, "active");
+    assert_eq!(
+        web1.generator_url,
+        format!("http://kas.example:8080/dashboard#/agent/{}", kas.agent_id),
+        "the agent's dashboard page"
+    );
     assert!(
         web1.annotations["summary"].contains("shop/deny-db"),
         "{web1:#?}"
@@ -584,7 +589,7 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
 }
 
 #[tokio::test]
-async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wait()
+async fn an_unreachable_alertmanager_shows_in_the_status_the_rpc_does_not_wait_and_retries_deliver()
 -> anyhow::Result<()> {
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -616,6 +621,27 @@ async fn an_unreachable_alertmanager_shows_in_the_status_and_the_rpc_does_not_wa
         .unwrap_or_default();
     assert!(error.starts_with("alertmanager: "), "{status}");
     assert_eq!(status["forwarding"]["lastSuccessAt"], Value::Null);
+
+    // Alertmanager comes up at that address: the retries (backoff from 1 s) deliver all 20, and the
+    // error clears.
+    let am = Alertmanager::start_on(port).await?;
+    am.wait_for(&am_query(), Duration::from_secs(40), "the 20 alerts", |a| {
+        a.len() == 20
+    })
+    .await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        let status = kas.status().await?;
+        if status["forwarding"]["lastError"].is_null() || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["forwarding"]["lastError"], Value::Null, "{status}");
+    assert!(
+        status["forwarding"]["lastSuccessAt"].is_string(),
+        "{status}"
+    );
     kas.kas.shutdown().await;
     Ok(())
 }
@@ -650,5 +676,48 @@ async fn a_bad_alerts_section_stops_kas_naming_the_field() -> anyhow::Result<()>
     )?;
     let err = kas::start(config).await.unwrap_err().to_string();
     assert!(err.contains("missing"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_restart_kas_posts_what_still_fires_again() -> anyhow::Result<()> {
+    let first = Alertmanager::start().await?;
+    let kas = start(&format!("  alertmanager_url: {}\n", first.url)).await?;
+    let mut client = kas.client(AGENT_SECRET)?;
+    let t = now_ms();
+    client
+        .report_alerts(batch(
+            1,
+            vec![drop_of("web-1", 4, t), drop_of("web-2", 1, t)],
+        ))
+        .await?;
+    first
+        .wait_for(&am_query(), WAIT, "two alerts", |a| a.len() == 2)
+        .await?;
+    let graph = kas.alerts().await?;
+    let web2 = graph.iter().find(|a| a["source"] == "shop/web-2").unwrap();
+    kas.graphql(&format!(
+        r#"mutation {{ networkAlertsResolve(input: {{ clusterAgentId: "{}", alertIds: ["{}"] }}) {{ resolved }} }}"#,
+        kas.gid(),
+        web2["id"].as_str().unwrap()
+    ))
+    .await?;
+    first
+        .wait_for(&am_query(), WAIT, "web-2 resolved", |a| a.len() == 1)
+        .await?;
+
+    // kas restarts with an Alertmanager that knows nothing (a new one, say): what fires is posted again,
+    // what was resolved is not.
+    let second = Alertmanager::start().await?;
+    let kas = kas
+        .restart(&format!("  alertmanager_url: {}\n", second.url))
+        .await?;
+    let alerts = second
+        .wait_for(&am_query(), WAIT, "web-1 posted again", |a| !a.is_empty())
+        .await?;
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0].labels["source"], "shop/web-1");
+    assert_eq!(alerts[0].annotations["count"], "4");
+    kas.kas.shutdown().await;
     Ok(())
 }

@@ -40,6 +40,8 @@ pub struct GettableAlert {
     pub ends_at: String,
     pub status: AlertStatus,
     pub fingerprint: String,
+    #[serde(rename = "generatorURL", default)]
+    pub generator_url: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,12 +97,21 @@ impl Alertmanager {
         Self::start_binary(&binary()?).await
     }
 
-    /// Starts `binary` and waits until `/-/ready` answers.
+    /// Starts the test environment's binary on `port` (e.g. one a client was given before Alertmanager
+    /// was up).
+    pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_binary_on(&binary()?, port).await
+    }
+
+    /// Starts `binary` on a free port and waits until `/-/ready` answers.
     pub async fn start_binary(binary: &Path) -> Result<Self> {
+        Self::start_binary_on(binary, free_port()?).await
+    }
+
+    async fn start_binary_on(binary: &Path, port: u16) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("alertmanager.yml");
         std::fs::write(&config, CONFIG)?;
-        let port = free_port()?;
         let log = std::fs::File::create(dir.path().join("alertmanager.log"))?;
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))

@@ -311,7 +311,14 @@ async fn flush(state: &KasState, client: &reqwest::Client, sink: &mut Sink) {
         if with_agents.is_empty() {
             continue;
         }
-        let result = post(client, sink, &with_agents, resolve_after_ms).await;
+        let result = post(
+            client,
+            sink,
+            &with_agents,
+            resolve_after_ms,
+            config.config.dashboard_url.as_deref(),
+        )
+        .await;
         state
             .metrics
             .network_alerts
@@ -364,12 +371,15 @@ async fn post(
     sink: &Sink,
     alerts: &[(&NetworkAlertRecord, AgentRecord)],
     resolve_after_ms: i64,
+    dashboard_url: Option<&str>,
 ) -> Result<(), String> {
     let body = match sink.kind {
         SinkKind::Alertmanager => {
             let list: Vec<_> = alerts
                 .iter()
-                .map(|(record, agent)| payload::alertmanager_alert(record, agent, resolve_after_ms))
+                .map(|(record, agent)| {
+                    payload::alertmanager_alert(record, agent, resolve_after_ms, dashboard_url)
+                })
                 .collect();
             serde_json::to_vec(&list)
         }
@@ -380,7 +390,7 @@ async fn post(
                 alerts: alerts
                     .iter()
                     .map(|(record, agent)| {
-                        payload::webhook_alert(record, agent, resolve_after_ms, now)
+                        payload::webhook_alert(record, agent, resolve_after_ms, dashboard_url, now)
                     })
                     .collect(),
             })

@@ -39,6 +39,7 @@ pub fn alertmanager_alert(
     record: &NetworkAlertRecord,
     agent: &AgentRecord,
     resolve_after_ms: i64,
+    dashboard_url: Option<&str>,
 ) -> PostableAlert {
     let source = record.source.display_name();
     let destination = record.destination.display_name();
@@ -99,7 +100,13 @@ pub fn alertmanager_alert(
         annotations,
         starts_at: rfc3339_ms(record.episode_started_ms),
         ends_at: rfc3339_ms(record.ends_at_ms(resolve_after_ms)),
-        generator_url: None,
+        generator_url: dashboard_url.map(|url| {
+            format!(
+                "{}/dashboard#/agent/{}",
+                url.trim_end_matches('/'),
+                agent.id
+            )
+        }),
     }
 }
 
@@ -140,6 +147,7 @@ pub fn webhook_alert(
     record: &NetworkAlertRecord,
     agent: &AgentRecord,
     resolve_after_ms: i64,
+    dashboard_url: Option<&str>,
     now_ms: i64,
 ) -> WebhookAlert {
     WebhookAlert {
@@ -155,7 +163,7 @@ pub fn webhook_alert(
             project: agent.project_path.clone(),
         },
         count: record.count,
-        alert: alertmanager_alert(record, agent, resolve_after_ms),
+        alert: alertmanager_alert(record, agent, resolve_after_ms, dashboard_url),
     }
 }
 
@@ -216,7 +224,7 @@ mod tests {
             name: "prod".into(),
             created_at: 0,
         };
-        let alert = alertmanager_alert(&record(), &agent, 900_000);
+        let alert = alertmanager_alert(&record(), &agent, 900_000, None);
         assert_eq!(alert.labels["namespace"], "shop");
         assert_eq!(alert.labels["destination"], "world 203.0.113.7");
         assert_eq!(
@@ -229,6 +237,11 @@ mod tests {
         let json = serde_json::to_value(&alert).unwrap();
         assert!(json.get("generatorURL").is_none(), "{json}");
         assert!(json.get("startsAt").is_some(), "{json}");
+        let linked = alertmanager_alert(&record(), &agent, 900_000, Some("https://kas.example/"));
+        assert_eq!(
+            linked.generator_url.as_deref(),
+            Some("https://kas.example/dashboard#/agent/1")
+        );
     }
 
     #[test]
