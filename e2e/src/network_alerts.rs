@@ -3,13 +3,9 @@
 //! [`ReplayServer`] (the stand-in for Cilium's datapath, which cannot run here), kas optionally forwarding
 //! to a real Alertmanager.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use gitops_hubble::{
     flow::{self, CiliumEventType, Endpoint, Flow, Layer4, Tcp, TrafficDirection, Verdict},
     testing::ReplayServer,
@@ -18,7 +14,7 @@ use kas::cli::AdminClient;
 use serde_json::{Value, json};
 use test_support::{cluster::TestNamespace, env::test_env, gitea::Gitea};
 
-use crate::process::{Killed, free_port, sibling_binary};
+use crate::process::{Killed, free_port, sibling_binary, spawn_logged};
 
 /// What the world is made of.
 pub struct AlertsOptions<'a> {
@@ -103,16 +99,6 @@ pub fn policy_drop(
         node_name: "kind-worker".into(),
         ..Default::default()
     }
-}
-
-fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Killed> {
-    let file = std::fs::File::create(log)?;
-    command.stderr(file).stdout(Stdio::null());
-    Ok(Killed(
-        command
-            .spawn()
-            .with_context(|| format!("starting {command:?}"))?,
-    ))
 }
 
 impl AlertsWorld {

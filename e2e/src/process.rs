@@ -50,6 +50,17 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Spawns `command` with its stderr (where the binaries log) in `log` and its stdout discarded.
+pub fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Killed> {
+    let file = std::fs::File::create(log)?;
+    command.stderr(file).stdout(Stdio::null());
+    Ok(Killed(
+        command
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?,
+    ))
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     proc_status_kib(pid, "VmRSS:")

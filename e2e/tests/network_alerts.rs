@@ -112,7 +112,11 @@ async fn dropped_flows_become_deduplicated_rate_limited_alerts_in_kas_and_alertm
         .await?;
     assert_eq!(status["ciliumCrdsAbsent"], true, "{status}");
     assert_eq!(status["ciliumNetworkPolicies"], 0, "{status}");
-    assert_eq!(status["policyWatchError"], Value::Null, "every watch works: {status}");
+    assert_eq!(
+        status["policyWatchError"],
+        Value::Null,
+        "every watch works: {status}"
+    );
     ensure!(world.replay.followers() == 1, "one follower: the leader");
     let request = world
         .replay

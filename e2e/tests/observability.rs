@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use e2e::process::{Killed, free_port, sibling_binary};
+use e2e::process::{Killed, free_port, sibling_binary, spawn_logged};
 use e2e::push_main as push;
 use k8s_openapi::api::{core::v1::ConfigMap, events::v1::Event};
 use kas::cli::AdminClient;
@@ -55,16 +55,6 @@ fn write_kas_config(dir: &Path, ports: &KasPorts, level: &str) -> anyhow::Result
     );
     std::fs::write(dir.join("kas.yaml"), yaml)?;
     Ok(())
-}
-
-fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Killed> {
-    let file = std::fs::File::create(log)?;
-    command.stderr(file).stdout(Stdio::null());
-    Ok(Killed(
-        command
-            .spawn()
-            .with_context(|| format!("starting {command:?}"))?,
-    ))
 }
 
 fn start_kas(dir: &Path) -> anyhow::Result<Killed> {
