@@ -130,7 +130,7 @@ impl Kas {
             .graphql(&format!(
                 r#"{{ clusterAgent(id: "{}") {{ networkAlertsStatus {{ state message since flowsSeen
                 flowsMatched lostEvents suppressed connects networkPolicies ciliumNetworkPolicies
-                ciliumClusterwideNetworkPolicies ciliumCrdsAbsent reportedAt alerts evicted rejected
+                ciliumClusterwideNetworkPolicies ciliumCrdsAbsent policyWatchError reportedAt alerts evicted rejected
                 lastRejection forwarding {{ lastError lastSuccessAt }} }} }} }}"#,
                 self.gid()
             ))
@@ -561,6 +561,7 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
             cilium_clusterwide_network_policies: 3,
             cilium_crds_absent: false,
             connects: 5,
+            policy_watch_error: "ciliumnetworkpolicies: no permission to watch them".into(),
         })
         .await?;
     let status = kas.status().await?;
@@ -575,6 +576,10 @@ async fn a_bad_entry_is_refused_by_name_and_the_rest_of_its_batch_stored() -> an
         (&json!(10), &json!(5), &json!(3))
     );
     assert!(status["reportedAt"].is_string());
+    assert_eq!(
+        status["policyWatchError"],
+        "ciliumnetworkpolicies: no permission to watch them"
+    );
 
     // A wrong token is refused before the service.
     let mut stranger = kas.client("kasagent_not-a-token")?;
