@@ -67,7 +67,8 @@ impl Aggregator {
     pub fn take_batch(&mut self, now_ms: i64) -> (Vec<NetworkAlert>, u64) {
         let mut batch = Vec::new();
         let mut due = Vec::new();
-        // Deterministic order for new keys: oldest first, so a rate-limited policy reports its earliest.
+        // New keys oldest first, so a rate-limited policy reports its earliest; ties by key, so the choice
+        // never depends on the map's order.
         let mut new: Vec<(&AlertKey, &NetworkAlert)> = Vec::new();
         for (key, alert) in &self.pending {
             if self.known.contains(key) {
@@ -76,7 +77,9 @@ impl Aggregator {
                 new.push((key, alert));
             }
         }
-        new.sort_by_key(|(_, a)| a.first_seen_unix_ms);
+        new.sort_by(|(ka, a), (kb, b)| {
+            (a.first_seen_unix_ms, *ka).cmp(&(b.first_seen_unix_ms, *kb))
+        });
         for (key, _) in new {
             let window = self
                 .windows

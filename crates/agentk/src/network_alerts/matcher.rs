@@ -30,7 +30,7 @@ impl Subject<'_> {
 }
 
 /// What one alert is about: the dedupe key's fields plus what people are shown.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AlertKey {
     pub policy: (i32, String, String),
     pub source: String,
