@@ -10,11 +10,12 @@ use gitops_hubble::{
     flow::{self, CiliumEventType, Endpoint, Flow, Layer4, Tcp, TrafficDirection, Verdict},
     testing::ReplayServer,
 };
-use kas::cli::AdminClient;
 use serde_json::{Value, json};
 use test_support::{cluster::TestNamespace, env::test_env, gitea::Gitea};
 
-use crate::process::{Killed, free_port, sibling_binary, spawn_logged};
+use crate::process::{GitSource, KasProcess, Killed, sibling_binary, spawn_logged};
+
+const WEBHOOK_SECRET: &str = "hook-secret";
 
 /// What the world is made of.
 pub struct AlertsOptions<'a> {
@@ -34,15 +35,13 @@ pub struct AlertsWorld {
     pub dir: tempfile::TempDir,
     pub ns: TestNamespace,
     pub replay: ReplayServer,
-    pub admin: AdminClient,
-    pub api_url: String,
     /// The agent's GraphQL id.
     pub agent_gid: String,
     pub manifests_repo: test_support::gitea::Repository,
     pub config_repo: test_support::gitea::Repository,
     /// config.yaml's `gitops` section, to push variants of the `cilium` one.
     pub gitops_yaml: String,
-    pub kas: Killed,
+    pub kas: KasProcess,
     pub agentk: Killed,
 }
 
@@ -136,49 +135,36 @@ impl AlertsWorld {
         crate::push_main(&manifests_repo, &manifests, "policies").await?;
 
         let dir = tempfile::tempdir()?;
-        let d = dir.path().display().to_string();
-        std::fs::write(dir.path().join("admin"), "admin-token")?;
-        std::fs::write(dir.path().join("git-password"), &env.gitea.admin_password)?;
-        std::fs::write(dir.path().join("webhook-secret"), "hook-secret")?;
-        let (agent_port, api_port) = (free_port()?, free_port()?);
         let alerts = options
             .kas_alerts
             .map(|body| format!("alerts:\n{body}"))
             .unwrap_or_default();
-        std::fs::write(
-            dir.path().join("kas.yaml"),
-            format!(
-                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\n\
-                 data_dir: {d}/data\nadmin_token_file: {d}/admin\n\
-                 git:\n  base_url: {}\n  username: {}\n  password_file: {d}/git-password\n  poll_period: 1h\n\
-                 webhooks:\n  secret_file: {d}/webhook-secret\n{alerts}",
-                env.gitea.url, env.gitea.admin_user,
-            ),
-        )?;
-        let mut kas = Command::new(sibling_binary("kas")?);
-        kas.args(["serve", "--config"])
-            .arg(dir.path().join("kas.yaml"));
-        let kas = spawn_logged(kas, &dir.path().join("kas.log"))?;
-        let api_url = format!("http://127.0.0.1:{api_port}");
-        let admin = AdminClient::new(&api_url, "admin-token".into());
-        crate::eventually(Duration::from_secs(20), "kas answering", || async {
-            Ok(admin.list_agents(None).await.is_ok())
-        })
-        .await?;
         // kas polls hourly: every change must come by the push webhooks.
+        let git = GitSource {
+            base_url: env.gitea.url.clone(),
+            username: env.gitea.admin_user.clone(),
+            password: env.gitea.admin_password.clone(),
+            poll_period: "1h".into(),
+            webhook_secret: Some(WEBHOOK_SECRET.into()),
+        };
+        let kas_log = std::fs::File::create(dir.path().join("kas.log"))?;
+        let kas =
+            KasProcess::start_with_extra(&git, dir.path(), "info", kas_log.into(), &alerts).await?;
+        let api_url = format!("http://127.0.0.1:{}", kas.api_port);
         for repo in [&manifests_repo, &config_repo] {
             gitea
                 .add_push_webhook(
                     repo,
                     &format!("{api_url}/api/webhooks/gitea"),
-                    "hook-secret",
+                    WEBHOOK_SECRET,
                 )
                 .await?;
         }
-        let (agent_gid, _, token) = crate::register_agent(&admin, &config_repo.full_name).await?;
+        let (agent_gid, _, token) =
+            crate::register_agent(&kas.admin, &config_repo.full_name).await?;
         let mut agentk = Command::new(sibling_binary("agentk")?);
         agentk
-            .arg(format!("--kas-address=grpc://127.0.0.1:{agent_port}"))
+            .arg(format!("--kas-address=grpc://127.0.0.1:{}", kas.agent_port))
             .env("AGENTK_TOKEN", &token)
             .env("KUBECONFIG", &env.kubernetes.kubeconfig)
             .env("POD_NAMESPACE", &ns.name)
@@ -189,8 +175,6 @@ impl AlertsWorld {
             dir,
             ns,
             replay,
-            admin,
-            api_url,
             agent_gid,
             manifests_repo,
             config_repo,
@@ -218,6 +202,7 @@ impl AlertsWorld {
     /// `clusterAgent { networkAlertsStatus }`.
     pub async fn status(&self) -> anyhow::Result<Value> {
         let data = self
+            .kas
             .admin
             .execute(
                 "query($id: ID!) { clusterAgent(id: $id) { networkAlertsStatus { state message since \
@@ -232,6 +217,7 @@ impl AlertsWorld {
     /// `clusterAgent { networkAlerts(first: 100) }`, newest first.
     pub async fn alerts(&self) -> anyhow::Result<Vec<Value>> {
         let data = self
+            .kas
             .admin
             .execute(
                 "query($id: ID!) { clusterAgent(id: $id) { networkAlerts(first: 100) { id policy policyKind \

@@ -138,6 +138,17 @@ impl KasProcess {
         log_level: &str,
         logs: Stdio,
     ) -> anyhow::Result<Self> {
+        Self::start_with_extra(git, dir, log_level, logs, "").await
+    }
+
+    /// [`Self::start_with`], with `extra_yaml` (whole top-level sections, e.g. `alerts:`) added to kas.yaml.
+    pub async fn start_with_extra(
+        git: &GitSource,
+        dir: &Path,
+        log_level: &str,
+        logs: Stdio,
+        extra_yaml: &str,
+    ) -> anyhow::Result<Self> {
         let admin_token = "local-admin-token".to_owned();
         std::fs::write(dir.join("admin-token"), &admin_token)?;
         std::fs::write(dir.join("git-password"), &git.password)?;
@@ -156,7 +167,7 @@ impl KasProcess {
         std::fs::write(
             &config,
             format!(
-                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\ndata_dir: {0}/data\nadmin_token_file: {0}/admin-token\ngit:\n  base_url: {1}\n  username: {2}\n  password_file: {0}/git-password\n  poll_period: {3}\nlogging:\n  level: {log_level}\n{webhooks}",
+                "listen:\n  agent: 127.0.0.1:{agent_port}\n  api: 127.0.0.1:{api_port}\ndata_dir: {0}/data\nadmin_token_file: {0}/admin-token\ngit:\n  base_url: {1}\n  username: {2}\n  password_file: {0}/git-password\n  poll_period: {3}\nlogging:\n  level: {log_level}\n{webhooks}{extra_yaml}",
                 dir.display(),
                 git.base_url,
                 git.username,
